@@ -1,0 +1,25 @@
+"""zpgpool: a transaction-aware PostgreSQL connection pool for Zope.
+
+Everything a user needs is importable from here; ``zpgpool.interfaces``
+holds the contract and ``zpgpool.testing`` the throwaway server for tests.
+"""
+from zpgpool.errors import ConflictError
+from zpgpool.errors import ConnectionMisuse
+from zpgpool.errors import InvalidOption
+from zpgpool.errors import PoolClosed
+from zpgpool.errors import PoolError
+from zpgpool.errors import PoolTimeout
+from zpgpool.pool import AbstractConnectionPool
+from zpgpool.pool import ConnectError
+from zpgpool.pool import ConnectionPool
+from zpgpool.pool import PersistentConnectionPool
+from zpgpool.pool import SimpleConnectionPool
+from zpgpool.pool import ThreadedConnectionPool
+
+
+__all__ = [
+    "AbstractConnectionPool", "ConflictError", "ConnectError",
+    "ConnectionMisuse", "ConnectionPool", "InvalidOption",
+    "PersistentConnectionPool", "PoolClosed", "PoolError", "PoolTimeout",
+    "SimpleConnectionPool", "ThreadedConnectionPool",
+]

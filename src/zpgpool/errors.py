@@ -1,0 +1,46 @@
+"""The errors zpgpool raises.
+
+Every pool error is a ``psycopg2.pool.PoolError``, so code written for
+psycopg2's pools keeps catching what it caught before.
+"""
+import psycopg2.pool
+from transaction.interfaces import TransientError
+
+
+class PoolError(psycopg2.pool.PoolError):
+    """Something went wrong with the pool rather than with a query."""
+
+
+class PoolTimeout(PoolError):
+    """No connection became available within the caller's time-out."""
+
+
+class PoolClosed(PoolError):
+    """The pool was closed; it hands out no more connections."""
+
+
+class InvalidOption(PoolError, TypeError, ValueError):
+    """A pool option has the wrong type or value, or is unknown.
+
+    It is a ``TypeError`` and a ``ValueError`` too, so that code checking
+    arguments the usual way catches it.
+    """
+
+
+class ConnectionMisuse(PoolError):
+    """A connection was used in a way the pool cannot allow.
+
+    For example: a connection handed back twice, a connection from another
+    pool, or ``commit()`` called on a connection that the transaction
+    manager owns.
+    """
+
+
+class ConflictError(TransientError):
+    """A database conflict that the transaction manager should retry.
+
+    Serialization failures and deadlocks raised through a managed
+    connection are instances of this class *and* of the psycopg2 error
+    class they were, so both ``except ConflictError`` and
+    ``except psycopg2.errors.SerializationFailure`` catch them.
+    """

@@ -1,0 +1,1234 @@
+"""The connection pool: sizing, waiting, checkout and return, health,
+lifetime, statistics and fork safety.
+
+Lock discipline: ``ConnectionPool._lock`` protects the pool's bookkeeping
+(the idle stack, the waiters, the counters, the parked connections). Nothing
+slow happens while it is held: connecting, pinging, rolling back and closing
+all happen outside it, so a hanging server never stops other threads from
+returning or taking connections.
+
+This module does not know about the ``transaction`` package; the data
+manager (``datamanager.py``) builds on the hooks it offers.
+"""
+import collections
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+import weakref
+
+import psycopg2
+import psycopg2.extensions as _ext
+
+from zpgpool import events
+from zpgpool.errors import ConnectionMisuse
+from zpgpool.errors import InvalidOption
+from zpgpool.errors import PoolClosed
+from zpgpool.errors import PoolError
+from zpgpool.errors import PoolTimeout
+
+
+logger = logging.getLogger("zpgpool")
+_monotonic = time.monotonic
+
+# Where a connection is in its life; kept on the connection as _zp_state.
+IDLE = "idle"            # in the shared idle stack
+USED = "used"            # handed out to a caller
+PARKED = "parked"        # bound to a thread between transactions; stealable
+RETURNING = "returning"  # being handed back (rollback in progress)
+GONE = "gone"            # closed and forgotten by the pool
+
+_OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
+_ROLLBACK_STATUS = (_ext.TRANSACTION_STATUS_INTRANS,
+                    _ext.TRANSACTION_STATUS_INERROR)
+
+# SQLSTATEs that mean the session is gone: the 08 class (connection
+# exception) and the server going away (admin, crash, cannot connect now).
+_DISCONNECT_SQLSTATES = frozenset(("57P01", "57P02", "57P03"))
+
+_ISOLATION_LEVELS = {
+    "READ COMMITTED": _ext.ISOLATION_LEVEL_READ_COMMITTED,
+    "REPEATABLE READ": _ext.ISOLATION_LEVEL_REPEATABLE_READ,
+    "SERIALIZABLE": _ext.ISOLATION_LEVEL_SERIALIZABLE,
+    "READ UNCOMMITTED": _ext.ISOLATION_LEVEL_READ_UNCOMMITTED,
+}
+
+# Each pool option with its default. The docstring of ConnectionPool says
+# what each means; zcml.py mirrors this list as a schema.
+DEFAULTS = {
+    "name": "",
+    "minconn": 1,
+    "maxconn": 10,
+    "timeout": 30.0,
+    "max_lifetime": 1800.0,
+    "max_idle": 600.0,
+    "health_check_after": 10.0,
+    "leak_threshold": None,
+    "connect_timeout": 10,
+    "reconnect_max_delay": 10.0,
+    "twophase": False,
+    "isolation_level": None,
+    "readonly": False,
+    "deferrable": False,
+    "transaction_manager": None,
+    "application_name": None,
+    "connect_kwargs": None,
+}
+
+
+def is_disconnect(exc, conn=None):
+    """Tell whether ``exc`` (raised by ``conn``) means the session is lost.
+
+    Decided by the connection's state and the SQLSTATE, not by the message,
+    which varies with libpq, SSL and the platform.
+    """
+    if conn is not None:
+        if conn.closed:
+            return True
+        if conn.get_transaction_status() == _ext.TRANSACTION_STATUS_UNKNOWN:
+            return True
+    code = getattr(exc, "pgcode", None)
+    if code:
+        return code.startswith("08") or code in _DISCONNECT_SQLSTATES
+    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) \
+        and conn is None
+
+
+def mask_dsn(dsn):
+    """Return ``dsn`` as ``key=value`` pairs with the password hidden."""
+    try:
+        params = _ext.parse_dsn(dsn)
+    except psycopg2.Error:
+        return "<unparsable dsn>"
+    if "password" in params:
+        params["password"] = "***"
+    return " ".join("%s=%s" % item for item in sorted(params.items()))
+
+
+class ConnectError(PoolError, psycopg2.OperationalError):
+    """The pool could not open a connection to the server.
+
+    It is also a ``psycopg2.OperationalError``, which is what code written
+    for psycopg2's pools expects from a failed connect.
+    """
+
+
+class PooledConnection(_ext.connection):
+    """A psycopg2 connection that knows its pool.
+
+    The pool keeps its bookkeeping in ``_zp_*`` attributes. When the
+    transaction integration manages the connection, ``_zp_managed`` holds
+    the object that guards it (see datamanager.py); then committing or
+    rolling back by hand is refused, because the transaction manager owns
+    the transaction.
+    """
+
+    _zp_pool = None
+    _zp_state = GONE
+    _zp_managed = None
+    _zp_key = None
+    _zp_stack = None
+    _zp_warned = False
+    _zp_owner = None
+
+    def commit(self):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("commit()")
+        return _ext.connection.commit(self)
+
+    def rollback(self):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("rollback()")
+        return _ext.connection.rollback(self)
+
+    def __enter__(self):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("'with connection:'")
+        return _ext.connection.__enter__(self)
+
+    @property
+    def autocommit(self):
+        return _ext.connection.autocommit.__get__(self)
+
+    @autocommit.setter
+    def autocommit(self, value):
+        if value and self._zp_managed is not None:
+            self._zp_managed.refuse("autocommit")
+        _ext.connection.autocommit.__set__(self, value)
+
+    def tpc_begin(self, xid):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("tpc_begin()")
+        return _ext.connection.tpc_begin(self, xid)
+
+    def cursor(self, *args, **kw):
+        managed = self._zp_managed
+        if managed is not None:
+            return managed.cursor(self, args, kw)
+        return _ext.connection.cursor(self, *args, **kw)
+
+
+_connection_classes = {}
+
+
+def _connection_class(factory):
+    """Return a PooledConnection class that also derives from ``factory``.
+
+    Users may pass psycopg2's ``connection_factory`` (for example
+    LoggingConnection); the pool still needs its own behaviour on top.
+    """
+    if factory is None or issubclass(factory, PooledConnection):
+        return factory or PooledConnection
+    if not (isinstance(factory, type) and issubclass(factory, _ext.connection)):
+        raise TypeError("connection_factory must be a subclass of "
+                        "psycopg2.extensions.connection, got %r" % (factory,))
+    cls = _connection_classes.get(factory)
+    if cls is None:
+        cls = type("Pooled" + factory.__name__, (PooledConnection, factory), {})
+        _connection_classes[factory] = cls
+    return cls
+
+
+class _Waiter:
+    """A caller waiting for a connection, served in arrival order.
+
+    The waiter's own lock is taken at creation; the caller blocks by taking
+    it again and is woken when another thread releases it after setting
+    ``conn`` (a connection handed over) or ``permit`` (room to connect).
+    """
+    __slots__ = ("lock", "conn", "permit", "error")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.conn = None
+        self.permit = False
+        self.error = None
+
+
+_pools = weakref.WeakSet()
+
+
+class ConnectionPool:
+    """A thread-safe pool of PostgreSQL connections.
+
+    ``dsn`` is a libpq connection string (``"host=... dbname=..."`` or a
+    ``postgresql://`` URI). The options, all keyword-only:
+
+    name
+        The pool's name, used in errors, logs, ``application_name`` and the
+        utility registration.
+    minconn, maxconn
+        Connections kept open at least, and opened at most.
+    timeout
+        Seconds a caller waits for a connection when all ``maxconn`` are in
+        use; then ``PoolTimeout``. ``0`` fails at once.
+    max_lifetime
+        Seconds after which a connection is closed and replaced (each gets a
+        little less, at random, so they do not all expire together).
+        ``None`` keeps connections for ever.
+    max_idle
+        Seconds an unused connection above ``minconn`` is kept.
+    health_check_after
+        A connection idle longer than this many seconds is pinged before it
+        is handed out; ``0`` pings every time, ``None`` never.
+    leak_threshold
+        Seconds after which a connection still checked out is logged as a
+        possible leak, with the stack where it was taken.
+    connect_timeout
+        libpq's ``connect_timeout`` unless the DSN sets one.
+    reconnect_max_delay
+        Ceiling of the back-off between attempts to refill ``minconn`` while
+        the server is down.
+    twophase, isolation_level, readonly, deferrable, transaction_manager
+        How transactions run; see ``connection()``.
+    application_name
+        Sent to the server unless the DSN sets one; defaults to
+        ``zpgpool:NAME``.
+    connect_kwargs
+        A mapping of further libpq parameters (or ``connection_factory`` /
+        ``cursor_factory``) merged into the DSN.
+
+    Constructing a pool connects to nothing: bad options fail at once, a
+    server that is down shows only at the first checkout.
+    """
+
+    def __init__(self, dsn="", **options):
+        unknown = sorted(set(options) - set(DEFAULTS))
+        name = options.get("name", "")
+        if not isinstance(name, str):
+            raise InvalidOption("zpgpool pool: option 'name' must be a string,"
+                                " got %r" % (name,))
+        self.name = name
+        if unknown:
+            raise InvalidOption(
+                "%s: unknown option%s %s; valid options are: %s" % (
+                    self._label(), "s" if len(unknown) > 1 else "",
+                    ", ".join(unknown), ", ".join(sorted(DEFAULTS))))
+        opts = dict(DEFAULTS, **options)
+        self.minconn = self._check_int("minconn", opts["minconn"], 0)
+        self.maxconn = self._check_int("maxconn", opts["maxconn"], 1)
+        if self.minconn > self.maxconn:
+            raise InvalidOption(
+                "%s: minconn (%d) must not be greater than maxconn (%d)"
+                % (self._label(), self.minconn, self.maxconn))
+        self.timeout = self._check_seconds("timeout", opts["timeout"])
+        self.max_lifetime = self._check_seconds(
+            "max_lifetime", opts["max_lifetime"], none_ok=True, positive=True)
+        self.max_idle = self._check_seconds(
+            "max_idle", opts["max_idle"], none_ok=True, positive=True)
+        self.health_check_after = self._check_seconds(
+            "health_check_after", opts["health_check_after"], none_ok=True)
+        self.leak_threshold = self._check_seconds(
+            "leak_threshold", opts["leak_threshold"], none_ok=True,
+            positive=True)
+        self.connect_timeout = self._check_int(
+            "connect_timeout", opts["connect_timeout"], 0)
+        self.reconnect_max_delay = self._check_seconds(
+            "reconnect_max_delay", opts["reconnect_max_delay"], positive=True)
+        self.twophase = self._check_bool("twophase", opts["twophase"])
+        self.readonly = self._check_bool("readonly", opts["readonly"])
+        self.deferrable = self._check_bool("deferrable", opts["deferrable"])
+        self.isolation_level = self._check_isolation(opts["isolation_level"])
+        self._transaction_manager = opts["transaction_manager"]
+        app_name = opts["application_name"]
+        if app_name is None:
+            app_name = "zpgpool:%s" % name if name else "zpgpool"
+        elif not isinstance(app_name, str):
+            raise InvalidOption("%s: option 'application_name' must be a "
+                                "string, got %r" % (self._label(), app_name))
+        self._conninfo, self._factory, self._cursor_factory = \
+            self._build_conninfo(dsn, opts["connect_kwargs"], app_name)
+
+        # _lock protects everything below until the end of __init__.
+        self._lock = threading.Lock()
+        self._idle = collections.deque()   # most recently used at the right
+        self._waiters = collections.deque()
+        self._parked = {}                  # conn -> thread binding, oldest first
+        self._keys = {}                    # psycopg2-style key -> conn
+        self._conns = set()                # every open connection
+        self._size = 0                     # open or being opened
+        self._in_use = 0
+        self._closed = False
+        self._retire_before = -1.0         # conns created earlier are stale
+        self._last_connect_error = None
+        self._failures = 0                 # consecutive failed connects
+        self._counters = dict.fromkeys((
+            "checkouts", "waits", "wait_time", "timeouts",
+            "connections_opened", "connections_failed", "connections_lost",
+            "connections_discarded", "returned_bad"), 0)
+        self._counters["wait_time"] = 0.0
+        self._maintainer = None
+        self._wakeup = threading.Event()
+        self._local = threading.local()    # this thread's binding (binding.py)
+        self._twophase_checked = False
+        _pools.add(self)
+
+    # -- options ------------------------------------------------------------
+
+    def _label(self):
+        return "zpgpool pool %r" % self.name
+
+    def _check_int(self, option, value, minimum):
+        if isinstance(value, bool) or not isinstance(value, int) \
+                or value < minimum:
+            raise InvalidOption("%s: option %r must be an integer >= %d, got %r"
+                                % (self._label(), option, minimum, value))
+        return value
+
+    def _check_seconds(self, option, value, none_ok=False, positive=False):
+        if value is None and none_ok:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and (value > 0 if positive else value >= 0) and value == value
+        if not ok:
+            allowed = "a number of seconds %s 0%s" % (
+                ">" if positive else ">=", " or None" if none_ok else "")
+            raise InvalidOption("%s: option %r must be %s, got %r"
+                                % (self._label(), option, allowed, value))
+        return float(value)
+
+    def _check_bool(self, option, value):
+        if not isinstance(value, bool):
+            raise InvalidOption("%s: option %r must be True or False, got %r"
+                                % (self._label(), option, value))
+        return value
+
+    def _check_isolation(self, value):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            level = _ISOLATION_LEVELS.get(" ".join(value.upper().split()))
+            if level is not None:
+                return level
+        elif isinstance(value, int) and not isinstance(value, bool) \
+                and value in _ISOLATION_LEVELS.values():
+            return value
+        raise InvalidOption(
+            "%s: option 'isolation_level' must be None or one of %s, got %r"
+            % (self._label(), ", ".join(repr(k) for k in _ISOLATION_LEVELS),
+               value))
+
+    def _build_conninfo(self, dsn, connect_kwargs, app_name):
+        """Merge the DSN, extra parameters and safe defaults; check syntax."""
+        if not isinstance(dsn, str):
+            raise InvalidOption("%s: dsn must be a string, got %s"
+                                % (self._label(), type(dsn).__name__))
+        kwargs = dict(connect_kwargs or {})
+        factory = kwargs.pop("connection_factory", None)
+        cursor_factory = kwargs.pop("cursor_factory", None)
+        try:
+            factory = _connection_class(factory)
+        except TypeError as exc:
+            raise InvalidOption("%s: %s" % (self._label(), exc)) from None
+        try:
+            params = _ext.parse_dsn(dsn)
+            params.update((k, str(v)) for k, v in kwargs.items()
+                          if v is not None)
+            # Re-parse to let libpq reject unknown parameter names.
+            _ext.parse_dsn(_ext.make_dsn(**params))
+        except psycopg2.Error as exc:
+            # libpq's message names the bad part, never the password.
+            raise InvalidOption("%s: invalid connection string: %s" % (
+                self._label(), str(exc).strip())) from None
+        defaults = {
+            "connect_timeout": str(self.connect_timeout),
+            "application_name": app_name,
+            "keepalives": "1",
+            "keepalives_idle": "30",
+            "keepalives_interval": "10",
+            "keepalives_count": "3",
+        }
+        if _ext.libpq_version() >= 120000:
+            defaults["tcp_user_timeout"] = "30000"
+        for key, value in defaults.items():
+            params.setdefault(key, value)
+        if params.get("connect_timeout") == "0":
+            del params["connect_timeout"]
+        return _ext.make_dsn(**params), factory, cursor_factory
+
+    @property
+    def dsn(self):
+        """The connection string, with the password masked."""
+        return mask_dsn(self._conninfo)
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def transaction_manager(self):
+        tm = self._transaction_manager
+        if tm is None:
+            import transaction
+            tm = transaction.manager
+        return tm
+
+    def __repr__(self):
+        return "<%s %r dsn=%r size=%d maxconn=%d%s>" % (
+            type(self).__name__, self.name, self.dsn, self._size, self.maxconn,
+            " closed" if self._closed else "")
+
+    # -- checkout -------------------------------------------------------------
+
+    def _acquire(self, timeout=None):
+        """Take a healthy connection, waiting up to ``timeout`` seconds."""
+        while True:
+            with self._lock:
+                if self._idle and not self._closed:
+                    conn = self._idle.pop()
+                    conn._zp_state = USED
+                    self._in_use += 1
+                    self._counters["checkouts"] += 1
+                else:
+                    conn = None
+            if conn is None:
+                conn = self._acquire_slow(timeout)
+                if conn is None:
+                    continue
+            elif not self._usable(conn):
+                continue
+            else:
+                events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
+            conn._zp_taken = _monotonic()
+            if self.leak_threshold is not None:
+                conn._zp_stack = traceback.format_stack(limit=12)[:-2]
+                conn._zp_warned = False
+            return conn
+
+    def _usable(self, conn):
+        """Check a connection taken from idle; discard it if it is not fit."""
+        now = _monotonic()
+        if conn._zp_expires < now:
+            self._discard(conn, "lifetime")
+            return False
+        if conn._zp_created <= self._retire_before:
+            self._discard(conn, "retired")
+            return False
+        hca = self.health_check_after
+        if hca is not None and now - conn._zp_last_used >= hca:
+            return self._ping(conn)
+        return True
+
+    def _ping(self, conn):
+        """Run a trivial query; discard the connection if it fails."""
+        try:
+            conn.autocommit = True
+            cur = _ext.cursor(conn)
+            cur.execute("SELECT 1")
+            cur.close()
+            conn.autocommit = False
+        except psycopg2.Error:
+            self._discard(conn, "broken")
+            return False
+        return True
+
+    def _acquire_slow(self, timeout):
+        if timeout is None:
+            timeout = self.timeout
+        start = _monotonic()
+        waiter = None
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("%s is closed" % self._label())
+            if self._idle:
+                # Raced with a return: take it through the fast path.
+                return None
+            if self._size < self.maxconn:
+                self._size += 1
+            elif self._parked:
+                conn = self._steal_parked()
+                self._counters["checkouts"] += 1
+                return conn
+            else:
+                waiter = _Waiter()
+                self._waiters.append(waiter)
+                self._counters["waits"] += 1
+                waiting = len(self._waiters)
+        self._ensure_maintainer()
+        if waiter is None:
+            return self._connect_for_caller()
+        events.notify(events.PoolExhausted, self, waiting)
+        return self._wait(waiter, start, timeout)
+
+    def _steal_parked(self):
+        """Take the connection parked longest by an idle thread.
+
+        Called with the lock held. The thread that parked it notices at the
+        start of its next transaction and takes another.
+        """
+        conn = next(iter(self._parked))
+        del self._parked[conn]
+        conn._zp_owner = None
+        conn._zp_managed = None
+        conn._zp_state = USED
+        self._in_use += 1
+        return conn
+
+    def _wait(self, waiter, start, timeout):
+        got = waiter.lock.acquire(timeout=timeout) if timeout > 0 else False
+        with self._lock:
+            waited = _monotonic() - start
+            self._counters["wait_time"] += waited
+            if not got and waiter.conn is None and not waiter.permit \
+                    and waiter.error is None:
+                self._waiters.remove(waiter)
+                self._counters["timeouts"] += 1
+                raise PoolTimeout(self._timeout_message(waited))
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.permit:
+            return self._connect_for_caller()
+        conn = waiter.conn
+        if not self._usable(conn):
+            return self._acquire(max(0.0, timeout - waited))
+        events.notify(events.ConnectionCheckedOut, self, conn, waited)
+        return conn
+
+    def _timeout_message(self, waited):
+        """Explain a time-out; called with the lock held."""
+        msg = ("%s: connection pool exhausted: no connection became free "
+               "within %.3g s (maxconn=%d, in use=%d, waiting=%d)" % (
+                   self._label(), waited, self.maxconn, self._in_use,
+                   len(self._waiters)))
+        if self._last_connect_error:
+            msg += "; last connect error: %s" % self._last_connect_error
+        return msg
+
+    def _connect_for_caller(self):
+        """Open a connection for a caller who holds a reserved place."""
+        try:
+            conn = self._open_connection()
+        except BaseException:
+            self._release_place()
+            raise
+        with self._lock:
+            if self._closed:
+                closed = True
+                self._size -= 1
+                self._conns.discard(conn)
+            else:
+                closed = False
+                conn._zp_state = USED
+                self._in_use += 1
+                self._counters["checkouts"] += 1
+        if closed:
+            conn.close()
+            raise PoolClosed("%s is closed" % self._label())
+        events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
+        return conn
+
+    def _release_place(self):
+        """Give back a reserved place after a failed connect."""
+        with self._lock:
+            self._size -= 1
+            self._pass_place_on()
+
+    def _pass_place_on(self):
+        """Offer a free place to the first waiter; called with the lock held.
+
+        The waiter connects in its own thread, so a failing server fails
+        each waiter fast instead of leaving it to time out.
+        """
+        if self._waiters and self._size < self.maxconn:
+            waiter = self._waiters.popleft()
+            self._size += 1
+            waiter.permit = True
+            waiter.lock.release()
+
+    def _open_connection(self):
+        """Connect (outside the lock) and register the new connection."""
+        start = _monotonic()
+        try:
+            conn = psycopg2.connect(self._conninfo,
+                                    connection_factory=self._factory)
+        except psycopg2.Error as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            with self._lock:
+                self._counters["connections_failed"] += 1
+                self._last_connect_error = message
+                self._failures += 1
+            logger.warning("%s: cannot connect: %s", self._label(), message)
+            raise ConnectError("%s: cannot connect to %s: %s" % (
+                self._label(), self._target(), message)) from None
+        now = _monotonic()
+        conn._zp_pool = self
+        conn._zp_created = now
+        conn._zp_last_used = now
+        conn._zp_taken = now
+        conn._zp_pid = os.getpid()
+        lifetime = self.max_lifetime
+        conn._zp_expires = (now + lifetime * (1.0 - random.random() * 0.1)
+                            if lifetime is not None else float("inf"))
+        if self._cursor_factory is not None:
+            conn.cursor_factory = self._cursor_factory
+        if self.isolation_level is not None or self.readonly \
+                or self.deferrable:
+            # Kept by psycopg2 and sent with each BEGIN, never as SET.
+            conn.set_session(isolation_level=self.isolation_level,
+                             readonly=self.readonly or None,
+                             deferrable=self.deferrable or None)
+        with self._lock:
+            self._conns.add(conn)
+            self._counters["connections_opened"] += 1
+            self._last_connect_error = None
+            self._failures = 0
+        logger.debug("%s: opened a connection in %.1f ms", self._label(),
+                     (now - start) * 1000)
+        events.notify(events.ConnectionCreated, self, conn, now - start)
+        return conn
+
+    def _target(self):
+        params = _ext.parse_dsn(self._conninfo)
+        return "host=%s port=%s dbname=%s user=%s" % (
+            params.get("host", "(default)"), params.get("port", "(default)"),
+            params.get("dbname", "(default)"), params.get("user", "(default)"))
+
+    # -- return -----------------------------------------------------------------
+
+    def _claim_return(self, conn):
+        """Check that ``conn`` is ours and out; mark it as coming back."""
+        if getattr(conn, "_zp_pool", None) is not self:
+            raise ConnectionMisuse(
+                "%s: cannot return %r: the connection does not belong to this"
+                " pool" % (self._label(), conn))
+        with self._lock:
+            if conn._zp_state is not USED:
+                raise ConnectionMisuse(
+                    "%s: cannot return the connection: it is not checked out "
+                    "(it was %s)" % (self._label(), {
+                        IDLE: "returned already", PARKED: "returned already",
+                        RETURNING: "being returned by another thread",
+                        GONE: "closed by the pool"}[conn._zp_state]))
+            conn._zp_state = RETURNING
+            conn._zp_owner = None
+            key = conn._zp_key
+            if key is not None:
+                conn._zp_key = None
+                if self._keys.get(key) is conn:
+                    del self._keys[key]
+
+    def _release(self, conn, close=False):
+        """Handle a connection coming back, by its transaction status.
+
+        Idle is kept; in transaction or in error is rolled back; anything
+        else (active, unknown, closed) is discarded and replaced.
+        """
+        self._claim_return(conn)
+        conn._zp_managed = None
+        reason = self._reset_for_reuse(conn, close)
+        if reason is None:
+            if self._closed:
+                reason = "pool closed"
+            elif conn._zp_expires < _monotonic():
+                reason = "lifetime"
+            elif conn._zp_created <= self._retire_before:
+                reason = "retired"
+        if reason is not None:
+            self._discard(conn, reason)
+            return
+        self._put_back(conn)
+
+    def _reset_for_reuse(self, conn, close=False):
+        """Bring a connection back to idle; return why not, or None."""
+        if close:
+            return "closed by caller"
+        if conn.closed:
+            return "broken"
+        status = conn.get_transaction_status()
+        if status == _OK_STATUS:
+            if conn.autocommit:
+                conn.autocommit = False
+            return None
+        if status in _ROLLBACK_STATUS:
+            with self._lock:
+                self._counters["returned_bad"] += 1
+            try:
+                _ext.connection.rollback(conn)
+            except psycopg2.Error:
+                return "broken"
+            if conn.autocommit:
+                conn.autocommit = False
+            return None
+        with self._lock:
+            self._counters["returned_bad"] += 1
+        return "status"
+
+    def _put_back(self, conn):
+        """Make a sound connection available: first waiter, else idle."""
+        conn._zp_last_used = _monotonic()
+        with self._lock:
+            self._in_use -= 1
+            if self._waiters:
+                waiter = self._waiters.popleft()
+                conn._zp_state = USED
+                self._in_use += 1
+                self._counters["checkouts"] += 1
+                waiter.conn = conn
+                waiter.lock.release()
+            else:
+                conn._zp_state = IDLE
+                self._idle.append(conn)
+        events.notify(events.ConnectionReturned, self, conn)
+
+    def _discard(self, conn, reason):
+        """Close a connection the pool no longer wants, outside the lock.
+
+        Its place goes to the first waiter. A connection found broken also
+        retires every connection opened before it: after a server restart
+        they are all dead, and callers should not meet them one by one.
+        """
+        stale = ()
+        with self._lock:
+            if conn._zp_state in (USED, RETURNING):
+                self._in_use -= 1
+            elif conn._zp_state is PARKED:
+                self._parked.pop(conn, None)
+            if conn._zp_state is not GONE:
+                self._size -= 1
+                self._conns.discard(conn)
+                self._counters["connections_discarded"] += 1
+            conn._zp_state = GONE
+            if reason == "broken":
+                self._counters["connections_lost"] += 1
+                if conn._zp_created > self._retire_before:
+                    self._retire_before = conn._zp_created
+                    stale = [c for c in self._idle
+                             if c._zp_created <= self._retire_before]
+                    for c in stale:
+                        self._idle.remove(c)
+                        c._zp_state = GONE
+                        self._conns.discard(c)
+                    self._size -= len(stale)
+                    self._counters["connections_discarded"] += len(stale)
+            self._pass_place_on()
+            for _ in stale:
+                self._pass_place_on()
+            refill = self._size < self.minconn and not self._closed
+        logger.debug("%s: discarded a connection (%s)", self._label(), reason)
+        for c in (conn,) + tuple(stale):
+            self._close_quietly(c)
+            events.notify(events.ConnectionDiscarded, self, c,
+                          reason if c is conn else "retired")
+        if refill:
+            self._wakeup.set()
+
+    @staticmethod
+    def _close_quietly(conn):
+        if conn._zp_pid != os.getpid():
+            # A parent's connection: closing it would end the parent's
+            # session (libpq sends Terminate). Point the socket at /dev/null.
+            _neutralize(conn)
+            return
+        try:
+            conn.close()
+        except Exception:  # pragma: no cover - close() on a dead socket
+            pass
+
+    # -- the psycopg2.pool contract ----------------------------------------------
+
+    def getconn(self, key=None):
+        """Take a connection; with a ``key``, the one held under that key."""
+        if key is None:
+            return self._acquire()
+        with self._lock:
+            conn = self._keys.get(key)
+        if conn is not None:
+            return conn
+        conn = self._acquire()
+        with self._lock:
+            other = self._keys.get(key)
+            if other is None:
+                self._keys[key] = conn
+                conn._zp_key = key
+        if other is not None:
+            # Another thread took a connection for the same key meanwhile.
+            self._release(conn)
+            return other
+        return conn
+
+    def putconn(self, conn=None, key=None, close=False):
+        """Return a connection taken with ``getconn``."""
+        if conn is None:
+            if key is None:
+                raise ConnectionMisuse("%s: putconn() needs a connection or "
+                                       "a key" % self._label())
+            with self._lock:
+                conn = self._keys.get(key)
+            if conn is None:
+                raise ConnectionMisuse("%s: no connection is held under key"
+                                       " %r" % (self._label(), key))
+        elif key is not None and getattr(conn, "_zp_key", None) != key:
+            raise ConnectionMisuse("%s: the connection is not held under key "
+                                   "%r" % (self._label(), key))
+        self._release(conn, close=close)
+
+    def closeall(self):
+        """Close every connection, in use or not, and the pool itself.
+
+        As psycopg2's ``closeall``: connections still checked out are closed
+        too. Use ``close()`` to let them finish first.
+        """
+        self._shut(force=True, timeout=0)
+
+    def close(self, timeout=5.0):
+        """Close the pool: waiters get ``PoolClosed``, idle connections close.
+
+        Connections in use are closed when they come back; ``close`` waits
+        up to ``timeout`` seconds for them.
+        """
+        self._shut(force=False, timeout=timeout)
+
+    def _shut(self, force, timeout):
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            idle = list(self._idle) + list(self._parked)
+            self._idle.clear()
+            self._parked.clear()
+            for conn in idle:
+                conn._zp_state = GONE
+                self._conns.discard(conn)
+            self._size -= len(idle)
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:
+                waiter.error = PoolClosed("%s was closed while waiting for a"
+                                          " connection" % self._label())
+                waiter.lock.release()
+            in_use = list(self._conns) if force else []
+        self._wakeup.set()
+        for conn in idle:
+            self._close_quietly(conn)
+            events.notify(events.ConnectionDiscarded, self, conn,
+                          "pool closed")
+        for conn in in_use:
+            # psycopg2's closeall closes connections still in use.
+            self._discard(conn, "pool closed")
+        deadline = _monotonic() + timeout
+        while not force and self._in_use and _monotonic() < deadline:
+            time.sleep(0.01)
+        if not already:
+            logger.info("%s: closed", self._label())
+            events.notify(events.PoolClosed, self)
+
+    # -- the Zope way in ------------------------------------------------------------
+
+    def connection(self):
+        """Return this thread's connection, joined to the current transaction.
+
+        The same connection object on every call in a thread, across
+        transactions, unless another thread needed it while this one was
+        idle between transactions. Commit and abort belong to the
+        transaction manager; see datamanager.py.
+        """
+        state = getattr(self._local, "state", None)
+        if state is None or self._closed:
+            state = self._thread_state()
+        return state.connection()
+
+    def _thread_state(self):
+        if self._closed:
+            raise PoolClosed("%s is closed" % self._label())
+        from zpgpool.binding import holder_for
+        from zpgpool.datamanager import ThreadState
+        state = self._local.state = ThreadState(self, holder_for(self))
+        return state
+
+    # -- plain use ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def checkout(self, timeout=None):
+        """Take a connection for a ``with`` block and return it afterwards.
+
+        The transaction is committed when the block ends normally and rolled
+        back when it raises. For work inside a Zope transaction use
+        ``connection()`` instead.
+        """
+        conn = self._acquire(timeout)
+        try:
+            yield conn
+            if not conn.closed and conn.get_transaction_status() \
+                    != _OK_STATUS:
+                _ext.connection.commit(conn)
+        finally:
+            self._release(conn)
+
+    def open(self, wait=False, timeout=30.0):
+        """Start the pool's background work and warm ``minconn`` connections.
+
+        With ``wait``, block until ``minconn`` connections are open (or
+        raise ``PoolTimeout`` after ``timeout`` seconds).
+        """
+        if self._closed:
+            raise PoolClosed("%s is closed" % self._label())
+        self._ensure_maintainer()
+        self._wakeup.set()
+        if wait:
+            deadline = _monotonic() + timeout
+            while len(self._conns) < self.minconn:
+                if _monotonic() > deadline:
+                    with self._lock:
+                        raise PoolTimeout(
+                            "%s: could not open %d connections within %.3g s"
+                            "%s" % (self._label(), self.minconn, timeout,
+                                    "; last connect error: %s"
+                                    % self._last_connect_error
+                                    if self._last_connect_error else ""))
+                time.sleep(0.01)
+
+    def stats(self):
+        """Return a snapshot of the pool's gauges and counters."""
+        with self._lock:
+            result = dict(self._counters)
+            result.update(
+                name=self.name,
+                size=len(self._conns),
+                idle=len(self._idle),
+                bound_idle=len(self._parked),
+                in_use=self._in_use,
+                waiting=len(self._waiters),
+                connecting=self._size - len(self._conns),
+                minconn=self.minconn,
+                maxconn=self.maxconn,
+                closed=self._closed,
+                last_connect_error=self._last_connect_error,
+            )
+        return result
+
+    # -- background maintenance ---------------------------------------------------
+
+    def _ensure_maintainer(self):
+        thread = self._maintainer
+        if thread is not None and thread.is_alive():
+            return
+        with self._lock:
+            if self._closed or (self._maintainer is not None
+                                and self._maintainer.is_alive()):
+                return
+            thread = threading.Thread(
+                target=_maintain, args=(weakref.ref(self), self._wakeup),
+                name="zpgpool-maintainer-%s" % self.name, daemon=True)
+            self._maintainer = thread
+        thread.start()
+
+    def _maintain_once(self):
+        """Refill to minconn, shed idle and old connections, report leaks.
+
+        Returns the seconds until it should run again.
+        """
+        now = _monotonic()
+        doomed = []
+        with self._lock:
+            if self._closed:
+                return None
+            surplus = self._size - self.minconn
+            # The idle stack's left end holds the longest unused.
+            for conn in list(self._idle):
+                expired = conn._zp_expires < now
+                idle_too_long = (self.max_idle is not None and surplus > 0
+                                 and now - conn._zp_last_used > self.max_idle)
+                if expired or idle_too_long:
+                    self._idle.remove(conn)
+                    conn._zp_state = GONE
+                    self._conns.discard(conn)
+                    self._size -= 1
+                    surplus -= 1
+                    self._counters["connections_discarded"] += 1
+                    doomed.append((conn, "lifetime" if expired else "idle"))
+            for conn in list(self._parked):
+                if self.max_idle is not None and surplus > 0 \
+                        and now - conn._zp_last_used > self.max_idle:
+                    del self._parked[conn]
+                    conn._zp_state = GONE
+                    self._conns.discard(conn)
+                    self._size -= 1
+                    surplus -= 1
+                    self._counters["connections_discarded"] += 1
+                    doomed.append((conn, "idle"))
+            missing = self.minconn - self._size
+            if missing > 0:
+                self._size += missing
+            leaks = []
+            if self.leak_threshold is not None:
+                for conn in self._conns:
+                    if conn._zp_state is USED and not conn._zp_warned \
+                            and now - conn._zp_taken > self.leak_threshold:
+                        conn._zp_warned = True
+                        leaks.append(conn)
+            failures = self._failures
+        for conn, reason in doomed:
+            self._close_quietly(conn)
+            events.notify(events.ConnectionDiscarded, self, conn, reason)
+        for conn in leaks:
+            logger.warning(
+                "%s: a connection has been checked out for %.1f s (leak "
+                "threshold %.3g s); it was taken at:\n%s", self._label(),
+                now - conn._zp_taken, self.leak_threshold,
+                "".join(conn._zp_stack or ()))
+        for _ in range(max(missing, 0)):
+            try:
+                conn = self._open_connection()
+            except ConnectError:
+                with self._lock:
+                    self._size -= 1
+                    self._pass_place_on()
+                continue
+            with self._lock:
+                if self._closed:
+                    self._size -= 1
+                    self._conns.discard(conn)
+                    conn._zp_state = GONE
+                    closed = True
+                else:
+                    closed = False
+                    conn._zp_state = USED
+                    self._in_use += 1
+            if closed:
+                conn.close()
+            else:
+                self._put_back(conn)
+        if missing > 0 and self._failures:
+            # Back off exponentially, with jitter, while the server is down.
+            delay = min(self.reconnect_max_delay,
+                        0.1 * 2 ** min(self._failures, 16))
+            return delay * random.uniform(0.5, 1.0)
+        interval = 1.0 if failures == 0 else 0.1
+        return interval
+
+    # -- fork ---------------------------------------------------------------------
+
+    def _after_fork_in_child(self):
+        """Forget the parent's connections without ending their sessions."""
+        inherited = list(self._conns)
+        self._lock = threading.Lock()
+        self._idle = collections.deque()
+        self._waiters = collections.deque()
+        self._parked = {}
+        self._keys = {}
+        self._conns = set()
+        self._size = 0
+        self._in_use = 0
+        self._maintainer = None
+        self._wakeup = threading.Event()
+        self._local = threading.local()
+        for conn in inherited:
+            conn._zp_state = GONE
+            _neutralize(conn)
+
+    # -- thread-bound connections (binding.py) ----------------------------------
+
+    def _unpark(self, conn, holder):
+        """Take back a connection parked by ``holder``'s thread.
+
+        False when another thread was lent it meanwhile, or the pool let it
+        go; the caller then takes a connection the usual way.
+        """
+        with self._lock:
+            if self._parked.get(conn) is not holder:
+                return False
+            del self._parked[conn]
+            conn._zp_state = USED
+            self._in_use += 1
+            self._counters["checkouts"] += 1
+        if conn._zp_created <= self._retire_before or \
+                conn._zp_expires < _monotonic():
+            self._discard(conn, "retired" if conn._zp_created
+                          <= self._retire_before else "lifetime")
+            return False
+        return True
+
+    def _park(self, conn, holder):
+        """Keep a connection bound to its thread between transactions.
+
+        The connection must be idle (no open transaction). If another thread
+        is waiting, it gets the connection instead, and the owner takes
+        another at its next transaction. Returns True when parked.
+        """
+        if conn.closed or conn.get_transaction_status() != _OK_STATUS \
+                or self._closed:
+            conn._zp_owner = None
+            self._release(conn)
+            return False
+        conn._zp_last_used = _monotonic()
+        with self._lock:
+            if not self._waiters and conn._zp_state is USED:
+                self._in_use -= 1
+                conn._zp_state = PARKED
+                self._parked[conn] = holder
+                return True
+        conn._zp_owner = None
+        self._release(conn)
+        return False
+
+
+def _maintain(pool_ref, wakeup):
+    """The body of a pool's maintenance thread; ends with the pool."""
+    delay = 0.0
+    while True:
+        wakeup.wait(delay)
+        wakeup.clear()
+        pool = pool_ref()
+        if pool is None or pool._closed:
+            return
+        try:
+            delay = pool._maintain_once()
+        except Exception:  # pragma: no cover - must never kill the thread
+            logger.exception("%s: maintenance failed", pool._label())
+            delay = 1.0
+        if delay is None:
+            return
+        del pool
+
+
+def _neutralize(conn):
+    """Detach a connection inherited across fork from its socket.
+
+    The socket is shared with the parent. Pointing the child's descriptor
+    at /dev/null means that closing or collecting the connection here
+    writes its goodbye into /dev/null instead of ending the parent's session.
+    """
+    try:
+        fd = conn.fileno()
+    except psycopg2.Error:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    conn._zp_pid = os.getpid()
+
+
+def _after_fork_in_child():
+    for pool in list(_pools):
+        pool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- psycopg2.pool-compatible classes ---------------------------------------------
+
+def _split_compat_kwargs(args, kwargs):
+    """Separate pool options from libpq parameters, as psycopg2 takes both."""
+    if len(args) > 1:
+        raise TypeError("psycopg2-style pools take at most one positional "
+                        "connection argument (the dsn)")
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k in DEFAULTS
+               and k not in ("connect_timeout",)}
+    dsn = args[0] if args else kwargs.pop("dsn", "")
+    extra = options.pop("connect_kwargs", None) or {}
+    extra.update(kwargs)
+    options["connect_kwargs"] = extra
+    # psycopg2's pools fail at once when exhausted.
+    options.setdefault("timeout", 0)
+    return dsn, options
+
+
+class AbstractConnectionPool(ConnectionPool):
+    """psycopg2's pool signature: ``(minconn, maxconn, *args, **kwargs)``.
+
+    ``args`` and ``kwargs`` are what ``psycopg2.connect`` takes; the pool's
+    own options may be given as keywords too. Unlike psycopg2's pools these
+    are thread-safe, recover from a restarted server and, with a
+    ``timeout`` > 0, wait when exhausted; by default they keep psycopg2's
+    behaviour of raising ``PoolError`` at once.
+    """
+
+    def __init__(self, minconn, maxconn, *args, **kwargs):
+        dsn, options = _split_compat_kwargs(args, dict(kwargs))
+        super().__init__(dsn, minconn=minconn, maxconn=maxconn, **options)
+        if self.minconn:
+            self.open()
+
+
+class SimpleConnectionPool(AbstractConnectionPool):
+    """Drop-in for ``psycopg2.pool.SimpleConnectionPool`` (thread-safe too)."""
+
+
+class ThreadedConnectionPool(AbstractConnectionPool):
+    """Drop-in for ``psycopg2.pool.ThreadedConnectionPool``."""
+
+
+class PersistentConnectionPool(AbstractConnectionPool):
+    """Each thread gets its own connection until it returns it or ends.
+
+    psycopg2 keyed these by ``thread.get_ident()``, which the system reuses
+    once a thread ends; here the key is the thread itself, and a thread's
+    connection goes back to the pool when the thread ends.
+    """
+
+    def getconn(self):
+        """Return this thread's connection, taking one if it has none."""
+        from zpgpool.binding import thread_connection
+        return thread_connection(self)
+
+    def putconn(self, conn=None, close=False):
+        """Return this thread's connection (or ``conn``) to the pool."""
+        from zpgpool.binding import release_thread_connection
+        release_thread_connection(self, conn, close)
