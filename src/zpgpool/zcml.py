@@ -21,6 +21,8 @@ import atexit
 import logging
 import math
 import os
+import re
+import urllib.parse
 
 from zope.component import getGlobalSiteManager
 from zope.component.zcml import utility
@@ -293,7 +295,8 @@ class IPoolDirective(Interface):
         title="Wait time-out",
         description=(
             "Seconds a caller waits for a free connection before"
-            " PoolTimeout is raised. A number greater than 0."),
+            " PoolTimeout is raised; 0 raises at once."),
+        zero_ok=True,
         required=False,
         default=30.0,
     )
@@ -412,10 +415,38 @@ class IPoolDirective(Interface):
         title="Application name",
         description=(
             "Reported to the server as application_name, shown in"
-            " pg_stat_activity and the server log."),
+            " pg_stat_activity and the server log, unless the DSN sets one."
+            " Left out, 'zpgpool:NAME'."),
         required=False,
         default=None,
     )
+
+
+# Where a password can sit in a connection string that libpq may have
+# refused: the userinfo of a URI, or a password=... or sslpassword=... pair
+# (quoted or not, or in a URI's query).
+_URI_PASSWORD = re.compile(r"^\s*postgres(?:ql)?://[^:@/?#]*:([^@/?#]+)@")
+_KEYWORD_PASSWORD = re.compile(
+    r"\b(?:ssl)?password\s*=\s*(?:'((?:[^'\\]|\\.)*)'?|(\S+))")
+
+
+def _scrub_password(message, dsn):
+    """Return *message* with every password found in *dsn* replaced by
+    ``***``, for a *dsn* libpq may not be able to parse."""
+    secrets = []
+    match = _URI_PASSWORD.match(dsn)
+    if match:
+        secrets.append(match.group(1))
+        secrets.append(urllib.parse.unquote(match.group(1)))
+    for match in _KEYWORD_PASSWORD.finditer(dsn):
+        secret = match.group(1) or match.group(2) or ""
+        # In a URI's query (?password=...) the value ends at the next '&'.
+        secrets.extend((secret, secret.split("&")[0]))
+        secrets.append(urllib.parse.unquote(secret.split("&")[0]))
+    # Longest first, so that a password containing another is hidden whole.
+    for secret in sorted(filter(None, set(secrets)), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
 
 
 def pool(_context, dsn, name="", **options):
@@ -443,10 +474,12 @@ def pool(_context, dsn, name="", **options):
         component = ConnectionPool(dsn, name=name, **options)
     except InvalidOption as e:
         # The pool's message names the option, the value and what is
-        # allowed, and masks the password.  Not chained: a chained libpq
-        # error could quote the DSN.
+        # allowed.  Not chained, and scrubbed once more: libpq's syntax
+        # errors quote the token they stumbled on, which can be the
+        # password itself.
         raise ConfigurationError(
-            "<zpgpool:pool name=%r>: %s" % (name, e)) from None
+            "<zpgpool:pool name=%r>: %s"
+            % (name, _scrub_password(str(e), dsn))) from None
 
     utility(_context, provides=IConnectionPool, component=component,
             name=name)
