@@ -114,7 +114,7 @@ class ContractTests(unittest.TestCase):
                 if hasattr(member, "getSignatureString")}
         self.assertEqual(spec, {
             "getconn": "(key=None)",
-            "putconn": "(conn, key=None, close=False)",
+            "putconn": "(conn=None, key=None, close=False)",
             "closeall": "()",
             "close": "(timeout=5.0)",
             "open": "(wait=False, timeout=30.0)",

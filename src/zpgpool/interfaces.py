@@ -103,17 +103,19 @@ class IConnectionPool(Interface):
         seconds when every connection is busy, and then raises
         ``zpgpool.errors.PoolTimeout``.  Raises ``zpgpool.errors.PoolClosed``
         when the pool is closed.  A connection that cannot be made raises
-        the psycopg2 ``OperationalError`` libpq reported, with no password
-        in it.
+        ``zpgpool.ConnectError``, which is also the
+        ``psycopg2.OperationalError`` psycopg2's pools raised; its message
+        says what libpq said, without the password.
 
-        The connection returned is open and idle, outside any transaction.
+        The connection returned is open and outside any transaction.
         """
 
-    def putconn(conn, key=None, close=False):
+    def putconn(conn=None, key=None, close=False):
         """Give back a connection taken with ``getconn``.
 
         Called by the code that called ``getconn``, once per connection.
-        Pass the same *key* if one was used to get it.
+        Pass the connection, the *key* it was taken under, or both (then
+        they must match).
 
         The pool looks at the connection's transaction status: an idle
         connection is kept for the next caller; one left inside a
@@ -124,8 +126,9 @@ class IConnectionPool(Interface):
 
         Raises ``zpgpool.errors.ConnectionMisuse`` for a connection that is
         not checked out from this pool (one given back twice, or one from
-        another pool).  Putting a connection back into a closed pool closes
-        the connection and does not raise.
+        another pool), for a *key* that holds no connection, and when
+        neither is given.  Putting a connection back into a closed pool
+        closes the connection and does not raise.
         """
 
     def closeall():
@@ -139,10 +142,11 @@ class IConnectionPool(Interface):
     def close(timeout=5.0):
         """Close the pool.
 
-        From now on no connection is handed out (``PoolClosed`` is raised).
-        Idle connections are closed at once.  Connections still checked out
-        get up to *timeout* seconds to come back and are closed when they
-        do; any still out after that are closed where they are.
+        From now on no connection is handed out: callers waiting for one,
+        and later callers, get ``zpgpool.errors.PoolClosed``.  Idle
+        connections are closed at once.  Connections still checked out are
+        closed when they come back; ``close`` waits up to *timeout* seconds
+        for them, then returns anyway.
 
         Called by the application when it shuts down; the ``configure.zcml``
         of zpgpool also closes every registered pool when the process
@@ -169,9 +173,9 @@ class IConnectionPool(Interface):
 
         ``with pool.checkout() as conn:`` takes a connection like
         ``getconn()`` and hands it back like ``putconn()`` when the block
-        ends, whether it ends normally or with an exception: so a block
-        that leaves a transaction open has it rolled back.  The caller
-        commits its own work.
+        ends.  A block that ends normally has its open transaction
+        committed; a block that raises has it rolled back.  This is for
+        work outside a Zope transaction; inside one, use ``connection()``.
 
         *timeout* is the number of seconds to wait for a free connection,
         the pool's ``timeout`` when None.  Raises what ``getconn()`` raises.
@@ -204,7 +208,9 @@ class IConnectionPool(Interface):
         """Return a snapshot of the pool's counters and sizes as a dict.
 
         Meant for monitoring pages and for debugging time-outs: the keys are
-        short names, the values ints or floats, and the dict belongs to the
+        short names; the values are numbers (sizes, counters, seconds
+        waited), except ``name``, ``closed`` and ``last_connect_error`` (a
+        text without the password, or None).  The dict belongs to the
         caller.  Taking it is cheap and does no I/O.
         """
 
