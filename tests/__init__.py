@@ -1,0 +1,1 @@
+# Makes the top-level tests directory a package for zope.testrunner.

