@@ -217,6 +217,19 @@ class RecordedContextTests(_Base):
         self.assertEqual(pool.stats()["size"], 0)
         self.assertEqual(pool.stats()["connections_opened"], 0)
 
+    def test_two_pools_on_one_context(self):
+        context = ConfigurationMachine()
+        zcml.pool(context, dsn=OFFLINE_DSN, name="a")
+        zcml.pool(context, dsn=OFFLINE_DSN, name="b")
+        # The location is wrapped once, and still answers like one.
+        self.assertIsInstance(context.info, zcml._MaskedInfo)
+        self.assertNotIsInstance(context.info._info, zcml._MaskedInfo)
+        self.assertEqual(context.info.strip(), "")
+        self.assertEqual(repr(context.info), repr(""))
+        context.execute_actions()
+        self._pools.extend(
+            getUtility(IConnectionPool, name) for name in "ab")
+
     def test_pool_rejects_minconn_above_the_default_maxconn(self):
         context = ConfigurationMachine()
         with self.assertRaises(ConfigurationError) as caught:
@@ -535,6 +548,21 @@ class ConflictTests(_Base):
                       " zpgpool.interfaces.IConnectionPool>, 'main')", text)
         self.assertIn('File "<string>", line 5.', text)
         self.assertIn('File "<string>", line 6.', text)
+
+    def test_conflict_report_hides_a_password_written_in_zcml(self):
+        # The report quotes the ZCML source of both directives; a password
+        # written there (rather than kept in env: or file:) shows as ***.
+        path = self._write(_zcml(
+            _pool("host=db password=%s" % PASSWORD)
+            + "\n  " + _pool("postgresql://app:%s@db/app" % PASSWORD)))
+        with self.assertRaises(ConfigurationConflictError) as caught:
+            xmlconfig.file(path)
+        text = str(caught.exception)
+        self.assertNotIn(PASSWORD, text)
+        self.assertIn('dsn="host=db password=***"', text)
+        self.assertIn('dsn="postgresql://app:***@db/app"', text)
+        self.assertIn('File "%s", line 5.' % path, text)
+        self.assertIn('File "%s", line 6.' % path, text)
 
     def test_two_unnamed_pools(self):
         body = ('<zpgpool:pool dsn="" />\n'

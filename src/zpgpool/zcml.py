@@ -449,6 +449,41 @@ def _scrub_password(message, dsn):
     return message
 
 
+# The same, in ZCML source text, where a value ends at a quote too.
+_SOURCE_PASSWORDS = (
+    (re.compile(r"(postgres(?:ql)?://[^:@/?#\s\"']*:)[^@/?#\s\"']+@"),
+     r"\1***@"),
+    (re.compile(r"(\b(?:ssl)?password\s*=\s*)"
+                r"(?:'(?:[^'\\]|\\.)*'?|[^\s\"'&]+)"),
+     r"\1***"),
+)
+
+
+class _MaskedInfo:
+    """A directive's location whose quoted source hides passwords.
+
+    zope.configuration quotes the directive's source when it reports a
+    conflict (two pools with one name) or an action that failed; a
+    password written in a ``dsn`` attribute would be shown there.  The
+    location itself (``repr``) is untouched.
+    """
+
+    def __init__(self, info):
+        self._info = info
+
+    def __str__(self):
+        text = str(self._info)
+        for pattern, replacement in _SOURCE_PASSWORDS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def __repr__(self):
+        return repr(self._info)
+
+    def __getattr__(self, name):
+        return getattr(self._info, name)
+
+
 def pool(_context, dsn, name="", **options):
     """Handle ``<zpgpool:pool>``: build the pool and register it.
 
@@ -481,6 +516,10 @@ def pool(_context, dsn, name="", **options):
             "<zpgpool:pool name=%r>: %s"
             % (name, _scrub_password(str(e), dsn))) from None
 
+    # The actions recorded below carry this directive's location; make its
+    # quoted source safe to show before they take it.
+    if not isinstance(_context.info, _MaskedInfo):
+        _context.info = _MaskedInfo(_context.info)
     utility(_context, provides=IConnectionPool, component=component,
             name=name)
 
