@@ -191,8 +191,9 @@ class FieldTests(unittest.TestCase):
                          "a *** b")
         self.assertEqual(scrub("x pw y", "host=db sslpassword=pw"),
                          "x *** y")
-        self.assertEqual(scrub("x pw y", "postgresql://db/app?password=pw&a=1"),
-                         "x *** y")
+        self.assertEqual(
+            scrub("x pw y", "postgresql://db/app?password=pw&a=1"),
+            "x *** y")
         self.assertEqual(scrub("nothing", "host=db"), "nothing")
 
 
@@ -386,7 +387,8 @@ class BadValueTests(_Base):
             _pool(maxconn="2.5"), "Invalid value for 'maxconn'",
             "maxconn must be a whole number, 1 or more; got '2.5'")
         self.assertBad(
-            _pool(connect_timeout="1.5"), "Invalid value for 'connect_timeout'",
+            _pool(connect_timeout="1.5"),
+            "Invalid value for 'connect_timeout'",
             "connect_timeout must be a whole number, 0 or more; got '1.5'")
 
     def test_sizes_too_small(self):
