@@ -70,7 +70,7 @@ def translate_error(exc):
     return exc
 
 
-def _guarded(name):
+def _guarded(name, query=False):
     """A cursor method that joins the current transaction first."""
     def method(self, *args, **kw):
         conn = self.connection
@@ -79,7 +79,7 @@ def _guarded(name):
             raise ConnectionMisuse(
                 "zpgpool: this cursor belongs to a connection that went back "
                 "to its pool; call pool.connection() and open a new cursor")
-        managed.before_statement(conn)
+        managed.before_statement(conn, args[0] if args and query else None)
         try:
             return getattr(super(_ManagedCursorMixin, self), name)(*args, **kw)
         except psycopg2.Error as exc:
@@ -92,8 +92,8 @@ class _ManagedCursorMixin:
     """Statements on a managed connection join the current transaction;
     serialization failures and deadlocks come out retryable."""
 
-    execute = _guarded("execute")
-    executemany = _guarded("executemany")
+    execute = _guarded("execute", query=True)
+    executemany = _guarded("executemany", query=True)
     callproc = _guarded("callproc")
     copy_expert = _guarded("copy_expert")
     copy_from = _guarded("copy_from")
@@ -110,6 +110,32 @@ def _managed_cursor_class(factory):
                    (_ManagedCursorMixin, factory), {})
         _cursor_classes[factory] = cls
     return cls
+
+
+# Statements that change the session beyond the transaction: settings,
+# temporary tables, prepared statements, LISTEN, held cursors. After a
+# transaction that ran one, the session is reset so that the next request
+# on the connection starts clean.
+_SESSION_STATEMENT = re.compile(
+    r"\s*(SET\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)|RESET\b|DISCARD\b"
+    r"|CREATE\s+(GLOBAL\s+|LOCAL\s+)?TEMP|PREPARE\s|LISTEN\b|DECLARE\b"
+    r"|LOAD\b)", re.IGNORECASE)
+_SESSION_CALLS = ("set_config", "advisory_lock", "advisory_unlock")
+
+
+def changes_session(query, conn):
+    """Tell whether ``query`` may leave state in the session."""
+    if isinstance(query, bytes):
+        query = query.decode("utf-8", "replace")
+    elif isinstance(query, sql.Composable):
+        query = query.as_string(conn)
+    elif not isinstance(query, str):
+        return True
+    if _SESSION_STATEMENT.match(query):
+        return True
+    lowered = query.lower()
+    return any(call in lowered and "xact" not in lowered
+               for call in _SESSION_CALLS)
 
 
 def _safe_name(name):
@@ -206,11 +232,27 @@ class ThreadState:
         conn = dm.conn
         if conn is None:
             return
+        if dm.dirty and not (conn.closed or dm.broken):
+            dm.broken = not self._reset_session(conn)
         if conn.closed or dm.broken:
             conn._zp_managed = None
             binding.put(self.pool, self.holder)
         else:
             self.pool._park(conn, self.holder)
+
+    def _reset_session(self, conn):
+        """DISCARD ALL, so no session state reaches the next transaction."""
+        try:
+            _ext.connection.autocommit.__set__(conn, True)
+            cur = _ext.cursor(conn)
+            cur.execute("DISCARD ALL")
+            cur.close()
+            _ext.connection.autocommit.__set__(conn, False)
+        except psycopg2.Error as exc:
+            logger.warning("%s: could not reset the session (%s); the "
+                           "connection is discarded", self.pool._label(), exc)
+            return False
+        return True
 
     def thread_ended(self):
         """Called when the owning thread is gone; detach from its work."""
@@ -230,7 +272,7 @@ class ThreadState:
             "transaction.commit() / transaction.abort(), or getconn() for a "
             "connection you manage yourself)" % (self.pool._label(), what))
 
-    def before_statement(self, conn):
+    def before_statement(self, conn, query=None):
         """Make sure ``conn`` belongs to this thread's current transaction."""
         if self.conn is not conn or _get_ident() != self.ident:
             raise ConnectionMisuse(
@@ -244,6 +286,8 @@ class ThreadState:
             if self.conn is not conn:
                 self.refuse_lost()
         dm = self.dm
+        if query is not None and not dm.dirty and changes_session(query, conn):
+            dm.dirty = True
         if dm.xid is not None and not dm.tpc_begun \
                 and conn.get_transaction_status() == _IDLE:
             # psycopg2 must know of the two-phase transaction from its
@@ -283,6 +327,7 @@ class ConnectionDataManager:
         self.txn = txn
         self.finished = False
         self.broken = False
+        self.dirty = False      # a statement changed session state
         self.prepared = False
         self.tpc_begun = False
         self.xid = None

@@ -861,6 +861,10 @@ class ConnectionPool:
                 waiter.lock.release()
             in_use = list(self._conns) if force else []
         self._wakeup.set()
+        maintainer = self._maintainer
+        if maintainer is not None and maintainer is not threading.current_thread():
+            # It ends at its next wake-up; don't leave it behind the caller.
+            maintainer.join(1.0)
         for conn in idle:
             self._close_quietly(conn)
             events.notify(events.ConnectionDiscarded, self, conn,

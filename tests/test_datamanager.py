@@ -1,0 +1,701 @@
+"""Tests for the transaction integration (datamanager.py), against a real
+PostgreSQL server."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import unittest
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions as ext
+import transaction
+import transaction.interfaces
+from zope.interface.verify import verifyObject
+
+from zpgpool.testing import POSTGRES_LAYER
+from zpgpool.testing import PostgresLayer
+
+
+NO_TWOPHASE_LAYER = PostgresLayer(
+    "NO_TWOPHASE_LAYER", private=True,
+    settings={"max_prepared_transactions": 0})
+
+JOIN_TIMEOUT = 60
+
+
+class _Base(unittest.TestCase):
+
+    layer = POSTGRES_LAYER
+    table = "dm_items"
+
+    def setUp(self):
+        transaction.abort()
+        self.dsn = self.layer.dsn
+        self.admin = psycopg2.connect(self.dsn)
+        self.admin.autocommit = True
+        self.sql("DROP TABLE IF EXISTS %s" % self.table)
+        self.sql("CREATE TABLE %s (id serial PRIMARY KEY, value text UNIQUE"
+                 " DEFERRABLE INITIALLY DEFERRED)" % self.table)
+        self.pools = []
+
+    def tearDown(self):
+        transaction.abort()
+        for pool in self.pools:
+            pool.closeall()
+        for (gid,) in self.sql("SELECT gid FROM pg_prepared_xacts WHERE gid "
+                               "LIKE 'zpgpool:%%'"):
+            self.sql("ROLLBACK PREPARED %s", (gid,))
+        self.sql("DROP TABLE IF EXISTS %s" % self.table)
+        self.admin.close()
+
+    def sql(self, query, params=None):
+        cur = self.admin.cursor()
+        cur.execute(query, params)
+        rows = cur.fetchall() if cur.description else None
+        cur.close()
+        return rows
+
+    def values(self):
+        return [v for (v,) in self.sql("SELECT value FROM %s ORDER BY id"
+                                       % self.table)]
+
+    def _makeOne(self, **kw):
+        from zpgpool import ConnectionPool
+        kw.setdefault("name", "dm")
+        kw.setdefault("maxconn", 4)
+        pool = ConnectionPool(self.dsn, **kw)
+        self.pools.append(pool)
+        return pool
+
+    def insert(self, pool, value):
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO %s (value) VALUES (%%s)" % self.table,
+                    (value,))
+        cur.close()
+
+
+class OnePhaseTests(_Base):
+
+    def test_commit_makes_work_visible(self):
+        pool = self._makeOne()
+        self.insert(pool, "a")
+        self.assertEqual(self.values(), [])   # not yet committed
+        transaction.commit()
+        self.assertEqual(self.values(), ["a"])
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_abort_rolls_back(self):
+        pool = self._makeOne()
+        self.insert(pool, "a")
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        conn = pool.connection()
+        self.assertEqual(conn.get_transaction_status(),
+                         ext.TRANSACTION_STATUS_IDLE)
+
+    def test_same_connection_across_transactions(self):
+        pool = self._makeOne()
+        first = pool.connection()
+        self.assertIs(pool.connection(), first)
+        self.insert(pool, "a")
+        transaction.commit()
+        second = pool.connection()
+        self.assertIs(second, first)
+        transaction.abort()
+        self.assertIs(pool.connection(), first)
+
+    def test_data_manager_provides_its_interfaces(self):
+        pool = self._makeOne()
+        pool.connection()
+        dm = pool._local.state.dm
+        verifyObject(transaction.interfaces.IDataManager, dm)
+        verifyObject(transaction.interfaces.ISavepointDataManager, dm)
+        self.assertIsInstance(dm.sortKey(), str)
+        # After the names ZODB's storages use (paths, storage names).
+        self.assertGreater(dm.sortKey(), "/tmp/Data.fs:1")
+        self.assertGreater(dm.sortKey(), "MappingStorage:1")
+
+    def test_kept_connection_joins_next_transaction(self):
+        pool = self._makeOne()
+        conn = pool.connection()
+        transaction.commit()
+        # The application kept ``conn``; its work must still be transactional.
+        cur = conn.cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('kept')")
+        self.assertEqual(self.values(), [])
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        cur.execute("INSERT INTO dm_items (value) VALUES ('kept2')")
+        transaction.commit()
+        self.assertEqual(self.values(), ["kept2"])
+        self.assertEqual(conn.get_transaction_status(),
+                         ext.TRANSACTION_STATUS_IDLE)
+
+    def test_no_statement_sends_nothing(self):
+        pool = self._makeOne()
+        conn = pool.connection()
+        backend = conn.get_backend_pid()
+        transaction.commit()
+        # psycopg2 sends COMMIT only when it sent BEGIN; it never did.
+        self.assertEqual(conn.status, ext.STATUS_READY)
+        state = self.sql("SELECT state FROM pg_stat_activity WHERE pid = %s",
+                         (backend,))
+        self.assertEqual(state, [("idle",)])
+
+    def test_manual_commit_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        pool = self._makeOne()
+        conn = pool.connection()
+        for action in (conn.commit, conn.rollback,
+                       lambda: setattr(conn, "autocommit", True),
+                       lambda: conn.tpc_begin("x"),
+                       conn.__enter__):
+            with self.assertRaises(ConnectionMisuse) as caught:
+                action()
+            self.assertIn("transaction manager", str(caught.exception))
+            self.assertIn("'dm'", str(caught.exception))
+        self.insert(pool, "still works")
+        transaction.commit()
+        self.assertEqual(self.values(), ["still works"])
+
+    def test_failed_statement_cannot_be_committed_silently(self):
+        from zpgpool import PoolError
+        pool = self._makeOne()
+        self.insert(pool, "a")
+        cur = pool.connection().cursor()
+        with self.assertRaises(psycopg2.Error):
+            cur.execute("SELECT 1/0")
+        with self.assertRaises(PoolError) as caught:
+            transaction.commit()
+        self.assertIn("a statement failed earlier", str(caught.exception))
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        self.insert(pool, "b")
+        transaction.commit()
+        self.assertEqual(self.values(), ["b"])
+
+    def test_deferred_constraint_fails_in_vote(self):
+        pool = self._makeOne()
+        self.insert(pool, "dup")
+        self.insert(pool, "dup")   # deferred: fails only at COMMIT
+        with self.assertRaises(psycopg2.errors.UniqueViolation):
+            transaction.commit()
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        self.insert(pool, "ok")
+        transaction.commit()
+        self.assertEqual(self.values(), ["ok"])
+
+    def test_session_state_does_not_leak(self):
+        pool = self._makeOne(maxconn=1)
+        cur = pool.connection().cursor()
+        cur.execute("SET search_path TO pg_catalog")
+        cur.execute("CREATE TEMP TABLE leftover (x int)")
+        cur.execute("SELECT set_config('zpgpool.user', 'alice', false)")
+        transaction.commit()
+        cur = pool.connection().cursor()
+        cur.execute("SHOW search_path")
+        self.assertNotEqual(cur.fetchone()[0], "pg_catalog")
+        cur.execute("SELECT current_setting('zpgpool.user', true)")
+        self.assertIn(cur.fetchone()[0], (None, ""))
+        cur.execute("SELECT count(*) FROM pg_class WHERE relname = "
+                    "'leftover' AND relpersistence = 't'")
+        self.assertEqual(cur.fetchone()[0], 0)
+        transaction.abort()
+
+    def test_local_settings_keep_the_connection_clean_without_reset(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        cur = conn.cursor()
+        cur.execute("SET LOCAL statement_timeout = 1234")
+        self.assertFalse(pool._local.state.dm.dirty)
+        transaction.commit()
+        cur = pool.connection().cursor()
+        cur.execute("SHOW statement_timeout")
+        self.assertEqual(cur.fetchone()[0], "0")
+        transaction.abort()
+
+    def test_transaction_characteristics_are_sent_with_begin(self):
+        pool = self._makeOne(isolation_level="SERIALIZABLE", readonly=True)
+        cur = pool.connection().cursor()
+        cur.execute("SHOW transaction_isolation")
+        self.assertEqual(cur.fetchone()[0], "serializable")
+        cur.execute("SHOW default_transaction_isolation")
+        self.assertEqual(cur.fetchone()[0], "read committed")
+        cur.execute("SHOW default_transaction_read_only")
+        self.assertEqual(cur.fetchone()[0], "off")
+        with self.assertRaises(psycopg2.errors.ReadOnlySqlTransaction):
+            cur.execute("INSERT INTO dm_items (value) VALUES ('no')")
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+
+    def test_explicit_transaction_manager(self):
+        from zpgpool import ConnectionMisuse
+        tm = transaction.TransactionManager(explicit=True)
+        pool = self._makeOne(transaction_manager=tm)
+        with self.assertRaises(ConnectionMisuse) as caught:
+            pool.connection()
+        self.assertIn("explicit mode", str(caught.exception))
+        with tm:
+            cur = pool.connection().cursor()
+            cur.execute("INSERT INTO dm_items (value) VALUES ('explicit')")
+        self.assertEqual(self.values(), ["explicit"])
+        # A kept connection used outside a transaction is refused too.
+        conn = pool.connection if False else None
+        with tm:
+            conn = pool.connection()
+        with self.assertRaises(ConnectionMisuse):
+            conn.cursor().execute("SELECT 1")
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_abort_twice_and_dead_connection(self):
+        pool = self._makeOne()
+        conn = pool.connection()
+        cur = conn.cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('x')")
+        self.sql("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
+        with self.assertRaises(psycopg2.OperationalError):
+            cur.execute("SELECT 1")
+        dm = pool._local.state.dm
+        transaction.abort()          # must not raise
+        dm.abort(None)               # again: still fine
+        dm.tpc_abort(None)
+        dm.tpc_finish(None)
+        fresh = pool.connection()
+        self.assertIsNot(fresh, conn)
+        self.insert(pool, "after")
+        transaction.commit()
+        self.assertEqual(self.values(), ["after"])
+        stats = pool.stats()
+        self.assertEqual(stats["in_use"], 0)
+        self.assertGreaterEqual(stats["connections_lost"], 1)
+
+    def test_thread_death_mid_transaction_rolls_back(self):
+        pool = self._makeOne(maxconn=1)
+        seen = []
+
+        def work():
+            conn = pool.connection()
+            seen.append(conn.get_backend_pid())
+            cur = conn.cursor()
+            cur.execute("INSERT INTO dm_items (value) VALUES ('orphan')")
+            # The thread ends without commit or abort.
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(JOIN_TIMEOUT)
+        self.assertFalse(thread.is_alive())
+        stats = pool.stats()
+        self.assertEqual(stats["in_use"], 0)
+        self.assertEqual(stats["bound_idle"], 0)
+        self.assertEqual(self.values(), [])
+        # The one connection is free for this thread, rolled back.
+        conn = pool.connection()
+        self.assertEqual(conn.get_backend_pid(), seen[0])
+        self.assertEqual(conn.get_transaction_status(),
+                         ext.TRANSACTION_STATUS_IDLE)
+        self.insert(pool, "next")
+        transaction.commit()
+        self.assertEqual(self.values(), ["next"])
+
+    def test_more_threads_than_connections(self):
+        pool = self._makeOne(maxconn=4, timeout=60)
+        errors = []
+        pids = set()
+        lock = threading.Lock()
+
+        def work(n):
+            try:
+                for i in range(5):
+                    with transaction.manager:
+                        conn = pool.connection()
+                        with lock:
+                            pids.add(conn.get_backend_pid())
+                        cur = conn.cursor()
+                        cur.execute("INSERT INTO dm_items (value) VALUES (%s)",
+                                    ("%d-%d" % (n, i),))
+                        cur.execute("SELECT pg_sleep(0.005)")
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,))
+                   for n in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(JOIN_TIMEOUT)
+        self.assertFalse(any(t.is_alive() for t in threads))
+        self.assertEqual(errors, [])
+        self.assertEqual(len(self.values()), 80)
+        self.assertLessEqual(len(pids), 4)
+        stats = pool.stats()
+        self.assertEqual(stats["in_use"], 0)
+        self.assertLessEqual(stats["size"], 4)
+        self.assertEqual(stats["timeouts"], 0)
+
+    def test_parked_connection_is_lent_and_owner_gets_another(self):
+        from zpgpool import ConnectionMisuse
+        pool = self._makeOne(maxconn=1, timeout=30)
+        mine = pool.connection()
+        transaction.commit()       # parked, still this thread's
+        borrowed = []
+
+        def other():
+            with transaction.manager:
+                conn = pool.connection()
+                borrowed.append(conn)
+                conn.cursor().execute(
+                    "INSERT INTO dm_items (value) VALUES ('other')")
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(JOIN_TIMEOUT)
+        self.assertIs(borrowed[0], mine)   # lent instead of a time-out
+        self.assertEqual(self.values(), ["other"])
+        again = pool.connection()
+        self.assertEqual(again.get_transaction_status(),
+                         ext.TRANSACTION_STATUS_IDLE)
+        transaction.abort()
+        stats = pool.stats()
+        self.assertEqual(stats["in_use"], 0)
+        self.assertEqual(stats["timeouts"], 0)
+        del ConnectionMisuse
+
+    def test_closed_pool(self):
+        from zpgpool import PoolClosed
+        pool = self._makeOne()
+        pool.connection()
+        transaction.commit()
+        pool.close()
+        with self.assertRaises(PoolClosed) as caught:
+            pool.connection()
+        self.assertIn("'dm'", str(caught.exception))
+
+
+class SavepointTests(_Base):
+
+    def test_savepoint_rollback(self):
+        pool = self._makeOne()
+        self.insert(pool, "a")
+        sp = transaction.savepoint()
+        self.insert(pool, "b")
+        sp.rollback()
+        self.insert(pool, "c")
+        transaction.commit()
+        self.assertEqual(self.values(), ["a", "c"])
+
+    def test_savepoint_before_any_statement(self):
+        pool = self._makeOne()
+        pool.connection()
+        sp = transaction.savepoint()
+        self.insert(pool, "b")
+        sp.rollback()
+        transaction.commit()
+        self.assertEqual(self.values(), [])
+
+    def test_savepoint_with_zodb(self):
+        import ZODB
+        import ZODB.MappingStorage
+        db = ZODB.DB(ZODB.MappingStorage.MappingStorage())
+        self.addCleanup(db.close)
+        pool = self._makeOne()
+        zconn = db.open()
+        self.addCleanup(zconn.close)
+        root = zconn.root()
+        root["x"] = 1
+        self.insert(pool, "a")
+        sp = transaction.savepoint()
+        root["x"] = 2
+        self.insert(pool, "b")
+        sp.rollback()
+        transaction.commit()
+        self.assertEqual(self.values(), ["a"])
+        self.assertEqual(root["x"], 1)
+
+
+class RetryTests(_Base):
+
+    def test_serialization_failure_is_transient_and_still_psycopg2(self):
+        pool = self._makeOne(isolation_level="SERIALIZABLE")
+        self.sql("INSERT INTO dm_items (value) VALUES ('0')")
+        cur = pool.connection().cursor()
+        cur.execute("SELECT value FROM dm_items")
+        self.sql("UPDATE dm_items SET value = '1'")
+        with self.assertRaises(psycopg2.errors.SerializationFailure) as caught:
+            cur.execute("UPDATE dm_items SET value = '2'")
+        exc = caught.exception
+        self.assertIsInstance(exc, transaction.interfaces.TransientError)
+        self.assertEqual(exc.pgcode, "40001")
+        self.assertTrue(pool._local.state.dm.should_retry(exc))
+        self.assertFalse(pool._local.state.dm.should_retry(ValueError()))
+        transaction.abort()
+
+    def test_concurrent_serializable_workload_retried(self):
+        pool = self._makeOne(isolation_level="SERIALIZABLE", maxconn=4,
+                             timeout=60)
+        self.sql("DROP TABLE IF EXISTS dm_counter")
+        self.sql("CREATE TABLE dm_counter (n int)")
+        self.sql("INSERT INTO dm_counter VALUES (0)")
+        threads_n, rounds = 4, 5
+        barrier = threading.Barrier(threads_n)
+        retries = []
+        errors = []
+
+        def work(n):
+            try:
+                for r in range(rounds):
+                    tries = 0
+                    for attempt in transaction.manager.attempts(50):
+                        with attempt:
+                            tries += 1
+                            cur = pool.connection().cursor()
+                            cur.execute("SELECT n FROM dm_counter")
+                            value = cur.fetchone()[0]
+                            if r == 0 and tries == 1:
+                                barrier.wait(JOIN_TIMEOUT)
+                            cur.execute("UPDATE dm_counter SET n = %s",
+                                        (value + 1,))
+                            cur.execute(
+                                "INSERT INTO dm_items (value) VALUES (%s)",
+                                ("%d-%d" % (n, r),))
+                    retries.append(tries - 1)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,))
+                   for n in range(threads_n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(JOIN_TIMEOUT * 2)
+        self.assertFalse(any(t.is_alive() for t in threads))
+        self.assertEqual(errors, [])
+        self.assertEqual(self.sql("SELECT n FROM dm_counter"),
+                         [(threads_n * rounds,)])
+        # Every unit of work committed exactly once.
+        self.assertEqual(sorted(self.values()), sorted(
+            "%d-%d" % (n, r) for n in range(threads_n) for r in range(rounds)))
+        # The barrier forced overlapping transactions: some were retried.
+        self.assertGreater(sum(retries), 0)
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+
+class _FailingVote:
+    """A resource that votes after zpgpool and fails: stands for any other
+    data manager (a second database, a mail queue) vetoing the commit."""
+
+    def __init__(self, tm, check=None):
+        self.transaction_manager = tm
+        self.check = check
+
+    def sortKey(self):
+        return "~~~ after zpgpool"
+
+    def abort(self, txn):
+        pass
+
+    tpc_begin = commit = tpc_abort = tpc_finish = abort
+
+    def tpc_vote(self, txn):
+        if self.check is not None:
+            self.check()
+        raise RuntimeError("vetoed by another resource")
+
+
+class TwoPhaseTests(_Base):
+
+    def test_commit_prepares_then_commits(self):
+        pool = self._makeOne(twophase=True)
+        self.insert(pool, "a")
+        transaction.commit()
+        self.assertEqual(self.values(), ["a"])
+        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
+                         [(0,)])
+        self.insert(pool, "b")
+        transaction.commit()
+        self.assertEqual(self.values(), ["a", "b"])
+
+    def test_later_vote_failure_rolls_back_prepared(self):
+        from zpgpool.datamanager import gid_prefix
+        pool = self._makeOne(twophase=True)
+        self.insert(pool, "a")
+        seen = []
+
+        def check():
+            seen.extend(self.sql("SELECT gid FROM pg_prepared_xacts"))
+
+        transaction.get().join(_FailingVote(transaction.manager, check))
+        with self.assertRaises(RuntimeError):
+            transaction.commit()
+        transaction.abort()
+        self.assertEqual(len(seen), 1)
+        self.assertTrue(seen[0][0].startswith(gid_prefix(pool)), seen)
+        self.assertTrue(seen[0][0].startswith("zpgpool:dm:"))
+        self.assertEqual(self.values(), [])
+        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
+                         [(0,)])
+        self.insert(pool, "b")
+        transaction.commit()
+        self.assertEqual(self.values(), ["b"])
+
+    def _zodb(self):
+        import ZODB
+        import ZODB.FileStorage
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(os.path.join(tmp,
+                                                                "Data.fs")))
+        self.addCleanup(db.close)
+        return db
+
+    def test_postgres_vote_failure_leaves_zodb_untouched(self):
+        db = self._zodb()
+        pool = self._makeOne(twophase=True)
+        zconn = db.open()
+        zconn.root()["value"] = "committed"
+        transaction.commit()
+        zconn.root()["value"] = "must not land"
+        self.insert(pool, "dup")
+        self.insert(pool, "dup")  # deferred unique: PREPARE fails
+        with self.assertRaises(psycopg2.errors.UniqueViolation):
+            transaction.commit()
+        transaction.abort()
+        zconn.close()
+        other = db.open()
+        self.assertEqual(other.root()["value"], "committed")
+        other.close()
+        self.assertEqual(self.values(), [])
+        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
+                         [(0,)])
+
+    def test_zodb_conflict_leaves_no_row_and_nothing_prepared(self):
+        import ZODB.POSException
+        db = self._zodb()
+        pool = self._makeOne(twophase=True)
+        zconn = db.open()
+        zconn.root()["value"] = 0
+        transaction.commit()
+        # Another connection commits a change to the same object first.
+        tm2 = transaction.TransactionManager()
+        zconn2 = db.open(transaction_manager=tm2)
+        zconn2.root()["value"] = 2
+        zconn.root()["value"] = 1
+        tm2.commit()
+        zconn2.close()
+        self.insert(pool, "with zodb")
+        with self.assertRaises(ZODB.POSException.ConflictError):
+            transaction.commit()
+        transaction.abort()
+        zconn.close()
+        self.assertEqual(self.values(), [])
+        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
+                         [(0,)])
+
+    def test_zodb_and_postgres_commit_together(self):
+        db = self._zodb()
+        pool = self._makeOne(twophase=True)
+        zconn = db.open()
+        zconn.root()["value"] = "both"
+        self.insert(pool, "both")
+        transaction.commit()
+        zconn.close()
+        other = db.open()
+        self.assertEqual(other.root()["value"], "both")
+        other.close()
+        self.assertEqual(self.values(), ["both"])
+
+    def test_killed_between_prepare_and_commit_prepared_is_recovered(self):
+        from zpgpool import ConnectionPool
+        from zpgpool.datamanager import list_prepared
+        from zpgpool.datamanager import recover
+        script = textwrap.dedent("""
+            import os, signal, sys, transaction
+            from zpgpool import ConnectionPool
+            pool = ConnectionPool(sys.argv[1], name="dm", twophase=True)
+            cur = pool.connection().cursor()
+            cur.execute("INSERT INTO dm_items (value) VALUES ('in doubt')")
+
+            class Killer:
+                transaction_manager = transaction.manager
+                def sortKey(self):
+                    return "~~~ after zpgpool"
+                def abort(self, txn):
+                    pass
+                tpc_begin = commit = tpc_abort = tpc_finish = abort
+                def tpc_vote(self, txn):
+                    # zpgpool has prepared by now: die before COMMIT PREPARED.
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            transaction.get().join(Killer())
+            transaction.commit()
+        """)
+        proc = subprocess.run([sys.executable, "-c", script, self.dsn],
+                              timeout=JOIN_TIMEOUT, capture_output=True)
+        self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+        self.assertEqual(self.values(), [])
+        pool = ConnectionPool(self.dsn, name="dm")
+        self.pools.append(pool)
+        other = ConnectionPool(self.dsn, name="other")
+        self.pools.append(other)
+        listed = list_prepared(pool, older_than=0)
+        self.assertEqual(len(listed), 1)
+        self.assertEqual(list_prepared(other, older_than=0), [])
+        # Too young to be in doubt yet: nothing done.
+        self.assertEqual(recover(pool, older_than=3600, commit=True), [])
+        self.assertEqual(recover(pool, older_than=0),
+                         [(listed[0][0], "listed")])
+        done = recover(pool, older_than=0, commit=True)
+        self.assertEqual(done, [(listed[0][0], "commit")])
+        self.assertEqual(self.values(), ["in doubt"])
+        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
+                         [(0,)])
+
+    def test_resolve_refuses_foreign_gid(self):
+        from zpgpool import PoolError
+        from zpgpool.datamanager import resolve_prepared
+        pool = self._makeOne()
+        with self.assertRaises(PoolError) as caught:
+            resolve_prepared(pool, ["someone-else's"], commit=True)
+        self.assertIn("not one of this pool's", str(caught.exception))
+
+    def test_hostile_pool_name_in_gid(self):
+        from zpgpool import ConnectionPool
+        pool = ConnectionPool(self.dsn, name="x'; DROP TABLE dm_items; --",
+                              twophase=True)
+        self.pools.append(pool)
+        self.insert(pool, "a")
+        seen = []
+        transaction.get().join(_FailingVote(
+            transaction.manager,
+            lambda: seen.extend(self.sql("SELECT gid FROM pg_prepared_xacts")
+                                )))
+        with self.assertRaises(RuntimeError):
+            transaction.commit()
+        transaction.abort()
+        self.assertTrue(seen[0][0].startswith("zpgpool:x___DROP_TABLE"), seen)
+        self.assertEqual(self.values(), [])
+
+
+class NoTwoPhaseServerTests(_Base):
+
+    layer = NO_TWOPHASE_LAYER
+
+    def test_clear_error_on_first_use(self):
+        from zpgpool import PoolError
+        pool = self._makeOne(twophase=True)
+        with self.assertRaises(PoolError) as caught:
+            pool.connection()
+        self.assertIn("max_prepared_transactions", str(caught.exception))
+        self.assertIn("'dm'", str(caught.exception))
+        transaction.abort()
+        self.assertEqual(pool.stats()["in_use"], 0)
+        # A one-phase pool on the same server serves.
+        plain = self._makeOne(name="plain")
+        self.insert(plain, "fine")
+        transaction.commit()
+        self.assertEqual(self.values(), ["fine"])
