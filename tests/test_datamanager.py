@@ -655,6 +655,75 @@ class TwoPhaseTests(_Base):
         self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
                          [(0,)])
 
+    _ZODB_CRASH = textwrap.dedent("""
+        import os, signal, sys, transaction, ZODB, ZODB.FileStorage
+        from zpgpool import ConnectionPool
+        dsn, path, killer_key, phase = sys.argv[1:5]
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+        pool = ConnectionPool(dsn, name="dm", twophase=True)
+        zconn = db.open()
+        zconn.root()["value"] = "crash"
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('crash')")
+
+        class Killer:
+            transaction_manager = transaction.manager
+            def sortKey(self):
+                return killer_key
+            def abort(self, txn):
+                pass
+            tpc_begin = commit = tpc_abort = tpc_finish = tpc_vote = abort
+            def die(self, txn):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        killer = Killer()
+        setattr(killer, phase, killer.die)
+        transaction.get().join(killer)
+        transaction.commit()
+    """)
+
+    def _crash_and_recover(self, killer_key, phase):
+        from zpgpool import ConnectionPool
+        from zpgpool.datamanager import recover
+        from zpgpool.datamanager import zodb_decider
+        import ZODB
+        import ZODB.FileStorage
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "Data.fs")
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+        db.close()
+        proc = subprocess.run(
+            [sys.executable, "-c", self._ZODB_CRASH, self.dsn, path,
+             killer_key, phase], timeout=JOIN_TIMEOUT, capture_output=True)
+        self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+        storage = ZODB.FileStorage.FileStorage(path)
+        db = ZODB.DB(storage)
+        self.addCleanup(db.close)
+        pool = ConnectionPool(self.dsn, name="dm")
+        self.pools.append(pool)
+        done = recover(pool, older_than=0, decide=zodb_decider(storage))
+        self.assertEqual(len(done), 1)
+        zconn = db.open()
+        in_zodb = zconn.root().get("value") == "crash"
+        zconn.close()
+        self.assertEqual(self.values() == ["crash"], in_zodb)
+        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
+                         [(0,)])
+        return done[0][1], in_zodb
+
+    def test_crash_after_prepare_before_zodb_finish_rolls_back(self):
+        # Killed after every vote, before any tpc_finish: ZODB did not
+        # commit, so the prepared transaction is rolled back.
+        action, in_zodb = self._crash_and_recover("~~~ last", "tpc_vote")
+        self.assertEqual((action, in_zodb), ("rollback", False))
+
+    def test_crash_after_zodb_finish_commits(self):
+        # Killed between ZODB's tpc_finish and COMMIT PREPARED: ZODB
+        # committed, so recovery commits the prepared transaction too.
+        action, in_zodb = self._crash_and_recover("zzz between", "tpc_finish")
+        self.assertEqual((action, in_zodb), ("commit", True))
+
     def test_resolve_refuses_foreign_gid(self):
         from zpgpool import PoolError
         from zpgpool.datamanager import resolve_prepared

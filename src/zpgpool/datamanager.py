@@ -198,6 +198,11 @@ class ThreadState:
             self._check_twophase(conn)
         dm = ConnectionDataManager(self, conn, txn)
         txn.join(dm)
+        if dm.xid is not None:
+            # Recorded with the other resources' commit (ZODB keeps it in
+            # its transaction record), so that recovery can later tell
+            # whether they committed; see zodb_decider().
+            txn.setExtendedInfo(gid_prefix(pool) + "gid", dm.xid)
         self.conn = conn
         self.dm = dm
         self.txn = txn
@@ -558,3 +563,25 @@ def recover(pool, older_than=60.0, commit=None, decide=None):
         if resolve_prepared(pool, [gid], do_commit):
             result.append((gid, "commit" if do_commit else "rollback"))
     return result
+
+
+def zodb_decider(storage, since=None):
+    """Return ``decide(gid)`` for ``recover()``, answering from ZODB.
+
+    A two-phase transaction that also wrote to ZODB carries its gid in
+    ZODB's transaction record. If ZODB committed it, the prepared
+    PostgreSQL transaction must commit too; if not, it must roll back.
+    ``since`` (a POSIX time) limits the scan to recent records.
+    """
+    from ZODB.TimeStamp import TimeStamp
+    start = None
+    if since is not None:
+        parts = time.gmtime(since)
+        start = TimeStamp(*parts[:5] + (parts[5] + since % 1,)).raw()
+    committed = set()
+    for record in storage.iterator(start):
+        for key, value in record.extension.items():
+            if isinstance(key, str) and key.startswith("zpgpool:") \
+                    and key.endswith(":gid"):
+                committed.add(value)
+    return committed.__contains__
