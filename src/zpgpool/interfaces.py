@@ -196,7 +196,10 @@ class IConnectionPool(Interface):
         connection, so a request sees its own writes.  After the transaction
         ends the connection is reset and stays bound to the thread for its
         next transaction; it goes back to the shared pool when the thread
-        ends, or earlier when another thread is waiting for one.
+        ends, or earlier when another thread is waiting for one.  So call
+        ``connection()`` in each transaction rather than keeping the object:
+        a connection kept from an earlier transaction raises
+        ``ConnectionMisuse`` once it has been lent to another thread.
 
         Waits and raises like ``getconn()``.  Serialization failures and
         deadlocks raised by statements on this connection are

@@ -321,8 +321,8 @@ class IPoolDirective(Interface):
     max_lifetime = Seconds(
         title="Maximum connection lifetime",
         description=(
-            "Seconds after which a connection is replaced by a fresh one"
-            " when it next comes back to the pool, or 'off'."),
+            "Seconds after which a connection is closed and replaced by a"
+            " fresh one (one in use, when it comes back), or 'off'."),
         off_ok=True,
         required=False,
         default=1800.0,
