@@ -183,7 +183,7 @@ class FieldTests(unittest.TestCase):
                       str(caught.exception))
 
     def test_scrub_password(self):
-        scrub = zcml._scrub_password
+        from zpgpool.pool import scrub_password as scrub
         self.assertEqual(
             scrub('token: "pw%zz"', "postgresql://app:pw%zz@db/app"),
             'token: "***"')

@@ -15,13 +15,17 @@ import contextlib
 import logging
 import os
 import random
+import re
 import threading
 import time
 import traceback
+import urllib.parse
 import weakref
 
 import psycopg2
 import psycopg2.extensions as _ext
+import zope.event
+from zope.interface import implementer
 
 from zpgpool import events
 from zpgpool.errors import ConnectionMisuse
@@ -29,10 +33,16 @@ from zpgpool.errors import InvalidOption
 from zpgpool.errors import PoolClosed
 from zpgpool.errors import PoolError
 from zpgpool.errors import PoolTimeout
+from zpgpool.interfaces import IConnectionPool
 
 
 logger = logging.getLogger("zpgpool")
 _monotonic = time.monotonic
+_get_autocommit = _ext.connection.autocommit.__get__
+_set_autocommit = _ext.connection.autocommit.__set__
+# zope.event's list of subscribers; the same list object for the life of
+# the process, so an empty one costs a single truth test on the hot path.
+_subscribers = zope.event.subscribers
 
 # Where a connection is in its life; kept on the connection as _zp_state.
 IDLE = "idle"            # in the shared idle stack
@@ -97,14 +107,42 @@ def is_disconnect(exc, conn=None):
         and conn is None
 
 
+# Where a password can sit in a connection string that libpq may have
+# refused: the userinfo of a URI, or a password=... or sslpassword=... pair
+# (quoted or not, or in a URI's query).
+_URI_PASSWORD = re.compile(r"^\s*postgres(?:ql)?://[^:@/?#]*:([^@/?#]+)@")
+_KEYWORD_PASSWORD = re.compile(
+    r"\b(?:ssl)?password\s*=\s*(?:'((?:[^'\\]|\\.)*)'?|(\S+))")
+
+
+def scrub_password(message, dsn):
+    """Return *message* with every password found in *dsn* replaced by
+    ``***``, for a *dsn* libpq may not be able to parse."""
+    secrets = []
+    match = _URI_PASSWORD.match(dsn)
+    if match:
+        secrets.append(match.group(1))
+        secrets.append(urllib.parse.unquote(match.group(1)))
+    for match in _KEYWORD_PASSWORD.finditer(dsn):
+        secret = match.group(1) or match.group(2) or ""
+        # In a URI's query (?password=...) the value ends at the next '&'.
+        secrets.extend((secret, secret.split("&")[0]))
+        secrets.append(urllib.parse.unquote(secret.split("&")[0]))
+    # Longest first, so that a password containing another is hidden whole.
+    for secret in sorted(filter(None, set(secrets)), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
+
+
 def mask_dsn(dsn):
     """Return ``dsn`` as ``key=value`` pairs with the password hidden."""
     try:
         params = _ext.parse_dsn(dsn)
     except psycopg2.Error:
         return "<unparsable dsn>"
-    if "password" in params:
-        params["password"] = "***"
+    for key in ("password", "sslpassword"):
+        if key in params:
+            params[key] = "***"
     return " ".join("%s=%s" % item for item in sorted(params.items()))
 
 
@@ -212,6 +250,7 @@ class _Waiter:
 _pools = weakref.WeakSet()
 
 
+@implementer(IConnectionPool)
 class ConnectionPool:
     """A thread-safe pool of PostgreSQL connections.
 
@@ -282,6 +321,8 @@ class ConnectionPool:
             "max_idle", opts["max_idle"], none_ok=True, positive=True)
         self.health_check_after = self._check_seconds(
             "health_check_after", opts["health_check_after"], none_ok=True)
+        self._check_after = float("inf") if self.health_check_after is None \
+            else self.health_check_after
         self.leak_threshold = self._check_seconds(
             "leak_threshold", opts["leak_threshold"], none_ok=True,
             positive=True)
@@ -321,6 +362,7 @@ class ConnectionPool:
             "connections_opened", "connections_failed", "connections_lost",
             "connections_discarded", "returned_bad"), 0)
         self._counters["wait_time"] = 0.0
+        self._checkouts = 0    # the hot counter, kept out of the dict
         self._maintainer = None
         self._wakeup = threading.Event()
         self._local = threading.local()    # this thread's binding (binding.py)
@@ -391,9 +433,10 @@ class ConnectionPool:
             # Re-parse to let libpq reject unknown parameter names.
             _ext.parse_dsn(_ext.make_dsn(**params))
         except psycopg2.Error as exc:
-            # libpq's message names the bad part, never the password.
+            # libpq's message names the bad part, which can be the password.
             raise InvalidOption("%s: invalid connection string: %s" % (
-                self._label(), str(exc).strip())) from None
+                self._label(), scrub_password(str(exc).strip(), dsn))
+            ) from None
         defaults = {
             "connect_timeout": str(self.connect_timeout),
             "application_name": app_name,
@@ -436,24 +479,29 @@ class ConnectionPool:
 
     def _acquire(self, timeout=None):
         """Take a healthy connection, waiting up to ``timeout`` seconds."""
+        # The hot path: kept short on purpose (see benchmarks/).
         while True:
             with self._lock:
                 if self._idle and not self._closed:
                     conn = self._idle.pop()
                     conn._zp_state = USED
                     self._in_use += 1
-                    self._counters["checkouts"] += 1
+                    self._checkouts += 1
                 else:
                     conn = None
+            now = _monotonic()
             if conn is None:
                 conn = self._acquire_slow(timeout)
                 if conn is None:
                     continue
-            elif not self._usable(conn):
+            elif (conn._zp_expires < now
+                  or conn._zp_created <= self._retire_before
+                  or now - conn._zp_last_used >= self._check_after) \
+                    and not self._usable(conn):
                 continue
-            else:
+            elif _subscribers:
                 events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
-            conn._zp_taken = _monotonic()
+            conn._zp_taken = now
             if self.leak_threshold is not None:
                 conn._zp_stack = traceback.format_stack(limit=12)[:-2]
                 conn._zp_warned = False
@@ -468,19 +516,18 @@ class ConnectionPool:
         if conn._zp_created <= self._retire_before:
             self._discard(conn, "retired")
             return False
-        hca = self.health_check_after
-        if hca is not None and now - conn._zp_last_used >= hca:
+        if now - conn._zp_last_used >= self._check_after:
             return self._ping(conn)
         return True
 
     def _ping(self, conn):
         """Run a trivial query; discard the connection if it fails."""
         try:
-            conn.autocommit = True
+            _set_autocommit(conn, True)
             cur = _ext.cursor(conn)
             cur.execute("SELECT 1")
             cur.close()
-            conn.autocommit = False
+            _set_autocommit(conn, False)
         except psycopg2.Error:
             self._discard(conn, "broken")
             return False
@@ -501,7 +548,7 @@ class ConnectionPool:
                 self._size += 1
             elif self._parked:
                 conn = self._steal_parked()
-                self._counters["checkouts"] += 1
+                self._checkouts += 1
                 return conn
             else:
                 waiter = _Waiter()
@@ -574,7 +621,7 @@ class ConnectionPool:
                 closed = False
                 conn._zp_state = USED
                 self._in_use += 1
-                self._counters["checkouts"] += 1
+                self._checkouts += 1
         if closed:
             conn.close()
             raise PoolClosed("%s is closed" % self._label())
@@ -677,6 +724,27 @@ class ConnectionPool:
         Idle is kept; in transaction or in error is rolled back; anything
         else (active, unknown, closed) is discarded and replaced.
         """
+        # The hot path: a sound, idle connection goes back under one lock.
+        now = _monotonic()
+        if getattr(conn, "_zp_pool", None) is self and not close \
+                and not conn.closed \
+                and conn.get_transaction_status() == _OK_STATUS \
+                and not _get_autocommit(conn) \
+                and conn._zp_expires >= now \
+                and conn._zp_created > self._retire_before:
+            with self._lock:
+                if conn._zp_state is USED and conn._zp_key is None \
+                        and not self._closed:
+                    conn._zp_managed = None
+                    conn._zp_owner = None
+                    conn._zp_last_used = now
+                    self._in_use -= 1
+                    self._hand_over(conn)
+                    returned, conn = conn, None
+            if conn is None:
+                if _subscribers:
+                    events.notify(events.ConnectionReturned, self, returned)
+                return
         self._claim_return(conn)
         conn._zp_managed = None
         reason = self._reset_for_reuse(conn, close)
@@ -700,8 +768,8 @@ class ConnectionPool:
             return "broken"
         status = conn.get_transaction_status()
         if status == _OK_STATUS:
-            if conn.autocommit:
-                conn.autocommit = False
+            if _get_autocommit(conn):
+                _set_autocommit(conn, False)
             return None
         if status in _ROLLBACK_STATUS:
             with self._lock:
@@ -710,8 +778,8 @@ class ConnectionPool:
                 _ext.connection.rollback(conn)
             except psycopg2.Error:
                 return "broken"
-            if conn.autocommit:
-                conn.autocommit = False
+            if _get_autocommit(conn):
+                _set_autocommit(conn, False)
             return None
         with self._lock:
             self._counters["returned_bad"] += 1
@@ -722,17 +790,25 @@ class ConnectionPool:
         conn._zp_last_used = _monotonic()
         with self._lock:
             self._in_use -= 1
-            if self._waiters:
-                waiter = self._waiters.popleft()
-                conn._zp_state = USED
-                self._in_use += 1
-                self._counters["checkouts"] += 1
-                waiter.conn = conn
-                waiter.lock.release()
-            else:
-                conn._zp_state = IDLE
-                self._idle.append(conn)
-        events.notify(events.ConnectionReturned, self, conn)
+            self._hand_over(conn)
+        if _subscribers:
+            events.notify(events.ConnectionReturned, self, conn)
+
+    def _hand_over(self, conn):
+        """Give ``conn`` to the first waiter, else to the idle stack.
+
+        Called with the lock held; ``conn`` no longer counts as in use.
+        """
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            conn._zp_state = USED
+            self._in_use += 1
+            self._checkouts += 1
+            waiter.conn = conn
+            waiter.lock.release()
+        else:
+            conn._zp_state = IDLE
+            self._idle.append(conn)
 
     def _discard(self, conn, reason):
         """Close a connection the pool no longer wants, outside the lock.
@@ -947,7 +1023,7 @@ class ConnectionPool:
     def stats(self):
         """Return a snapshot of the pool's gauges and counters."""
         with self._lock:
-            result = dict(self._counters)
+            result = dict(self._counters, checkouts=self._checkouts)
             result.update(
                 name=self.name,
                 size=len(self._conns),
@@ -1097,7 +1173,7 @@ class ConnectionPool:
             del self._parked[conn]
             conn._zp_state = USED
             self._in_use += 1
-            self._counters["checkouts"] += 1
+            self._checkouts += 1
         if conn._zp_created <= self._retire_before or \
                 conn._zp_expires < _monotonic():
             self._discard(conn, "retired" if conn._zp_created
@@ -1227,12 +1303,24 @@ class PersistentConnectionPool(AbstractConnectionPool):
     connection goes back to the pool when the thread ends.
     """
 
-    def getconn(self):
-        """Return this thread's connection, taking one if it has none."""
+    def getconn(self, key=None):
+        """Return this thread's connection, taking one if it has none.
+
+        The thread is the key; an explicit ``key`` is refused.
+        """
+        self._refuse_key(key)
         from zpgpool.binding import thread_connection
         return thread_connection(self)
 
-    def putconn(self, conn=None, close=False):
+    def putconn(self, conn=None, key=None, close=False):
         """Return this thread's connection (or ``conn``) to the pool."""
+        self._refuse_key(key)
         from zpgpool.binding import release_thread_connection
         release_thread_connection(self, conn, close)
+
+    def _refuse_key(self, key):
+        if key is not None:
+            raise ConnectionMisuse(
+                "%s: a PersistentConnectionPool keys connections by thread; "
+                "getconn() and putconn() take no key (got %r)"
+                % (self._label(), key))

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import urllib.parse
 
 import psycopg2
 import psycopg2.extensions
@@ -40,6 +39,7 @@ from zope.schema import ValidationError
 from transaction.interfaces import ITransactionManager
 
 from zpgpool.errors import InvalidOption
+from zpgpool.pool import scrub_password
 from zpgpool.interfaces import IConnectionPool
 
 
@@ -204,7 +204,7 @@ class DSN(Text):
                 reason = reason[len("invalid dsn: "):]
             raise InvalidAttribute(
                 "dsn must be a connection string libpq can parse: %s"
-                % _scrub_password(reason, dsn)) from None
+                % scrub_password(reason, dsn)) from None
         return dsn
 
     def _resolve(self, value):
@@ -439,33 +439,6 @@ class IPoolDirective(Interface):
     )
 
 
-# Where a password can sit in a connection string that libpq may have
-# refused: the userinfo of a URI, or a password=... or sslpassword=... pair
-# (quoted or not, or in a URI's query).
-_URI_PASSWORD = re.compile(r"^\s*postgres(?:ql)?://[^:@/?#]*:([^@/?#]+)@")
-_KEYWORD_PASSWORD = re.compile(
-    r"\b(?:ssl)?password\s*=\s*(?:'((?:[^'\\]|\\.)*)'?|(\S+))")
-
-
-def _scrub_password(message, dsn):
-    """Return *message* with every password found in *dsn* replaced by
-    ``***``, for a *dsn* libpq may not be able to parse."""
-    secrets = []
-    match = _URI_PASSWORD.match(dsn)
-    if match:
-        secrets.append(match.group(1))
-        secrets.append(urllib.parse.unquote(match.group(1)))
-    for match in _KEYWORD_PASSWORD.finditer(dsn):
-        secret = match.group(1) or match.group(2) or ""
-        # In a URI's query (?password=...) the value ends at the next '&'.
-        secrets.extend((secret, secret.split("&")[0]))
-        secrets.append(urllib.parse.unquote(secret.split("&")[0]))
-    # Longest first, so that a password containing another is hidden whole.
-    for secret in sorted(filter(None, set(secrets)), key=len, reverse=True):
-        message = message.replace(secret, "***")
-    return message
-
-
 # The same, in ZCML source text, where a value ends at a quote too.
 _SOURCE_PASSWORDS = (
     (re.compile(r"(postgres(?:ql)?://[^:@/?#\s\"']*:)[^@/?#\s\"']+@"),
@@ -530,7 +503,7 @@ def pool(_context, dsn, name="", **options):
         # configuration error, scrubbed and not chained like the rest.
         raise ConfigurationError(
             "<zpgpool:pool name=%r>: %s"
-            % (name, _scrub_password(str(e), dsn))) from None
+            % (name, scrub_password(str(e), dsn))) from None
 
     # The actions recorded below carry this directive's location; make its
     # quoted source safe to show before they take it.
