@@ -150,6 +150,16 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         with environ(PATH=links):
             self.assertEqual(testing.system_bindir(), real)
 
+    def test_path_without_the_server_beside_the_real_pg_ctl(self):
+        # pg_ctl on PATH links to a folder without the server, but the PATH
+        # folder itself has all three.
+        elsewhere = self.fake_bindir(names=['pg_ctl'])
+        onpath = self.fake_bindir(names=['initdb', 'postgres'])
+        os.symlink(os.path.join(elsewhere, 'pg_ctl'),
+                   os.path.join(onpath, 'pg_ctl'))
+        with environ(PATH=onpath):
+            self.assertEqual(testing.system_bindir(), onpath)
+
     def test_pg_config_is_asked(self):
         bindir = self.fake_bindir()
         tools = self.fake_bindir(
@@ -387,6 +397,12 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
                                     'plpgsql.so')).st_mode
         self.assertTrue(mode & stat.S_IROTH)
         self.assertFalse(mode & stat.S_IXOTH)
+        # The original is left as it was; what everybody may read already
+        # is hard-linked rather than copied.
+        self.assertEqual(stat.S_IMODE(os.stat(
+            os.path.join(root, 'lib', 'plpgsql.so')).st_mode), 0o600)
+        self.assertTrue(os.path.samefile(
+            os.path.join(bindir, 'postgres'), os.path.join(copy, 'postgres')))
         self.assertFalse(testing._needs_copy(copy, self._user()))
 
         testing._staged.release(bindir)
@@ -394,6 +410,30 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         testing._staged.release(bindir)
         self.assertFalse(os.path.exists(base))
         testing._staged.release(bindir)   # once too often: no harm
+
+    def test_copies_are_removed_at_exit(self):
+        copies = testing._StagedCopies()
+        bindir = self.fake_bindir(self.mkdtemp(mode=0o700))
+        copy = copies.acquire(bindir)
+        self.assertTrue(os.path.isdir(copy))
+        copies._remove_all()
+        self.assertFalse(os.path.exists(copy))
+        copies.release(bindir)   # after the fact: no harm
+
+    def test_copy_falls_back_when_linking_fails(self):
+        bindir = self.fake_bindir(self.mkdtemp(mode=0o700))
+
+        def link(src, dst):
+            raise OSError('Invalid cross-device link')
+
+        with replaced(testing.os, 'link', link):
+            copy = testing._staged.acquire(bindir)
+        try:
+            self.assertFalse(os.path.samefile(
+                os.path.join(bindir, 'postgres'),
+                os.path.join(copy, 'postgres')))
+        finally:
+            testing._staged.release(bindir)
 
     def test_failed_copy_leaves_nothing(self):
         bindir = self.fake_bindir(self.mkdtemp(mode=0o700))

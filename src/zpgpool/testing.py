@@ -397,6 +397,32 @@ def _ignore_for_copy(folder, names):
             if n.endswith('.a') or n in ('include', 'doc', 'pgxs', 'man')]
 
 
+def _world_readable_mode(mode):
+    """Return *mode* with read (and, for executables, execute) permission
+    for everybody."""
+    mode = stat.S_IMODE(mode) | 0o444
+    return mode | 0o111 if mode & 0o100 else mode
+
+
+def _link_or_copy(src, dst):
+    """Hard-link *src* to *dst* when everybody may read it already; copy
+    it otherwise.
+
+    A hard link costs no time and no space, and what matters for reaching
+    a file is the folders above the new name.  A file that is not readable
+    by everybody is copied, so that making the copy readable leaves the
+    original alone.
+    """
+    mode = os.stat(src).st_mode
+    if _world_readable_mode(mode) == stat.S_IMODE(mode):
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            pass    # another file system, or hard links not allowed
+    return shutil.copy2(src, dst)
+
+
 def _make_world_readable(top):
     for folder, dirs, files in os.walk(top):
         os.chmod(folder, 0o755)
@@ -404,8 +430,8 @@ def _make_world_readable(top):
             path = os.path.join(folder, name)
             if not os.path.islink(path):
                 mode = os.stat(path).st_mode
-                os.chmod(path, mode | stat.S_IRUSR | stat.S_IRGRP
-                         | stat.S_IROTH | (0o111 if mode & 0o100 else 0))
+                if _world_readable_mode(mode) != stat.S_IMODE(mode):
+                    os.chmod(path, _world_readable_mode(mode))
 
 
 class _StagedCopies:
@@ -434,7 +460,8 @@ class _StagedCopies:
                         shutil.copytree(
                             path,
                             os.path.join(base, os.path.relpath(path, top)),
-                            symlinks=True, ignore=_ignore_for_copy)
+                            symlinks=True, ignore=_ignore_for_copy,
+                            copy_function=_link_or_copy)
                     _make_world_readable(base)
                 except BaseException:
                     shutil.rmtree(base, ignore_errors=True)
@@ -847,7 +874,7 @@ class PostgresServer:
         deadline = time.monotonic() + 10
         while (pid is not None and _process_alive(pid)
                and time.monotonic() < deadline):
-            time.sleep(0.01)
+            time.sleep(0.01)  # pragma: no cover (only sometimes needed)
 
     def restart(self, mode='fast', timeout=120):
         """Stop the server with *mode* and start it again on the same port.
