@@ -114,6 +114,33 @@ class NotifyTests(_SubscribersSaved, unittest.TestCase):
         self.assertEqual((event.pool, event.waiting), (pool, 2))
 
 
+    def test_component_dispatch_alone_builds_only_for_a_handler(self):
+        # In a Zope site zope.component's dispatcher is always subscribed;
+        # events are built only when a handler for them is registered.
+        import zope.component.event
+        import zope.component.testing
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        zope.event.subscribers.append(zope.component.event.dispatch)
+        built = []
+
+        class Probe(events.PoolExhausted):
+            def __init__(self, *args):
+                built.append(args)
+                super().__init__(*args)
+
+        pool = _makePool()
+        self.addCleanup(pool.close, 0)
+        events.notify(Probe, pool, 1)
+        self.assertEqual(built, [])
+        received = []
+        zope.component.provideHandler(received.append,
+                                      (interfaces.IPoolExhausted,))
+        events.notify(Probe, pool, 2)
+        self.assertEqual(built, [(pool, 2)])
+        self.assertEqual([e.waiting for e in received], [2])
+
+
 class PublishedEventTests(_SubscribersSaved, unittest.TestCase):
     """What a pool at work tells a subscriber, against a real server."""
 

@@ -1,24 +1,65 @@
 """Events a pool publishes through ``zope.event``.
 
 The pool calls ``notify(EventClass, *args)`` rather than building the event
-itself: ``notify`` looks at ``zope.event.subscribers`` first, so when nobody
-listens an event costs one list test and no object.  With zope.component's
-ZCML loaded, a ``<subscriber for="zpgpool.interfaces.IConnectionCreated"
-handler="..."/>`` receives the events the interfaces below describe.
+itself, so that an event nobody wants costs no object and no dispatch.
+With zope.component's ZCML loaded, a ``<subscriber
+for="zpgpool.interfaces.IConnectionCreated" handler="..."/>`` receives the
+events the interfaces below describe.
+
+"Nobody wants it" needs care: as soon as zope.component's event module is
+imported (in any Zope site), ``zope.event.subscribers`` holds its
+dispatcher for good, and building an event and dispatching it costs
+microseconds -- too much for every checkout. So when that dispatcher is the
+only subscriber, ``listening`` asks the current site manager whether any
+handler would receive the event class; zope.interface caches that answer.
 """
+import zope.component
 import zope.event
+from zope.interface import implementedBy
 from zope.interface import implementer
 
 from zpgpool import interfaces
 
 
+_seen = None          # a copy of zope.event.subscribers when last looked at
+_plain = False        # whether a subscriber other than zope.component's exists
+_specs = {}           # event class -> its implementedBy specification
+
+
+def _component_dispatch():
+    try:
+        from zope.component.event import dispatch
+    except ImportError:  # pragma: no cover - zope.component ships it
+        return None
+    return dispatch
+
+
+def listening(factory):
+    """Tell whether publishing a ``factory`` event would reach anybody."""
+    global _seen, _plain
+    subscribers = zope.event.subscribers
+    if not subscribers:
+        return False
+    if subscribers != _seen:
+        dispatch = _component_dispatch()
+        _plain = any(s is not dispatch for s in subscribers)
+        _seen = list(subscribers)
+    if _plain:
+        return True
+    spec = _specs.get(factory)
+    if spec is None:
+        spec = _specs[factory] = implementedBy(factory)
+    return bool(zope.component.getSiteManager().adapters.subscriptions(
+        (spec,), None))
+
+
 def notify(factory, *args):
     """Build an event with ``factory(*args)`` and publish it, but only when
-    somebody subscribes.
+    somebody would receive it.
 
     Called by the pool; what a subscriber raises reaches the pool's caller.
     """
-    if zope.event.subscribers:
+    if listening(factory):
         zope.event.notify(factory(*args))
 
 
