@@ -1,0 +1,597 @@
+"""The ``zpgpool`` command: ``demo``, ``check`` and ``recover``.
+
+``zpgpool demo``
+    Serve the demo application (``zpgpool.demo``) with waitress, on a
+    throwaway PostgreSQL server unless ``--dsn`` names one; ``--check``
+    runs a scripted session against it instead of serving until Ctrl-C.
+``zpgpool check site.zcml``
+    Load a site's ZCML, connect each registered pool once and print a
+    table; exit with 1 when a pool cannot serve.
+``zpgpool recover``
+    List the in-doubt prepared transactions of a pool, and commit or roll
+    them back.
+
+``main(argv)`` returns the exit status instead of exiting, so that tests
+can run the commands in-process. An error is one line on standard error
+(``zpgpool CMD: error: ...``) and exit status 1; a wrong command line is
+argparse's usage message and exit status 2. No pool logic lives here: the
+commands only call the pool's public API.
+"""
+import argparse
+import contextlib
+import datetime
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+
+
+PROG = "zpgpool"
+
+#: The environment variable the demo's ZCML reads its DSN from.
+DEMO_DSN_ENV = "ZPGPOOL_DEMO_DSN"
+
+# The parts of a DSN that say where a pool connects; the table of
+# ``check`` shows these and leaves out the defaults the pool adds
+# (application_name, keepalives, time-outs).
+_TARGET_KEYS = ("service", "host", "hostaddr", "port", "dbname", "user",
+                "password", "sslmode")
+
+# A password in a text that may quote ZCML or a DSN: a password=... pair
+# (quoted or not) or the userinfo of a postgresql:// URI.
+_PASSWORD_PAIR = re.compile(
+    r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s'"&]+)""")
+_URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:@/?#\s]*:)([^@/?#\s]+)@")
+
+
+class CommandError(Exception):
+    """What went wrong, in one line for the user; exit status 1."""
+
+
+def hide_passwords(text):
+    """Return ``text`` with every password it shows replaced by ``***``."""
+    text = _PASSWORD_PAIR.sub(r"\1***", text)
+    return _URI_PASSWORD.sub(r"\1***@", text)
+
+
+def _say(*parts):
+    print(*parts, flush=True)
+
+
+def _warn(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+# -- loading a site's ZCML --------------------------------------------------------
+
+def load_zcml(path):
+    """Load the ZCML file ``path``; raise CommandError saying where it failed.
+
+    Its registrations go into the global component registry, where
+    ``getUtility`` finds them (a command is a process of its own).
+    """
+    from zope.configuration import xmlconfig
+    from zope.configuration.exceptions import ConfigurationError
+
+    if not os.path.isfile(path):
+        raise CommandError("cannot load %s: no such file" % path)
+    try:
+        xmlconfig.file(os.path.abspath(path))
+    except ConfigurationError as exc:
+        # zope.configuration's text names the file and line of the
+        # directive, and what was wrong with it.
+        raise CommandError("cannot load %s:\n%s" % (
+            path, hide_passwords(str(exc).strip()))) from None
+    except (OSError, ImportError) as exc:
+        raise CommandError("cannot load %s: %s" % (
+            path, hide_passwords(str(exc)))) from None
+
+
+def registered_pools():
+    """Return (name, pool) of every IConnectionPool utility, by name."""
+    from zope.component import getUtilitiesFor
+    from zpgpool.interfaces import IConnectionPool
+    return sorted(getUtilitiesFor(IConnectionPool), key=lambda item: item[0])
+
+
+def _close_pools(pools):
+    for _name, pool in pools:
+        try:
+            pool.close(timeout=1.0)
+        except Exception as exc:  # pragma: no cover - close() must not fail
+            _warn("%s: closing pool %r failed: %s" % (PROG, pool.name, exc))
+
+
+def short_dsn(pool):
+    """The pool's masked DSN, reduced to where it connects."""
+    masked = pool.dsn
+    try:
+        params = psycopg2.extensions.parse_dsn(masked)
+    except psycopg2.Error:
+        # A value with a space (an application_name, say) shown unquoted:
+        # each key=value pair runs until the next " key=".
+        params = dict(re.findall(r"(\w+)=(.*?)(?=\s+\w+=|\s*$)", masked))
+    shown = ["%s=%s" % (k, params[k]) for k in _TARGET_KEYS if k in params]
+    return " ".join(shown) or "(libpq defaults)"
+
+
+def _label(name):
+    return name if name else '""'
+
+
+@contextlib.contextmanager
+def _quiet_pool_log():
+    """Keep the pool's own warnings off the terminal: the commands report
+    the same failures themselves, once."""
+    logger = logging.getLogger("zpgpool")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# -- zpgpool check ----------------------------------------------------------------
+
+def probe(pool, timeout):
+    """Connect ``pool`` once; return what ``check`` shows about it.
+
+    A dict with ``version``, ``connect_ms``, ``rtt_ms`` (the best of three
+    ``SELECT 1`` round trips) and ``prepared`` (max_prepared_transactions).
+    Raises what the pool raises when it cannot serve.
+    """
+    start = time.monotonic()
+    with pool.checkout(timeout=timeout) as conn:
+        connected = time.monotonic() - start
+        with conn.cursor() as cur:
+            rtt = None
+            for _ in range(3):
+                t0 = time.monotonic()
+                cur.execute("SELECT 1")
+                cur.fetchone()
+                took = time.monotonic() - t0
+                rtt = took if rtt is None else min(rtt, took)
+            cur.execute("SELECT current_setting('server_version'),"
+                        " current_setting('max_prepared_transactions')::int")
+            version, prepared = cur.fetchone()
+    return {"version": version.split()[0], "connect_ms": connected * 1000,
+            "rtt_ms": rtt * 1000, "prepared": prepared}
+
+
+def _table(header, rows):
+    widths = [max(len(str(row[i])) for row in [header] + rows)
+              for i in range(len(header))]
+    for row in [header] + rows:
+        _say("  ".join(str(cell).ljust(width)
+                       for cell, width in zip(row, widths)).rstrip())
+
+
+def cmd_check(args):
+    load_zcml(args.zcml)
+    pools = registered_pools()
+    if not pools:
+        raise CommandError("%s registers no pool: declare one with "
+                           "<zpgpool:pool name=... dsn=... />" % args.zcml)
+    rows = []
+    problems = []
+    try:
+        with _quiet_pool_log():
+            for name, pool in pools:
+                try:
+                    info = probe(pool, args.timeout)
+                except (psycopg2.Error, psycopg2.pool.PoolError) as exc:
+                    reason = " ".join(str(exc).split()) or type(exc).__name__
+                    problems.append((name, hide_passwords(reason)))
+                    rows.append((_label(name), short_dsn(pool), "-", "-", "-",
+                                 "-", "FAILED"))
+                    continue
+                if info["prepared"] > 0:
+                    twophase = "yes"
+                else:
+                    twophase = "no"
+                    if pool.twophase:
+                        problems.append((name, (
+                            "the pool has twophase=True, but the server's "
+                            "max_prepared_transactions is 0; set it above 0 "
+                            "in postgresql.conf and restart the server")))
+                rows.append((
+                    _label(name), short_dsn(pool), info["version"],
+                    "%.1f ms" % info["connect_ms"],
+                    "%.2f ms" % info["rtt_ms"],
+                    "%s (max_prepared_transactions=%d)"
+                    % (twophase, info["prepared"]),
+                    "ok" if name not in dict(problems) else "FAILED"))
+    finally:
+        _close_pools(pools)
+    _table(("pool", "dsn", "server", "connect", "round trip", "two-phase",
+            "status"), rows)
+    for name, reason in problems:
+        _warn("%s check: pool %s cannot serve: %s"
+              % (PROG, _label(name), reason))
+    if problems:
+        _warn("%s check: %d of %d pools cannot serve"
+              % (PROG, len(problems), len(pools)))
+        return 1
+    return 0
+
+
+# -- zpgpool recover --------------------------------------------------------------
+
+def _age(prepared):
+    seconds = max(0, int((datetime.datetime.now(datetime.timezone.utc)
+                          - prepared).total_seconds()))
+    if seconds < 120:
+        return "%d s" % seconds
+    if seconds < 7200:
+        return "%d min" % (seconds // 60)
+    return "%.1f h" % (seconds / 3600)
+
+
+def _recover_pool(pool, older_than, commit):
+    """List (and resolve) one pool's in-doubt transactions; True when all
+    went well."""
+    from zpgpool.datamanager import gid_prefix
+    from zpgpool.datamanager import list_prepared
+    from zpgpool.datamanager import resolve_prepared
+
+    prefix = gid_prefix(pool)
+    found = list_prepared(pool, older_than)
+    _say("pool %s (%s): %d in-doubt prepared transaction%s older than %g s "
+         "with the prefix %r" % (
+             _label(pool.name), short_dsn(pool), len(found),
+             "" if len(found) == 1 else "s", older_than, prefix))
+    for gid, prepared, owner, database in found:
+        _say("  %s  prepared %s (%s ago) by %s in %s" % (
+            gid, prepared.isoformat(sep=" ", timespec="seconds"),
+            _age(prepared), owner, database))
+    if not found or commit is None:
+        return True
+    verb = "committed" if commit else "rolled back"
+    ok = True
+    for gid, _prepared, _owner, _database in found:
+        try:
+            done = resolve_prepared(pool, [gid], commit=commit)
+        except psycopg2.Error as exc:
+            ok = False
+            _warn("%s recover: could not resolve %s: %s" % (
+                PROG, gid, " ".join(str(exc).split())))
+            continue
+        if done:
+            _say("  %s %s" % (verb, gid))
+        else:
+            _say("  %s was resolved meanwhile by someone else" % gid)
+    return ok
+
+
+def cmd_recover(args):
+    if args.older_than < 0:
+        raise CommandError("--older-than must be 0 or more seconds, got %g"
+                           % args.older_than)
+    commit = True if args.commit else False if args.rollback else None
+    if args.dsn is not None:
+        if args.pool is None:
+            raise CommandError(
+                "--dsn needs --pool-name NAME: the name of the pool whose "
+                "transactions to recover (it is part of their ids)")
+        from zpgpool.pool import ConnectionPool
+        try:
+            pools = [(args.pool, ConnectionPool(
+                args.dsn, name=args.pool, minconn=0, maxconn=2))]
+        except psycopg2.pool.PoolError as exc:
+            raise CommandError(hide_passwords(str(exc))) from None
+    else:
+        load_zcml(args.zcml)
+        pools = registered_pools()
+        if args.pool is not None:
+            pools = [(n, p) for n, p in pools if n == args.pool]
+            if not pools:
+                raise CommandError("%s declares no pool named %r; it declares"
+                                   " %s" % (args.zcml, args.pool, ", ".join(
+                                       repr(n) for n, _ in registered_pools())
+                                       or "none"))
+        elif not pools:
+            raise CommandError("%s registers no pool" % args.zcml)
+    failed = 0
+    try:
+        with _quiet_pool_log():
+            for name, pool in pools:
+                try:
+                    if not _recover_pool(pool, args.older_than, commit):
+                        failed += 1
+                except (psycopg2.Error, psycopg2.pool.PoolError) as exc:
+                    failed += 1
+                    _warn("%s recover: pool %s: %s" % (PROG, _label(name),
+                          hide_passwords(" ".join(str(exc).split()))))
+    finally:
+        _close_pools(pools)
+    if commit is None and not failed:
+        _say("Nothing was changed; run again with --commit or --rollback to "
+             "resolve what is listed.")
+    return 1 if failed else 0
+
+
+# -- zpgpool demo -----------------------------------------------------------------
+
+class _Stop(BaseException):
+    """Raised in the main thread by SIGTERM, like KeyboardInterrupt by
+    SIGINT, so that everything started is stopped on the way out."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _environ(name, value):
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+class _WebServer:
+    """waitress serving ``app`` in a thread of its own, until ``stop()``.
+
+    The listening socket is made here, before waitress starts its worker
+    threads, so that an address in use fails with nothing to clean up.
+    """
+
+    def __init__(self, app, host, port, threads):
+        import waitress.server
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        self.server = waitress.server.create_server(
+            app, sockets=[sock], threads=threads, ident="zpgpool-demo",
+            clear_untrusted_proxy_headers=True)
+        self.thread = threading.Thread(target=self.server.run,
+                                       name="zpgpool-demo-waitress",
+                                       daemon=True)
+
+    @property
+    def url(self):
+        host = self.server.effective_host
+        if ":" in host:
+            host = "[%s]" % host
+        return "http://%s:%s/" % (host, self.server.effective_port)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        from waitress import wasyncore
+        server = self.server
+        # Close the sockets from inside waitress's own loop (its trigger
+        # runs the function there); the loop ends when none is left.
+        server.trigger.pull_trigger(
+            lambda: wasyncore.close_all(server._map))
+        self.thread.join(10)
+        server.task_dispatcher.shutdown(timeout=10)
+
+
+def _configure_logging():
+    """Log warnings with a time stamp, when run from the command line."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s")
+
+
+def cmd_demo(args):
+    if args.threads < 1:
+        raise CommandError("--threads must be 1 or more, got %d"
+                           % args.threads)
+    try:
+        import pyramid  # noqa: F401
+        import pyramid_tm  # noqa: F401
+        import waitress  # noqa: F401
+    except ImportError as exc:
+        raise CommandError("the demo needs pyramid, pyramid_tm and waitress "
+                           "(%s); install them with: pip install "
+                           "'zpgpool[demo]'" % exc) from None
+    # waitress warns when requests queue for a thread; in the demo that is
+    # the point (more clients than threads), not a problem.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    with _stop_on_sigterm(), contextlib.ExitStack() as stack:
+        try:
+            return _run_demo(args, stack)
+        except (KeyboardInterrupt, _Stop):
+            _say("%s demo: interrupted; stopping" % PROG)
+            return 0 if not args.check else 1
+
+
+def _run_demo(args, stack):
+    from zope.component import getUtility
+    from zpgpool.interfaces import IConnectionPool
+    from zpgpool import testing
+
+    dsn = args.dsn
+    if dsn is None:
+        _say("%s demo: starting a throwaway PostgreSQL server" % PROG)
+        try:
+            server = testing.PostgresServer()
+        except testing.PostgresUnavailable as exc:
+            raise CommandError("%s Or give the demo a server with --dsn."
+                               % exc) from None
+        stack.callback(_stop_server, server)
+        try:
+            server.start()
+        except testing.PostgresUnavailable as exc:
+            raise CommandError("%s Or give the demo a server with --dsn."
+                               % exc) from None
+        except testing.PostgresServerError as exc:
+            raise CommandError("the PostgreSQL server did not start: %s"
+                               % exc) from None
+        _say("%s demo: PostgreSQL %s on %s:%s, in %s (removed when the demo"
+             " stops)" % (PROG, server.version, server.host, server.port,
+                          server.base_dir))
+        dsn = server.dsn()
+
+    from zpgpool import demo
+    from zpgpool.demo import app as demo_app
+    with _environ(DEMO_DSN_ENV, dsn):
+        path = os.path.join(os.path.dirname(demo.__file__), "demo.zcml")
+        load_zcml(path)
+    pool = getUtility(IConnectionPool, name=demo_app.POOL_NAME)
+    stack.callback(_close_pools, [(pool.name, pool)])
+    try:
+        demo_app.create_schema(pool)
+    except (psycopg2.Error, psycopg2.pool.PoolError) as exc:
+        raise CommandError("cannot use the database: %s" % hide_passwords(
+            " ".join(str(exc).split()))) from None
+
+    try:
+        web = _WebServer(demo_app.make_app(), args.host, args.port,
+                         args.threads)
+    except OSError as exc:
+        raise CommandError("cannot listen on %s:%s: %s" % (
+            args.host, args.port, exc.strerror or exc)) from None
+    web.start()
+    stack.callback(_stop_web, web)
+    _say("%s demo: pool %r (%s), maxconn %d, %d server threads"
+         % (PROG, pool.name, short_dsn(pool), pool.maxconn, args.threads))
+    _say("%s demo: serving %s" % (PROG, web.url))
+
+    if args.check:
+        from zpgpool.demo.check import run_check
+        _say("%s demo: checking %s" % (PROG, web.url))
+        passed = run_check(web.url, clients=2 * args.threads,
+                           notes=6 * args.threads)
+        _say("%s demo: check %s" % (PROG, "passed" if passed else "FAILED"))
+        return 0 if passed else 1
+
+    _say("%s demo: press Ctrl-C to stop" % PROG)
+    while web.thread.is_alive():
+        web.thread.join(0.5)
+    raise CommandError("the web server stopped unexpectedly")
+
+
+def _stop_web(web):
+    web.stop()
+
+
+def _stop_server(server):
+    _say("%s demo: removing the throwaway PostgreSQL server" % PROG)
+    server.cleanup()
+
+
+# -- the command line -------------------------------------------------------------
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A transaction-aware PostgreSQL connection pool for the "
+                    "Zope Component Architecture: the demo and the "
+                    "operator's tools.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="serve the demo application",
+        description="Serve a small Pyramid application whose views use a "
+                    "pool declared in ZCML, on a throwaway PostgreSQL server "
+                    "unless --dsn names one.")
+    demo.add_argument("--dsn", help="the database to use (default: start a "
+                      "throwaway server and remove it afterwards)")
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="the address to listen on (default: %(default)s)")
+    demo.add_argument("--port", type=int, default=0,
+                      help="the port to listen on (default: a free one)")
+    demo.add_argument("--threads", type=int, default=4,
+                      help="waitress's worker threads (default: %(default)s)")
+    demo.add_argument("--check", action="store_true",
+                      help="run a scripted session against the demo and exit"
+                           " 0 when it passes, 1 when not")
+    demo.set_defaults(func=cmd_demo)
+
+    check = commands.add_parser(
+        "check", help="connect every pool a site declares",
+        description="Load a site's ZCML, connect each registered pool once "
+                    "and show what it connects to. Exits with 1 when a pool "
+                    "cannot serve.")
+    check.add_argument("zcml", help="the site's ZCML file")
+    check.add_argument("--timeout", type=float, default=10.0,
+                       help="seconds to wait for each pool's connection "
+                            "(default: %(default)s)")
+    check.set_defaults(func=cmd_check)
+
+    recover = commands.add_parser(
+        "recover", help="resolve a pool's in-doubt prepared transactions",
+        description="List the prepared (two-phase) transactions a pool left "
+                    "in doubt, found by the prefix of their ids, and commit "
+                    "or roll them back.")
+    source = recover.add_mutually_exclusive_group(required=True)
+    source.add_argument("--zcml", help="a site's ZCML file declaring the "
+                        "pool(s)")
+    source.add_argument("--dsn", help="the database, when not using --zcml")
+    recover.add_argument("--pool", "--pool-name", dest="pool", metavar="NAME",
+                         help="the pool's name (with --zcml, default: every "
+                              "pool; required with --dsn)")
+    recover.add_argument("--older-than", type=float, default=60.0,
+                         metavar="SECONDS",
+                         help="only transactions prepared at least this long "
+                              "ago (default: %(default)g)")
+    action = recover.add_mutually_exclusive_group()
+    action.add_argument("--commit", action="store_true",
+                        help="COMMIT PREPARED each one listed")
+    action.add_argument("--rollback", action="store_true",
+                        help="ROLLBACK PREPARED each one listed")
+    recover.set_defaults(func=cmd_recover)
+    return parser
+
+
+def main(argv=None):
+    """Run the ``zpgpool`` command with ``argv`` (default: sys.argv[1:]);
+    return the exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        # --help, or a wrong command line (argparse printed the usage).
+        return exc.code if isinstance(exc.code, int) else 0
+    if argv is None:
+        # From the command line, not a test calling main(argv).
+        _configure_logging()
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        _warn("%s: error: a command is required (demo, check or recover)"
+              % PROG)
+        return 2
+    try:
+        return args.func(args)
+    except CommandError as exc:
+        _warn("%s %s: error: %s" % (PROG, args.command, exc))
+        return 1
+    except KeyboardInterrupt:
+        _warn("%s %s: interrupted" % (PROG, args.command))
+        return 130

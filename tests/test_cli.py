@@ -1,0 +1,471 @@
+"""Tests for zpgpool.cli: ``zpgpool check`` and ``zpgpool recover``.
+
+The commands run in-process through ``main(argv)`` against the real server
+of POSTGRES_LAYER (and, for a server without prepared transactions, one of
+their own); one test runs ``python -m zpgpool`` to see the command as a
+user does.
+"""
+import contextlib
+import io
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import unittest
+from xml.sax.saxutils import quoteattr
+
+import psycopg2
+import psycopg2.extensions
+import zope.component.testing
+
+from zpgpool import cli
+from zpgpool.datamanager import gid_prefix
+from zpgpool.pool import ConnectionPool
+from zpgpool.testing import POSTGRES_LAYER
+from zpgpool.testing import PostgresLayer
+
+
+SITE = """\
+<configure
+    xmlns="http://namespaces.zope.org/zope"
+    xmlns:zpgpool="http://namespaces.zope.org/zpgpool">
+  <include package="zpgpool" />
+%s
+</configure>
+"""
+
+#: A server that cannot prepare transactions (two-phase unavailable).
+NO_TWOPHASE_LAYER = PostgresLayer(
+    'NO_TWOPHASE_LAYER', private=True,
+    settings={'max_prepared_transactions': 0})
+
+
+def run(*argv):
+    """Run ``zpgpool *argv`` in-process; return (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
+def closed_port():
+    """A TCP port of 127.0.0.1 where nothing listens."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def with_params(dsn, **params):
+    """``dsn`` with ``params`` replaced."""
+    return psycopg2.extensions.make_dsn(dsn, **params)
+
+
+def password_of(dsn):
+    return psycopg2.extensions.parse_dsn(dsn).get('password')
+
+
+class CommandTestCase(unittest.TestCase):
+    """Runs each test with an empty component registry and a temporary
+    directory for ZCML files; closes the pools a test's ZCML registered."""
+
+    def setUp(self):
+        zope.component.testing.setUp()
+        self.tmp = tempfile.mkdtemp(prefix='zpgpool-test-cli-')
+
+    def tearDown(self):
+        for _name, pool in cli.registered_pools():
+            pool.close(timeout=0)
+        zope.component.testing.tearDown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def write_site(self, *pools, name='site.zcml'):
+        """Write a site ZCML declaring ``pools`` ((name, dsn, extra) or
+        (name, dsn)); return its path."""
+        lines = []
+        for each in pools:
+            pool_name, dsn = each[:2]
+            extra = each[2] if len(each) > 2 else ''
+            lines.append('  <zpgpool:pool name=%s dsn=%s %s/>' % (
+                quoteattr(pool_name), quoteattr(dsn), extra))
+        return self.write_zcml(SITE % '\n'.join(lines), name)
+
+    def write_zcml(self, text, name='site.zcml'):
+        path = os.path.join(self.tmp, name)
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+        return path
+
+
+class CommandLineTests(CommandTestCase):
+    """The command line itself; no server needed."""
+
+    def test_no_command(self):
+        status, out, err = run()
+        self.assertEqual(status, 2)
+        self.assertIn('usage: zpgpool', err)
+        self.assertIn('a command is required (demo, check or recover)', err)
+
+    def test_help(self):
+        status, out, err = run('--help')
+        self.assertEqual(status, 0)
+        for command in ('demo', 'check', 'recover'):
+            self.assertIn(command, out)
+
+    def test_unknown_command(self):
+        status, out, err = run('frobnicate')
+        self.assertEqual(status, 2)
+        self.assertIn("invalid choice: 'frobnicate'", err)
+
+    def test_check_needs_a_file(self):
+        status, out, err = run('check')
+        self.assertEqual(status, 2)
+        self.assertIn('the following arguments are required: zcml', err)
+
+    def test_check_missing_file(self):
+        path = os.path.join(self.tmp, 'nowhere.zcml')
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertEqual(
+            err, 'zpgpool check: error: cannot load %s: no such file\n' % path)
+
+    def test_check_broken_zcml_names_file_and_line(self):
+        path = self.write_site(
+            ('main', 'host=db password=sekrit', 'maxconn="many"'))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn('zpgpool check: error: cannot load %s:' % path, err)
+        self.assertIn('File "%s", line 5' % path, err)
+        self.assertIn("maxconn must be a whole number, 1 or more; got 'many'",
+                      err)
+        self.assertNotIn('sekrit', err + out)
+
+    def test_check_unparsable_zcml(self):
+        path = self.write_zcml('<configure xmlns="http://namespaces.zope.org'
+                               '/zope"\n  <include package="zpgpool" />\n')
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn('cannot load %s:' % path, err)
+        self.assertIn('not well-formed', err)
+
+    def test_check_without_pools(self):
+        path = self.write_site()
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn('%s registers no pool' % path, err)
+
+    def test_recover_needs_zcml_or_dsn(self):
+        status, out, err = run('recover')
+        self.assertEqual(status, 2)
+        self.assertIn('one of the arguments --zcml --dsn is required', err)
+
+    def test_recover_zcml_and_dsn_exclude_each_other(self):
+        status, out, err = run('recover', '--zcml', 'a.zcml', '--dsn', '')
+        self.assertEqual(status, 2)
+        self.assertIn('not allowed with argument', err)
+
+    def test_recover_commit_and_rollback_exclude_each_other(self):
+        status, out, err = run('recover', '--dsn', '', '--pool-name', 'x',
+                               '--commit', '--rollback')
+        self.assertEqual(status, 2)
+        self.assertIn('not allowed with argument --commit', err)
+
+    def test_recover_dsn_needs_pool_name(self):
+        status, out, err = run('recover', '--dsn', 'host=db')
+        self.assertEqual(status, 1)
+        self.assertIn('--dsn needs --pool-name NAME', err)
+
+    def test_recover_negative_age(self):
+        status, out, err = run('recover', '--dsn', 'host=db', '--pool-name',
+                               'x', '--older-than', '-1')
+        self.assertEqual(status, 1)
+        self.assertIn('--older-than must be 0 or more seconds, got -1', err)
+
+    def test_recover_bad_dsn(self):
+        status, out, err = run('recover', '--dsn', 'host=db password=sekrit '
+                               'nonsense', '--pool-name', 'x')
+        self.assertEqual(status, 1)
+        self.assertIn('zpgpool recover: error:', err)
+        self.assertIn('invalid connection string', err)
+        self.assertNotIn('sekrit', err + out)
+
+    def test_recover_unknown_pool(self):
+        path = self.write_site(('main', 'host=db'))
+        status, out, err = run('recover', '--zcml', path, '--pool', 'other')
+        self.assertEqual(status, 1)
+        self.assertIn("declares no pool named 'other'; it declares 'main'",
+                      err)
+
+    def test_demo_threads(self):
+        status, out, err = run('demo', '--threads', '0')
+        self.assertEqual(status, 1)
+        self.assertIn('--threads must be 1 or more, got 0', err)
+
+    def test_hide_passwords(self):
+        self.assertEqual(
+            cli.hide_passwords("dsn='host=x password=abc user=y' and "
+                               "password = 'a b\\'c' and "
+                               "postgresql://me:pw@host/db?sslpassword=s&x=1"),
+            "dsn='host=x password=*** user=y' and password = *** and "
+            "postgresql://me:***@host/db?sslpassword=***&x=1")
+
+
+class CheckTests(CommandTestCase):
+
+    layer = POSTGRES_LAYER
+
+    def test_good_site(self):
+        dsn = self.layer.dsn
+        path = self.write_site(('main', dsn), ('reports', dsn,
+                                               'maxconn="2" twophase="true"'))
+        status, out, err = run('check', path)
+        self.assertEqual(err, '')
+        self.assertEqual(status, 0)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), [
+            'pool', 'dsn', 'server', 'connect', 'round', 'trip', 'two-phase',
+            'status'])
+        self.assertEqual(len(lines), 3)
+        self.assertTrue(lines[1].startswith('main '))
+        self.assertTrue(lines[2].startswith('reports '))
+        with psycopg2.connect(dsn) as conn:
+            version = conn.cursor()
+            version.execute('SHOW server_version')
+            server_version = version.fetchone()[0].split()[0]
+        conn.close()
+        for line in lines[1:]:
+            self.assertIn(' %s ' % server_version, line)
+            self.assertIn('password=***', line)
+            self.assertRegex(line, r' \d+\.\d ms +\d+\.\d\d ms ')
+            self.assertRegex(line, r'yes \(max_prepared_transactions=\d+\) '
+                                   r'+ok$')
+        self.assertNotIn(password_of(dsn) or 'no password', out)
+
+    def test_pools_are_closed_afterwards(self):
+        path = self.write_site(('main', self.layer.dsn))
+        self.assertEqual(run('check', path)[0], 0)
+        [(name, pool)] = cli.registered_pools()
+        self.assertTrue(pool.closed)
+
+    def test_unnamed_pool(self):
+        path = self.write_site(('', self.layer.dsn))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 0)
+        self.assertTrue(out.splitlines()[1].startswith('""  '))
+
+    def test_server_down(self):
+        port = closed_port()
+        path = self.write_site(
+            ('main', self.layer.dsn),
+            ('down', with_params(self.layer.dsn, port=port)))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        lines = out.splitlines()
+        self.assertRegex(lines[1], r'^down .*port=%d .* FAILED$' % port)
+        self.assertRegex(lines[2], r'^main .* ok$')
+        self.assertIn(
+            "zpgpool check: pool down cannot serve: zpgpool pool 'down': "
+            "cannot connect to host=127.0.0.1 port=%d" % port, err)
+        self.assertIn('Connection refused', err)
+        self.assertIn('zpgpool check: 1 of 2 pools cannot serve', err)
+        self.assertNotIn(password_of(self.layer.dsn) or 'no password',
+                         out + err)
+
+    def test_wrong_password(self):
+        dsn = with_params(self.layer.dsn, password='wrong-' +
+                          secrets.token_hex(8))
+        path = self.write_site(('main', dsn))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        if not password_of(self.layer.dsn):  # pragma: no cover
+            self.skipTest('the server of ZPGPOOL_TEST_DSN needs no password')
+        self.assertIn('password authentication failed', err)
+        self.assertNotIn(password_of(dsn), out + err)
+        self.assertIn('password=***', out)
+
+    def test_unknown_database(self):
+        path = self.write_site(
+            ('main', with_params(self.layer.dsn, dbname='no_such_db')))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn('database "no_such_db" does not exist', err)
+
+    def test_python_m(self):
+        # The command as a user runs it, in a process of its own.
+        path = self.write_site(('main', self.layer.dsn))
+        proc = subprocess.run(
+            [sys.executable, '-m', 'zpgpool', 'check', path],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            timeout=120, check=False)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stdout.splitlines()[1], r'^main .* ok$')
+
+
+class CheckTwoPhaseTests(CommandTestCase):
+
+    layer = NO_TWOPHASE_LAYER
+
+    def test_twophase_unavailable(self):
+        dsn = self.layer.dsn
+        path = self.write_site(('plain', dsn), ('xa', dsn,
+                                                'twophase="true"'))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        lines = out.splitlines()
+        self.assertRegex(lines[1], r'^plain .* no \(max_prepared_transactions'
+                                   r'=0\) +ok$')
+        self.assertRegex(lines[2], r'^xa .* no \(max_prepared_transactions'
+                                   r'=0\) +FAILED$')
+        self.assertIn("zpgpool check: pool xa cannot serve: the pool has "
+                      "twophase=True, but the server's "
+                      "max_prepared_transactions is 0", err)
+
+
+class RecoverTests(CommandTestCase):
+
+    layer = POSTGRES_LAYER
+
+    def setUp(self):
+        super().setUp()
+        self.dsn = self.layer.new_database('zpgpool_cli')
+        self.gids = []
+        with contextlib.closing(psycopg2.connect(self.dsn)) as conn:
+            conn.autocommit = True
+            conn.cursor().execute('CREATE TABLE IF NOT EXISTS t (x text)')
+
+    def tearDown(self):
+        # Never leave a prepared transaction behind: it would keep the
+        # test database from being dropped.
+        with contextlib.closing(psycopg2.connect(self.dsn)) as conn:
+            conn.autocommit = True
+            cur = conn.cursor()
+            for gid in self.gids:
+                cur.execute('SELECT 1 FROM pg_prepared_xacts WHERE gid = %s',
+                            (gid,))
+                if cur.fetchone():
+                    cur.execute('ROLLBACK PREPARED %s', (gid,))
+        super().tearDown()
+
+    def prepare(self, value, pool_name='orders', gid=None):
+        """Leave a prepared transaction inserting ``value``, as a process
+        killed between PREPARE and COMMIT PREPARED leaves it; return its
+        gid."""
+        if gid is None:
+            pool = ConnectionPool(self.dsn, name=pool_name)
+            gid = '%sdeadhost:4242:%s' % (gid_prefix(pool),
+                                           secrets.token_hex(4))
+        self.gids.append(gid)
+        with contextlib.closing(psycopg2.connect(self.dsn)) as conn:
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute('BEGIN')
+            cur.execute('INSERT INTO t VALUES (%s)', (value,))
+            cur.execute('PREPARE TRANSACTION %s', (gid,))
+        return gid
+
+    def query(self, sql, params=None):
+        with contextlib.closing(psycopg2.connect(self.dsn)) as conn:
+            conn.autocommit = True
+            cur = conn.cursor()
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+    def values(self):
+        return sorted(v for (v,) in self.query('SELECT x FROM t'))
+
+    def pending(self):
+        return sorted(g for (g,) in self.query(
+            'SELECT gid FROM pg_prepared_xacts'
+            ' WHERE database = current_database()'))
+
+    def test_list(self):
+        gid = self.prepare('a')
+        status, out, err = run('recover', '--dsn', self.dsn, '--pool-name',
+                               'orders', '--older-than', '0')
+        self.assertEqual((status, err), (0, ''))
+        lines = out.splitlines()
+        self.assertRegex(lines[0], r"^pool orders \(host=.* password=\*\*\*\):"
+                                   r" 1 in-doubt prepared transaction older"
+                                   r" than 0 s with the prefix"
+                                   r" 'zpgpool:orders:'$")
+        self.assertRegex(lines[1], r'^  %s  prepared \d{4}-\d\d-\d\d '
+                                   r'\d\d:\d\d:\d\d[+-]\d\d(:\d\d)? \(\d+ s ago\) by '
+                                   r'postgres in zpgpool_cli_' % gid)
+        self.assertEqual(lines[2], 'Nothing was changed; run again with '
+                                   '--commit or --rollback to resolve what is'
+                                   ' listed.')
+        self.assertEqual(self.pending(), [gid])
+        self.assertEqual(self.values(), [])
+        self.assertNotIn(password_of(self.dsn) or 'no password', out)
+
+    def test_default_age_skips_recent_ones(self):
+        self.prepare('a')
+        status, out, err = run('recover', '--dsn', self.dsn, '--pool-name',
+                               'orders', '--commit')
+        self.assertEqual(status, 0)
+        self.assertIn(': 0 in-doubt prepared transactions older than 60 s',
+                      out)
+        self.assertEqual(self.values(), [])
+
+    def test_commit(self):
+        gid = self.prepare('a')
+        status, out, err = run('recover', '--dsn', self.dsn, '--pool-name',
+                               'orders', '--older-than', '0', '--commit')
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('  committed %s\n' % gid, out)
+        self.assertNotIn('Nothing was changed', out)
+        self.assertEqual(self.pending(), [])
+        self.assertEqual(self.values(), ['a'])
+
+    def test_rollback_through_zcml(self):
+        gid = self.prepare('a')
+        path = self.write_site(('orders', self.dsn, 'twophase="true"'))
+        status, out, err = run('recover', '--zcml', path, '--pool', 'orders',
+                               '--older-than', '0', '--rollback')
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('  rolled back %s\n' % gid, out)
+        self.assertEqual(self.pending(), [])
+        self.assertEqual(self.values(), [])
+
+    def test_only_the_pools_prefix(self):
+        mine = self.prepare('mine')
+        other_pool = self.prepare('other pool', pool_name='invoices')
+        foreign = self.prepare('foreign', gid='someone-else:%s'
+                               % secrets.token_hex(4))
+        status, out, err = run('recover', '--dsn', self.dsn, '--pool-name',
+                               'orders', '--older-than', '0', '--commit')
+        self.assertEqual(status, 0)
+        self.assertIn('committed %s' % mine, out)
+        self.assertNotIn(other_pool, out)
+        self.assertNotIn(foreign, out)
+        self.assertEqual(self.pending(), sorted([other_pool, foreign]))
+        self.assertEqual(self.values(), ['mine'])
+
+    def test_every_pool_of_a_site(self):
+        orders = self.prepare('o')
+        invoices = self.prepare('i', pool_name='invoices')
+        path = self.write_site(('orders', self.dsn), ('invoices', self.dsn))
+        status, out, err = run('recover', '--zcml', path, '--older-than', '0',
+                               '--commit')
+        self.assertEqual(status, 0)
+        self.assertIn("pool invoices (", out)
+        self.assertIn("pool orders (", out)
+        self.assertIn('committed %s' % orders, out)
+        self.assertIn('committed %s' % invoices, out)
+        self.assertEqual(self.values(), ['i', 'o'])
+
+    def test_server_down(self):
+        dsn = with_params(self.dsn, port=closed_port())
+        status, out, err = run('recover', '--dsn', dsn, '--pool-name',
+                               'orders', '--older-than', '0')
+        self.assertEqual(status, 1)
+        self.assertIn("zpgpool recover: pool orders: zpgpool pool 'orders': "
+                      "cannot connect to", err)
+        self.assertIn('Connection refused', err)
+        self.assertNotIn('Nothing was changed', out)
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromName(__name__)

@@ -1,0 +1,409 @@
+"""Tests for zpgpool.demo and ``zpgpool demo``.
+
+The application is tested through WebTest with the pool its ZCML declares,
+against the real server of POSTGRES_LAYER; the command runs in-process with
+``--check`` and as a process of its own, served until SIGINT or SIGTERM,
+with and without a throwaway server.
+"""
+import contextlib
+import io
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import unittest
+import urllib.request
+
+import psycopg2
+import transaction
+import webtest
+import zope.component.testing
+from zope.component import getUtility
+from zope.configuration import xmlconfig
+
+import zpgpool.demo
+from zpgpool import cli
+from zpgpool.demo import app as demo_app
+from zpgpool.demo.check import run_check
+from zpgpool.interfaces import IConnectionPool
+from zpgpool.testing import POSTGRES_LAYER
+
+
+def run(*argv):
+    """Run ``zpgpool *argv`` in-process; return (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def load_demo_zcml(dsn):
+    """Register the demo's pool as ``zpgpool demo`` does."""
+    os.environ[cli.DEMO_DSN_ENV] = dsn
+    try:
+        xmlconfig.file('demo.zcml', package=zpgpool.demo)
+    finally:
+        del os.environ[cli.DEMO_DSN_ENV]
+    return getUtility(IConnectionPool, name=demo_app.POOL_NAME)
+
+
+class DemoAppTests(unittest.TestCase):
+    """The views, through WebTest, with the pool of demo.zcml."""
+
+    layer = POSTGRES_LAYER
+
+    def setUp(self):
+        zope.component.testing.setUp()
+        self.dsn = self.layer.new_database('zpgpool_demo')
+        self.pool = load_demo_zcml(self.dsn)
+        demo_app.create_schema(self.pool)
+        self.app = webtest.TestApp(demo_app.make_app())
+
+    def tearDown(self):
+        transaction.abort()
+        self.pool.close(timeout=0)
+        zope.component.testing.tearDown()
+
+    def committed(self):
+        """The notes another session sees, oldest first."""
+        with contextlib.closing(psycopg2.connect(self.dsn)) as conn:
+            cur = conn.cursor()
+            cur.execute('SELECT text, thread FROM zpgpool_demo_note'
+                        ' ORDER BY id')
+            return cur.fetchall()
+
+    def test_zcml_declares_the_pool(self):
+        self.assertEqual(self.pool.name, 'demo')
+        self.assertEqual(self.pool.maxconn, 3)
+        self.assertIn('password=***', self.pool.dsn)
+
+    def test_create_schema_twice(self):
+        demo_app.create_schema(self.pool)
+        self.assertEqual(self.committed(), [])
+
+    def test_empty_home(self):
+        page = self.app.get('/')
+        self.assertEqual(page.content_type, 'text/html')
+        self.assertIn('<h1>Notes</h1>', page.text)
+        self.assertIn('No notes yet.', page.text)
+        self.assertIn("The pool <b>demo</b> has", page.text)
+
+    def test_add_from_the_form(self):
+        page = self.app.get('/')
+        form = page.forms[0]
+        form['text'] = 'hello <b>world</b>'
+        response = form.submit()
+        self.assertEqual(response.status_int, 303)
+        self.assertEqual(response.location, 'http://localhost/')
+        [(text, thread)] = self.committed()
+        self.assertEqual(text, 'hello <b>world</b>')
+        page = response.follow()
+        self.assertIn('hello &lt;b&gt;world&lt;/b&gt;', page.text)
+        self.assertIn('<td>%s</td>' % thread, page.text)
+
+    def test_add_as_json(self):
+        response = self.app.post('/notes', {'text': ' a note '},
+                                 headers={'Accept': 'application/json'},
+                                 status=201)
+        note = response.json
+        self.assertEqual(note['text'], 'a note')
+        self.assertEqual(sorted(note), ['backend_pid', 'created', 'id',
+                                        'text', 'thread'])
+        self.assertEqual(response.location, 'http://localhost/notes')
+        self.assertEqual(self.committed(), [('a note', note['thread'])])
+
+    def test_add_refuses_empty_and_long_notes(self):
+        for text in ('', '   ', 'x' * (demo_app.MAX_TEXT + 1)):
+            response = self.app.post('/notes', {'text': text}, status=400)
+            self.assertIn("The form field 'text' must hold 1 to 500 "
+                          "characters.", response.text)
+        self.app.post('/notes', {}, status=400)
+        self.assertEqual(self.committed(), [])
+
+    def test_list_as_json(self):
+        for text in ('apple', 'banana', 'apricot'):
+            self.app.post('/notes', {'text': text})
+        notes = self.app.get('/notes').json['notes']
+        self.assertEqual([n['text'] for n in notes],
+                         ['apricot', 'banana', 'apple'])
+        notes = self.app.get('/notes', {'prefix': 'ap'}).json['notes']
+        self.assertEqual([n['text'] for n in notes], ['apricot', 'apple'])
+
+    def test_fail_leaves_nothing_behind(self):
+        self.app.post('/notes', {'text': 'kept'})
+        response = self.app.post('/fail', {'text': 'lost'}, status=500)
+        self.assertIn('DemoFailure', response.text)
+        self.assertRegex(response.text, r'inserted note \d+, then failed on'
+                                        r' purpose')
+        self.assertEqual([t for t, _ in self.committed()], ['kept'])
+
+    def test_fail_without_text(self):
+        self.app.get('/fail', status=500)
+        self.assertEqual(self.committed(), [])
+
+    def test_connection_is_back_after_each_request(self):
+        for i in range(3):
+            self.app.post('/notes', {'text': 'n%d' % i})
+            stats = self.app.get('/stats').json
+            self.assertEqual(stats['in_use'], 0)
+            self.assertEqual(stats['size'], 1)
+        # One thread, one connection: parked with its thread in between.
+        self.assertEqual(len({n['backend_pid'] for n in
+                              self.app.get('/notes').json['notes']}), 1)
+
+    def test_stats(self):
+        response = self.app.get('/stats')
+        self.assertEqual(response.content_type, 'application/json')
+        self.assertIn('no-store', response.headers['Cache-Control'])
+        self.assertEqual(response.json, json.loads(json.dumps(
+            self.pool.stats())))
+        page = self.app.get('/stats.html')
+        self.assertIn('<h1>Pool statistics</h1>', page.text)
+        self.assertIn('fetch("/stats"', page.text)
+
+    def test_transaction_manager_is_the_pools(self):
+        request = type('Request', (), {})()
+        self.assertIs(demo_app._transaction_manager(request),
+                      self.pool.transaction_manager)
+
+
+class DemoCheckTests(unittest.TestCase):
+    """``zpgpool demo --check`` and its scripted session."""
+
+    layer = POSTGRES_LAYER
+
+    def setUp(self):
+        zope.component.testing.setUp()
+
+    def tearDown(self):
+        zope.component.testing.tearDown()
+
+    def test_demo_check(self):
+        dsn = self.layer.new_database('zpgpool_demo')
+        status, out, err = run('demo', '--check', '--dsn', dsn,
+                               '--threads', '3')
+        self.assertEqual(status, 0, out + err)
+        self.assertEqual(err, '')
+        self.assertNotIn('FAIL ', out)
+        self.assertNotIn('throwaway', out)
+        self.assertRegex(out, r"pool 'demo' \(host=.* password=\*\*\*\), "
+                              r"maxconn 3, 3 server threads")
+        self.assertIn('ok    POST /notes from several clients at once (18 '
+                      'notes from 6 clients)', out)
+        self.assertIn('ok    /fail inserts, raises, and leaves nothing behind',
+                      out)
+        self.assertIn('ok    GET /stats adds up after the requests', out)
+        self.assertTrue(out.endswith('zpgpool demo: check passed\n'))
+        self.assertEqual(len([line for line in out.splitlines()
+                              if line.startswith('ok    ')]), 6)
+        self.assertTrue(getUtility(IConnectionPool, name='demo').closed)
+        # A second run against the same database, which holds the notes of
+        # the first, passes too.
+        status, out, err = run('demo', '--check', '--dsn', dsn)
+        self.assertEqual(status, 0, out + err)
+
+    def test_database_unreachable(self):
+        dsn = psycopg2.extensions.make_dsn(self.layer.dsn,
+                                           port=closed_port())
+        status, out, err = run('demo', '--check', '--dsn', dsn)
+        self.assertEqual(status, 1)
+        self.assertIn('zpgpool demo: error: cannot use the database: '
+                      "zpgpool pool 'demo': cannot connect to", err)
+        self.assertIn('Connection refused', err)
+
+    def test_port_taken(self):
+        with socket.socket() as taken:
+            taken.bind(('127.0.0.1', 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            status, out, err = run('demo', '--check', '--dsn',
+                                   self.layer.new_database('zpgpool_demo'),
+                                   '--port', str(port))
+        self.assertEqual(status, 1)
+        self.assertIn('zpgpool demo: error: cannot listen on 127.0.0.1:%d: '
+                      % port, err)
+
+    def test_check_reports_a_server_that_is_gone(self):
+        out = io.StringIO()
+        url = 'http://127.0.0.1:%d/' % closed_port()
+        self.assertFalse(run_check(url, clients=2, notes=2, out=out))
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 6)
+        for line in lines:
+            self.assertTrue(line.startswith('FAIL  '), line)
+        self.assertIn('Connection refused', lines[0])
+
+    def test_check_reports_wrong_answers(self):
+        # An application that gets everything wrong, to see that each step
+        # notices; the real demo cannot be made to misbehave on demand.
+        def wrong(environ, start_response):
+            path = environ['PATH_INFO']
+            method = environ['REQUEST_METHOD']
+            if path == '/stats':
+                body = json.dumps({
+                    'in_use': 1, 'size': 5, 'maxconn': 3, 'idle': 1,
+                    'bound_idle': 0, 'timeouts': 2, 'waiting': 1,
+                    'checkouts': 0, 'waits': 0}).encode()
+                ctype = 'application/json'
+            elif path == '/notes' and method == 'GET':
+                body = b'{"notes": []}'
+                ctype = 'application/json'
+            elif path == '/notes':
+                length = int(environ.get('CONTENT_LENGTH') or 0)
+                environ['wsgi.input'].read(length)
+                body = b'{"text": "something else"}'
+                ctype = 'application/json'
+                start_response('201 Created', [('Content-Type', ctype)])
+                return [body]
+            else:
+                body = b'<p>no</p>'
+                ctype = 'text/html'
+            start_response('200 OK', [('Content-Type', ctype)])
+            return [body]
+
+        web = cli._WebServer(wrong, '127.0.0.1', 0, 2)
+        web.start()
+        try:
+            out = io.StringIO()
+            self.assertFalse(run_check(web.url, clients=2, notes=2, out=out))
+        finally:
+            web.stop()
+        self.assertFalse(web.thread.is_alive())
+        lines = out.getvalue().splitlines()
+        self.assertEqual(lines[0], 'FAIL  GET / shows the notes page: '
+                                   'answered 200 text/html')
+        self.assertRegex(lines[1], r"^FAIL  POST /notes from several clients"
+                                   r" at once: 2 of 2 failed; first: "
+                                   r"'check-\w+ note \d' came back as "
+                                   r'\{"text": "something else"\}$')
+        self.assertRegex(lines[2], r'^FAIL  GET /notes lists every note '
+                                   r'once: expected 2 notes, got 0 \(missing:'
+                                   r' check-\w+ note 0, check-\w+ note 1\)$')
+        self.assertEqual(lines[3], 'FAIL  /fail inserts, raises, and leaves '
+                                   'nothing behind: expected 500, got 200')
+        self.assertEqual(lines[4], 'FAIL  GET /stats adds up after the '
+                                   'requests: in_use is 1, not 0; size 5 is '
+                                   'above maxconn 3; size 5 != idle 1 + '
+                                   'bound_idle 0 + in_use 1; 2 callers timed '
+                                   'out; 1 callers still waiting')
+        self.assertEqual(lines[5], 'FAIL  GET /stats.html shows the live '
+                                   'stats page: answered 200 text/html')
+
+
+class DemoProcessTests(unittest.TestCase):
+    """``zpgpool demo`` as a user runs it: a process served until a signal.
+    """
+
+    layer = POSTGRES_LAYER
+
+    def start(self, *args):
+        """Start ``zpgpool demo *args``; return the process and what it
+        printed until it was ready."""
+        proc = subprocess.Popen(
+            [sys.executable, '-m', 'zpgpool', 'demo'] + list(args),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.addCleanup(self.kill, proc)
+        # A thread reads the output, so that waiting for a line has a
+        # time-out.
+        self.output = queue.Queue()
+        reader = threading.Thread(target=self.read, args=(proc,),
+                                  daemon=True)
+        reader.start()
+        lines = []
+        while True:
+            try:
+                line = self.output.get(timeout=120)
+            except queue.Empty:  # pragma: no cover - only when it hangs
+                line = None
+            if line is None:
+                self.fail('the demo did not start:\n%s' % ''.join(lines))
+            lines.append(line)
+            if 'press Ctrl-C to stop' in line:
+                return proc, lines
+
+    def read(self, proc):
+        for line in proc.stdout:
+            self.output.put(line)
+        self.output.put(None)
+
+    def kill(self, proc):
+        if proc.poll() is None:  # pragma: no cover - only when a test failed
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+    def url(self, lines):
+        for line in lines:
+            if line.startswith('zpgpool demo: serving '):
+                return line.split()[-1]
+        self.fail('no URL in:\n%s' % ''.join(lines))  # pragma: no cover
+
+    def stop(self, proc, signum):
+        """Send ``signum``; return the exit status and the rest of the
+        output."""
+        proc.send_signal(signum)
+        status = proc.wait(60)
+        rest = []
+        while True:
+            line = self.output.get(timeout=60)
+            if line is None:
+                return status, ''.join(rest)
+            rest.append(line)
+
+    def test_serves_until_sigint(self):
+        dsn = self.layer.new_database('zpgpool_demo')
+        proc, lines = self.start('--dsn', dsn, '--threads', '2')
+        url = self.url(lines)
+        self.assertRegex(url, r'^http://127\.0\.0\.1:\d+/$')
+        request = urllib.request.Request(
+            url + 'notes', data=b'text=from+the+test',
+            headers={'Accept': 'application/json'})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            self.assertEqual(response.status, 201)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            self.assertIn(b'from the test', response.read())
+        status, rest = self.stop(proc, signal.SIGINT)
+        self.assertEqual(status, 0, rest)
+        self.assertIn('zpgpool demo: interrupted; stopping', rest)
+        # Everything it started is stopped: nobody listens any more.
+        with self.assertRaises(OSError):
+            urllib.request.urlopen(url, timeout=5)
+
+    def test_throwaway_server_removed_on_sigterm(self):
+        proc, lines = self.start()
+        text = ''.join(lines)
+        self.assertIn('zpgpool demo: starting a throwaway PostgreSQL server',
+                      text)
+        base_dir = text.split(', in ')[1].split(' (removed')[0]
+        self.assertTrue(os.path.isdir(base_dir), text)
+        with urllib.request.urlopen(self.url(lines) + 'stats',
+                                    timeout=30) as response:
+            self.assertEqual(json.load(response)['name'], 'demo')
+        status, rest = self.stop(proc, signal.SIGTERM)
+        self.assertEqual(status, 0, rest)
+        self.assertIn('zpgpool demo: removing the throwaway PostgreSQL server',
+                      rest)
+        self.assertFalse(os.path.exists(base_dir))
+
+    def test_check_with_a_throwaway_server(self):
+        proc = subprocess.run(
+            [sys.executable, '-m', 'zpgpool', 'demo', '--check'],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            timeout=300, check=False)
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        self.assertIn('zpgpool demo: check passed', proc.stdout)
+        self.assertIn('removing the throwaway PostgreSQL server', proc.stdout)
+
+
+def test_suite():
+    return unittest.defaultTestLoader.loadTestsFromName(__name__)
