@@ -871,6 +871,9 @@ class ConnectionPool:
         if key is None:
             return self._acquire()
         with self._lock:
+            # As psycopg2: a closed pool refuses keys it still remembers.
+            if self._closed:
+                raise PoolClosed("%s is closed" % self._label())
             conn = self._keys.get(key)
         if conn is not None:
             return conn
