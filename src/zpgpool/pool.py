@@ -175,17 +175,17 @@ class PooledConnection(_ext.connection):
     def commit(self):
         if self._zp_managed is not None:
             self._zp_managed.refuse("commit()")
-        return _ext.connection.commit(self)
+        return super().commit()
 
     def rollback(self):
         if self._zp_managed is not None:
             self._zp_managed.refuse("rollback()")
-        return _ext.connection.rollback(self)
+        return super().rollback()
 
     def __enter__(self):
         if self._zp_managed is not None:
             self._zp_managed.refuse("'with connection:'")
-        return _ext.connection.__enter__(self)
+        return super().__enter__()
 
     @property
     def autocommit(self):
@@ -200,13 +200,15 @@ class PooledConnection(_ext.connection):
     def tpc_begin(self, xid):
         if self._zp_managed is not None:
             self._zp_managed.refuse("tpc_begin()")
-        return _ext.connection.tpc_begin(self, xid)
+        return super().tpc_begin(xid)
 
     def cursor(self, *args, **kw):
         managed = self._zp_managed
         if managed is not None:
             return managed.cursor(self, args, kw)
-        return _ext.connection.cursor(self, *args, **kw)
+        # super(), not psycopg2's connection: a connection_factory such as
+        # RealDictConnection or LoggingConnection overrides these too.
+        return super().cursor(*args, **kw)
 
 
 _connection_classes = {}
