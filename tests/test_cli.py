@@ -6,6 +6,7 @@ their own); one test runs ``python -m zpgpool`` to see the command as a
 user does.
 """
 import contextlib
+import datetime
 import io
 import os
 import secrets
@@ -15,11 +16,15 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import unittest.mock
 from xml.sax.saxutils import quoteattr
 
 import psycopg2
 import psycopg2.extensions
+import transaction
+import ZODB
 import zope.component.testing
+from ZODB.FileStorage import FileStorage
 
 from zpgpool import cli
 from zpgpool.datamanager import gid_prefix
@@ -128,8 +133,12 @@ class CommandLineTests(CommandTestCase):
         path = os.path.join(self.tmp, 'nowhere.zcml')
         status, out, err = run('check', path)
         self.assertEqual(status, 1)
-        self.assertEqual(
-            err, 'zpgpool check: error: cannot load %s: no such file\n' % path)
+        self.assertEqual(err, 'zpgpool check: error: cannot load %s: No such '
+                              'file or directory\n' % path)
+        status, out, err = run('check', self.tmp)
+        self.assertEqual(status, 1)
+        self.assertEqual(err, 'zpgpool check: error: cannot load %s: Is a '
+                              'directory\n' % self.tmp)
 
     def test_check_broken_zcml_names_file_and_line(self):
         path = self.write_site(
@@ -197,11 +206,63 @@ class CommandLineTests(CommandTestCase):
         self.assertEqual(status, 1)
         self.assertIn("declares no pool named 'other'; it declares 'main'",
                       err)
+        zope.component.testing.tearDown()   # forget the pool 'main'
+        zope.component.testing.setUp()
+        path = self.write_site(name='empty.zcml')
+        status, out, err = run('recover', '--zcml', path, '--pool', 'other')
+        self.assertIn("declares no pool named 'other'; it declares none",
+                      err)
+        status, out, err = run('recover', '--zcml', path)
+        self.assertEqual(status, 1)
+        self.assertEqual(err, 'zpgpool recover: error: %s declares no pool\n'
+                              % path)
+
+    def test_recover_zodb_missing(self):
+        path = os.path.join(self.tmp, 'Data.fs')
+        status, out, err = run('recover', '--dsn', 'host=db', '--pool-name',
+                               'x', '--zodb', path)
+        self.assertEqual(status, 1)
+        self.assertIn('--zodb %s: no such file' % path, err)
+        with open(path, 'w') as f:
+            f.write('not a FileStorage')
+        status, out, err = run('recover', '--dsn', 'host=db', '--pool-name',
+                               'x', '--zodb', path)
+        self.assertEqual(status, 1)
+        self.assertIn('--zodb %s: cannot open it as a FileStorage: ' % path,
+                      err)
+
+    def test_recover_zodb_not_installed(self):
+        # What a user without ZODB sees: the import fails.
+        with unittest.mock.patch.dict(sys.modules,
+                                      {'ZODB.FileStorage': None}):
+            status, out, err = run('recover', '--dsn', 'host=db',
+                                   '--pool-name', 'x', '--zodb', 'Data.fs')
+        self.assertEqual(status, 1)
+        self.assertIn('--zodb needs ZODB: pip install ZODB', err)
 
     def test_demo_threads(self):
         status, out, err = run('demo', '--threads', '0')
         self.assertEqual(status, 1)
         self.assertIn('--threads must be 1 or more, got 0', err)
+
+    def test_age(self):
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ago = [cli._age(now - datetime.timedelta(seconds=s))
+               for s in (-5, 0, 119, 120, 7199, 7200, 90000)]
+        self.assertEqual(ago, ['0 s', '0 s', '119 s', '2 min', '119 min',
+                               '2.0 h', '25.0 h'])
+
+    def test_short_dsn(self):
+        def short(dsn):
+            return cli.short_dsn(ConnectionPool(dsn))
+        self.assertEqual(short(''), '(libpq defaults)')
+        self.assertEqual(short('postgresql://me:secret@db:6432/app'
+                               '?sslmode=require&application_name=x'),
+                         'host=db port=6432 dbname=app user=me password=***'
+                         ' sslmode=require')
+        self.assertEqual(short("host=db application_name='my app' "
+                               "password='a b' service=s"),
+                         'service=s host=db password=***')
 
     def test_hide_passwords(self):
         self.assertEqual(
@@ -354,8 +415,8 @@ class RecoverTests(CommandTestCase):
         gid."""
         if gid is None:
             pool = ConnectionPool(self.dsn, name=pool_name)
-            gid = '%sdeadhost:4242:%s' % (gid_prefix(pool),
-                                           secrets.token_hex(4))
+            gid = '%sdeadhost:4242:%s' % (
+                gid_prefix(pool), secrets.token_hex(4))
         self.gids.append(gid)
         with contextlib.closing(psycopg2.connect(self.dsn)) as conn:
             conn.autocommit = True
@@ -391,11 +452,12 @@ class RecoverTests(CommandTestCase):
                                    r" than 0 s with the prefix"
                                    r" 'zpgpool:orders:'$")
         self.assertRegex(lines[1], r'^  %s  prepared \d{4}-\d\d-\d\d '
-                                   r'\d\d:\d\d:\d\d[+-]\d\d(:\d\d)? \(\d+ s ago\) by '
-                                   r'postgres in zpgpool_cli_' % gid)
+                                   r'\d\d:\d\d:\d\d[+-]\d\d(:\d\d)? '
+                                   r'\(\d+ s ago\) by postgres in '
+                                   r'zpgpool_cli_' % gid)
         self.assertEqual(lines[2], 'Nothing was changed; run again with '
-                                   '--commit or --rollback to resolve what is'
-                                   ' listed.')
+                                   '--commit, --rollback or --zodb to resolve'
+                                   ' what is listed.')
         self.assertEqual(self.pending(), [gid])
         self.assertEqual(self.values(), [])
         self.assertNotIn(password_of(self.dsn) or 'no password', out)
@@ -455,6 +517,43 @@ class RecoverTests(CommandTestCase):
         self.assertIn('committed %s' % orders, out)
         self.assertIn('committed %s' % invoices, out)
         self.assertEqual(self.values(), ['i', 'o'])
+
+    def test_decide_from_zodb(self):
+        # A ZODB transaction that committed with the gid in its extended
+        # info (as a two-phase transaction records it), and one that never
+        # reached ZODB: recovery makes PostgreSQL agree with ZODB.
+        committed = self.prepare('zodb committed it')
+        abandoned = self.prepare('zodb did not')
+        path = os.path.join(self.tmp, 'Data.fs')
+        db = ZODB.DB(FileStorage(path))
+        try:
+            tm = transaction.TransactionManager()
+            conn = db.open(tm)
+            conn.root()['x'] = 1
+            tm.get().setExtendedInfo('zpgpool:orders:gid', committed)
+            tm.commit()
+            conn.close()
+        finally:
+            db.close()
+        status, out, err = run('recover', '--dsn', self.dsn, '--pool-name',
+                               'orders', '--older-than', '0', '--zodb', path)
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('  committed %s (ZODB committed it)\n' % committed, out)
+        self.assertIn('  rolled back %s (ZODB did not commit it)\n'
+                      % abandoned, out)
+        self.assertNotIn('Nothing was changed', out)
+        self.assertEqual(self.pending(), [])
+        self.assertEqual(self.values(), ['zodb committed it'])
+
+    def test_resolved_meanwhile(self):
+        pool = ConnectionPool(self.dsn, name='orders')
+        self.addCleanup(pool.close)
+        gid = gid_prefix(pool) + 'gone'
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            cli.resolve(pool, [gid], commit=True)
+        self.assertEqual(out.getvalue(), '  %s was gone already (resolved by '
+                                         'someone else)\n' % gid)
 
     def test_server_down(self):
         dsn = with_params(self.dsn, port=closed_port())

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import unittest
+import unittest.mock
 import urllib.request
 
 import psycopg2
@@ -27,6 +28,7 @@ from zope.configuration import xmlconfig
 
 import zpgpool.demo
 from zpgpool import cli
+from zpgpool import testing
 from zpgpool.demo import app as demo_app
 from zpgpool.demo.check import run_check
 from zpgpool.interfaces import IConnectionPool
@@ -208,9 +210,65 @@ class DemoCheckTests(unittest.TestCase):
                               if line.startswith('ok    ')]), 6)
         self.assertTrue(getUtility(IConnectionPool, name='demo').closed)
         # A second run against the same database, which holds the notes of
-        # the first, passes too.
-        status, out, err = run('demo', '--check', '--dsn', dsn)
+        # the first, passes too; the environment is left as it was.
+        os.environ[cli.DEMO_DSN_ENV] = 'as it was'
+        try:
+            status, out, err = run('demo', '--check', '--dsn', dsn)
+            self.assertEqual(os.environ[cli.DEMO_DSN_ENV], 'as it was')
+        finally:
+            del os.environ[cli.DEMO_DSN_ENV]
         self.assertEqual(status, 0, out + err)
+
+    def test_no_server_binaries(self):
+        saved = os.environ.get(testing.BINDIR_ENV)
+        os.environ[testing.BINDIR_ENV] = '/nonexistent'
+        try:
+            status, out, err = run('demo', '--check')
+        finally:
+            if saved is None:
+                del os.environ[testing.BINDIR_ENV]
+            else:  # pragma: no cover
+                os.environ[testing.BINDIR_ENV] = saved
+        self.assertEqual(status, 1)
+        self.assertIn("zpgpool demo: error: cannot start a throwaway "
+                      "PostgreSQL server: ZPGPOOL_PG_BINDIR='/nonexistent' is"
+                      " not a directory holding initdb", err)
+        self.assertTrue(err.endswith('\nOr give the demo a server with '
+                                     '--dsn.\n'))
+
+    def test_demo_dependencies_missing(self):
+        # What a user who installed zpgpool without the demo extra sees.
+        with unittest.mock.patch.dict(sys.modules, {'waitress': None}):
+            status, out, err = run('demo', '--check')
+        self.assertEqual(status, 1)
+        self.assertIn('the demo needs pyramid, pyramid_tm and waitress', err)
+        self.assertIn("pip install 'zpgpool[demo]'", err)
+
+    def test_sigterm_handled_only_in_the_main_thread(self):
+        seen = []
+
+        def in_thread():
+            with cli._stop_on_sigterm():
+                seen.append(signal.getsignal(signal.SIGTERM))
+
+        before = signal.getsignal(signal.SIGTERM)
+        thread = threading.Thread(target=in_thread)
+        thread.start()
+        thread.join()
+        self.assertEqual(seen, [before])
+        with cli._stop_on_sigterm():
+            self.assertIsNot(signal.getsignal(signal.SIGTERM), before)
+        self.assertIs(signal.getsignal(signal.SIGTERM), before)
+
+    def test_ipv6_url(self):
+        try:
+            web = cli._WebServer(lambda environ, start_response: [], '::1', 0,
+                                 1)
+        except OSError:  # pragma: no cover - a host without IPv6
+            self.skipTest('no IPv6 loopback address')
+        web.start()
+        web.stop()
+        self.assertRegex(web.url, r'^http://\[::1\]:\d+/$')
 
     def test_database_unreachable(self):
         dsn = psycopg2.extensions.make_dsn(self.layer.dsn,
@@ -298,6 +356,49 @@ class DemoCheckTests(unittest.TestCase):
                                    'out; 1 callers still waiting')
         self.assertEqual(lines[5], 'FAIL  GET /stats.html shows the live '
                                    'stats page: answered 200 text/html')
+
+    def test_check_reports_other_wrong_answers(self):
+        def wrong(environ, start_response):
+            path = environ['PATH_INFO']
+            query = environ['QUERY_STRING']
+            if environ['REQUEST_METHOD'] == 'POST':
+                length = int(environ.get('CONTENT_LENGTH') or 0)
+                environ['wsgi.input'].read(length)
+            if path == '/fail':
+                start_response('500 Internal Server Error',
+                               [('Content-Type', 'text/html')])
+                return [b'failed']
+            if path == '/notes' and 'failed' in query:
+                start_response('200 OK', [('Content-Type',
+                                           'application/json')])
+                return [b'{"notes": [{"text": "left behind"}]}']
+            start_response('404 Not Found', [('Content-Type', 'text/plain')])
+            return [b'not here']
+
+        web = cli._WebServer(wrong, '127.0.0.1', 0, 2)
+        web.start()
+        try:
+            out = io.StringIO()
+            self.assertFalse(run_check(web.url, clients=1, notes=1, out=out))
+        finally:
+            web.stop()
+        lines = out.getvalue().splitlines()
+        self.assertEqual(lines[0], 'FAIL  GET / shows the notes page: '
+                                   'answered 404 text/plain')
+        self.assertRegex(lines[1], r"^FAIL  POST /notes from several clients"
+                                   r" at once: 1 of 1 failed; first: "
+                                   r"'check-\w+ note 0' answered 404 "
+                                   r"text/plain$")
+        self.assertRegex(lines[2], r'^FAIL  GET /notes lists every note '
+                                   r'once: GET /notes\?prefix=check-\w+\+note'
+                                   r' answered 404 text/plain$')
+        self.assertEqual(lines[3], "FAIL  /fail inserts, raises, and leaves "
+                                   "nothing behind: the note of the failed "
+                                   "request was committed: [{'text': 'left "
+                                   "behind'}]")
+        self.assertEqual(lines[4], 'FAIL  GET /stats adds up after the '
+                                   'requests: GET /stats answered 404 '
+                                   'text/plain')
 
 
 class DemoProcessTests(unittest.TestCase):

@@ -75,7 +75,7 @@ def create_schema(pool):
             cur.execute(_SCHEMA)
 
 
-# -- SQL ------------------------------------------------------------------------
+# -- SQL ----------------------------------------------------------------------
 
 def insert_note(text):
     """Insert a note in the current transaction and return it as a dict."""
@@ -112,7 +112,7 @@ def _note(row):
             "created": created.isoformat()}
 
 
-# -- views ----------------------------------------------------------------------
+# -- views --------------------------------------------------------------------
 
 def _wants_json(request):
     offers = request.accept.acceptable_offers(["text/html",
@@ -236,7 +236,7 @@ def _page(title, body, status=200):
                     charset="utf-8")
 
 
-# -- the application ------------------------------------------------------------
+# -- the application ----------------------------------------------------------
 
 def _transaction_manager(request):
     # pyramid_tm asks which transaction manager a request runs in: the one

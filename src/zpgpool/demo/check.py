@@ -35,7 +35,7 @@ class Session:
         self.failures = 0
         self.steps = 0
 
-    # -- HTTP -------------------------------------------------------------------
+    # -- HTTP -----------------------------------------------------------------
 
     def request(self, path, data=None, accept="application/json"):
         """Return (status, content type, body text) of one request."""
@@ -59,7 +59,7 @@ class Session:
             raise StepFailed("GET %s answered %d %s" % (path, status, ctype))
         return json.loads(text)
 
-    # -- running ----------------------------------------------------------------
+    # -- running --------------------------------------------------------------
 
     def run(self):
         """Run every step; return True when all passed."""
@@ -76,8 +76,8 @@ class Session:
             except (OSError, ValueError) as exc:
                 # The server went away, or answered nonsense.
                 self.failures += 1
-                self.say("FAIL  %s: %s: %s" % (title, type(exc).__name__,
-                                                exc))
+                self.say("FAIL  %s: %s: %s"
+                         % (title, type(exc).__name__, exc))
             else:
                 self.say("ok    %s%s" % (title, " (%s)" % detail
                                          if detail else ""))
@@ -86,7 +86,7 @@ class Session:
     def say(self, line):
         print(line, file=self.out, flush=True)
 
-    # -- the steps --------------------------------------------------------------
+    # -- the steps ------------------------------------------------------------
 
     def step_home(self):
         """GET / shows the notes page"""
