@@ -345,6 +345,13 @@ class ConnectionPool:
                                 "string, got %r" % (self._label(), app_name))
         self._conninfo, self._factory, self._cursor_factory = \
             self._build_conninfo(dsn, opts["connect_kwargs"], app_name)
+        # How long one connect may take (libpq counts at least 2 s).
+        try:
+            limit = int(_ext.parse_dsn(self._conninfo).get(
+                "connect_timeout") or 0)
+        except ValueError:   # libpq will say so at the first connect
+            limit = 0
+        self._connect_limit = max(limit, 2) + 1.0 if limit > 0 else 30.0
 
         # _lock protects everything below until the end of __init__.
         self._lock = threading.Lock()
@@ -359,6 +366,7 @@ class ConnectionPool:
         self._retire_before = -1.0         # conns created earlier are stale
         self._last_connect_error = None
         self._failures = 0                 # consecutive failed connects
+        self._warming = 0                  # places the maintainer fills
         self._counters = dict.fromkeys((
             "checkouts", "waits", "wait_time", "timeouts",
             "connections_opened", "connections_failed", "connections_lost",
@@ -557,6 +565,11 @@ class ConnectionPool:
                 self._waiters.append(waiter)
                 self._counters["waits"] += 1
                 waiting = len(self._waiters)
+                # The maintenance thread is opening a connection that will
+                # go to this waiter: waiting for it is like connecting
+                # oneself, which even a caller with timeout 0 does.
+                if waiting <= self._warming:
+                    timeout = max(timeout, self._connect_limit)
         self._ensure_maintainer()
         if waiter is None:
             return self._connect_for_caller()
@@ -1097,6 +1110,7 @@ class ConnectionPool:
             missing = self.minconn - self._size
             if missing > 0:
                 self._size += missing
+                self._warming += missing
             leaks = []
             if self.leak_threshold is not None:
                 for conn in self._conns:
@@ -1120,22 +1134,26 @@ class ConnectionPool:
             except ConnectError:
                 with self._lock:
                     self._size -= 1
+                    self._warming -= 1
                     self._pass_place_on()
                 continue
             with self._lock:
+                self._warming -= 1
                 if self._closed:
                     self._size -= 1
                     self._conns.discard(conn)
                     conn._zp_state = GONE
                     closed = True
                 else:
+                    # Under the same lock as _warming, so that no caller
+                    # sees the place neither warming nor filled.
                     closed = False
-                    conn._zp_state = USED
-                    self._in_use += 1
+                    conn._zp_last_used = _monotonic()
+                    self._hand_over(conn)
             if closed:
                 conn.close()
-            else:
-                self._put_back(conn)
+            elif _subscribers:
+                events.notify(events.ConnectionReturned, self, conn)
         if missing > 0 and self._failures:
             # Back off exponentially, with jitter, while the server is down.
             delay = min(self.reconnect_max_delay,
@@ -1157,6 +1175,7 @@ class ConnectionPool:
         self._conns = set()
         self._size = 0
         self._in_use = 0
+        self._warming = 0
         self._maintainer = None
         self._wakeup = threading.Event()
         self._local = threading.local()
