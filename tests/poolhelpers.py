@@ -1,0 +1,153 @@
+"""Helpers shared by the pool and binding tests.
+
+Everything here works against the real throwaway server: it counts
+backends in ``pg_stat_activity``, runs threads that must finish, and
+captures what the ``zpgpool`` logger says.
+"""
+import logging
+import sys
+import threading
+import time
+import uuid
+
+import psycopg2
+
+
+#: Seconds after which a test gives up waiting for something that should
+#: happen much sooner. Only catches hangs; no test asserts a duration.
+WAIT = 30.0
+
+
+def wait_for(predicate, what, timeout=WAIT):
+    """Poll ``predicate`` until it returns something true, and return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %s s waiting for %s"
+                                 % (timeout, what))
+        time.sleep(0.01)
+
+
+def unique_name(prefix="t"):
+    """A pool name no other test uses, so its backends can be counted."""
+    return "%s%s" % (prefix, uuid.uuid4().hex[:10])
+
+
+def query(dsn, sql, params=None):
+    """Run one statement on a connection of its own; return the rows."""
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
+
+
+def backend_pids(dsn, application_name):
+    """The backends connected with ``application_name``."""
+    return {row[0] for row in query(
+        dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+        (application_name,))}
+
+
+def server_pid(conn):
+    """Ask the server which backend serves ``conn``."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return cur.fetchone()[0]
+
+
+class Worker(threading.Thread):
+    """A thread that keeps the result or the exception of its target."""
+
+    def __init__(self, target, *args, name=None):
+        super().__init__(name=name, daemon=True)
+        self._target_fn = target
+        self._args = args
+        self.result = None
+        self.error = None
+
+    def run(self):
+        try:
+            self.result = self._target_fn(*self._args)
+        except BaseException as exc:  # reported by finish()
+            self.error = exc
+
+    def finish(self, testcase, timeout=WAIT, expect_error=False):
+        """Join the thread, failing the test if it hangs or (unless
+        ``expect_error``) raised."""
+        self.join(timeout)
+        testcase.assertFalse(self.is_alive(), "thread %s hangs" % self.name)
+        if not expect_error and self.error is not None:
+            raise AssertionError("thread %s failed: %r"
+                                 % (self.name, self.error)) from self.error
+        return self.result
+
+
+def start(testcase, target, *args, name=None):
+    """Start a Worker; the test fails at clean-up if it is still running."""
+    worker = Worker(target, *args, name=name)
+    worker.start()
+    testcase.addCleanup(_check_finished, testcase, worker)
+    return worker
+
+
+def _check_finished(testcase, worker):
+    worker.join(WAIT)
+    testcase.assertFalse(worker.is_alive(),
+                         "thread %s still running" % worker.name)
+
+
+def innermost_frame(thread):
+    """The Python frame ``thread`` is executing right now, or None."""
+    return sys._current_frames().get(thread.ident)
+
+
+def is_in(thread, function, filename_part=""):
+    """Tell whether ``thread`` is running ``function`` (innermost frame)."""
+    frame = innermost_frame(thread)
+    return frame is not None and frame.f_code.co_name == function \
+        and filename_part in frame.f_code.co_filename
+
+
+class LogCapture(logging.Handler):
+    """Collect the records of the ``zpgpool`` logger while installed."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def install(self, testcase):
+        logger = logging.getLogger("zpgpool")
+        level = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+
+        def uninstall():
+            logger.removeHandler(self)
+            logger.setLevel(level)
+        testcase.addCleanup(uninstall)
+        return self
+
+    def text(self):
+        """Every captured line, as the formatter would write it."""
+        return "\n".join(r.getMessage() for r in self.records)
+
+
+def close_pool(testcase, pool):
+    """Close ``pool`` (in-use connections too) and check its maintenance
+    thread ended."""
+    pool.closeall()
+    thread = pool._maintainer
+    if thread is not None:
+        thread.join(WAIT)
+        testcase.assertFalse(thread.is_alive(),
+                             "the maintenance thread of %r still runs" % pool)
