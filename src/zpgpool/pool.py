@@ -1167,6 +1167,13 @@ class ConnectionPool:
     def _after_fork_in_child(self):
         """Forget the parent's connections without ending their sessions."""
         inherited = list(self._conns)
+        # First, before anything below drops the old thread-local storage:
+        # that ends the forking thread's bindings at once (binding.py),
+        # which would hand their connections back, rolling back the
+        # parent's transaction on its socket, unless they are gone already.
+        for conn in inherited:
+            conn._zp_state = GONE
+            _neutralize(conn)
         self._lock = threading.Lock()
         self._idle = collections.deque()
         self._waiters = collections.deque()
@@ -1179,9 +1186,6 @@ class ConnectionPool:
         self._maintainer = None
         self._wakeup = threading.Event()
         self._local = threading.local()
-        for conn in inherited:
-            conn._zp_state = GONE
-            _neutralize(conn)
 
     # -- thread-bound connections (binding.py) ----------------------------------
 
