@@ -1,0 +1,453 @@
+"""Tests for zpgpool.binding: connections bound to threads.
+
+PersistentConnectionPool gives each thread its own connection and takes it
+back when the thread ends; the transaction integration parks a thread's
+connection between transactions and lends it to other threads when they
+would otherwise wait. All against the real throwaway server.
+"""
+import os
+import sys
+import threading
+import time
+import traceback
+import unittest
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.pool
+
+from zpgpool import ConnectionMisuse
+from zpgpool import ConnectionPool
+from zpgpool import PersistentConnectionPool
+from zpgpool import binding
+from zpgpool.testing import POSTGRES_LAYER
+
+from .poolhelpers import WAIT
+from .poolhelpers import LogCapture
+from .poolhelpers import close_pool
+from .poolhelpers import query
+from .poolhelpers import server_pid
+from .poolhelpers import start
+from .poolhelpers import unique_name
+from .poolhelpers import wait_for
+
+
+IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+class BindingTestBase(unittest.TestCase):
+
+    layer = POSTGRES_LAYER
+
+    def setUp(self):
+        self.name = unique_name()
+        self.log = LogCapture().install(self)
+        # A finalizer that fails when a thread ends only shows up here.
+        self.unraisable = []
+        hook = sys.unraisablehook
+        sys.unraisablehook = self.unraisable.append
+        self.addCleanup(setattr, sys, "unraisablehook", hook)
+
+    def tearDown(self):
+        self.assertEqual([u.exc_value for u in self.unraisable], [])
+
+    def _makeOne(self, minconn=0, maxconn=5, **kw):
+        kw.setdefault("name", self.name)
+        pool = PersistentConnectionPool(minconn, maxconn, self.layer.dsn,
+                                        **kw)
+        self.addCleanup(close_pool, self, pool)
+        return pool
+
+    def _makePool(self, **kw):
+        kw.setdefault("name", self.name)
+        pool = ConnectionPool(self.layer.dsn, **kw)
+        self.addCleanup(close_pool, self, pool)
+        return pool
+
+    def make_table(self):
+        table = "t_" + self.name
+        query(self.layer.dsn, "CREATE TABLE %s (v int)" % table)
+        self.addCleanup(query, self.layer.dsn, "DROP TABLE %s" % table)
+        return table
+
+    def rows(self, table):
+        return [r[0] for r in query(self.layer.dsn,
+                                    "SELECT v FROM %s ORDER BY v" % table)]
+
+    def assertWorks(self, conn):
+        with conn.cursor() as cur:
+            cur.execute("SELECT 42")
+            self.assertEqual(cur.fetchone(), (42,))
+        conn.rollback()
+
+    def released(self, pool, in_use=0):
+        """Wait until the pool counts ``in_use`` connections out."""
+        return wait_for(lambda: pool.stats()["in_use"] == in_use,
+                        "%d connection(s) in use" % in_use)
+
+
+class PersistentConnectionPoolTests(BindingTestBase):
+
+    def test_one_connection_per_thread(self):
+        pool = self._makeOne()
+        mine = pool.getconn()
+        self.assertIs(pool.getconn(), mine)
+        theirs = start(self, lambda: (pool.getconn(), pool.getconn())
+                       ).finish(self)
+        self.assertIs(theirs[0], theirs[1])
+        self.assertIsNot(theirs[0], mine)
+        self.assertWorks(mine)
+        pool.putconn()
+
+    def test_putconn(self):
+        pool = self._makeOne()
+        conn = pool.getconn()
+        pool.putconn()
+        self.assertEqual(pool.stats()["in_use"], 0)
+        with self.assertRaises(ConnectionMisuse) as cm:
+            pool.putconn()
+        self.assertIn("this thread holds no connection", str(cm.exception))
+        self.assertIn(repr(self.name), str(cm.exception))
+        again = pool.getconn()
+        self.assertIs(again, conn)      # from the idle stack
+        pool.putconn(again)             # explicitly
+        self.assertEqual(pool.stats()["in_use"], 0)
+        third = pool.getconn()
+        pool.putconn(third, close=True)
+        self.assertTrue(third.closed)
+
+    def test_putconn_of_a_foreign_connection(self):
+        pool = self._makeOne()
+        plain = psycopg2.connect(self.layer.dsn)
+        self.addCleanup(plain.close)
+        mine = pool.getconn()
+        with self.assertRaises(ConnectionMisuse) as cm:
+            pool.putconn(plain)
+        self.assertIn("does not belong to this pool", str(cm.exception))
+        self.assertIs(pool.getconn(), mine)
+        pool.putconn()
+
+    def test_keys_are_refused(self):
+        pool = self._makeOne()
+        for call in (lambda: pool.getconn(0), lambda: pool.getconn("k"),
+                     lambda: pool.putconn(key="k")):
+            with self.assertRaises(ConnectionMisuse) as cm:
+                call()
+            self.assertIn("keys connections by thread", str(cm.exception))
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_fails_fast_when_exhausted_as_psycopg2(self):
+        pool = self._makeOne(maxconn=1)
+        release = threading.Event()
+
+        def hold():
+            pool.getconn()
+            release.wait(WAIT)
+        holder = start(self, hold)
+        self.released(pool, 1)
+        with self.assertRaises(psycopg2.pool.PoolError) as cm:
+            pool.getconn()
+        self.assertIn("connection pool exhausted", str(cm.exception))
+        release.set()
+        holder.finish(self)
+        self.released(pool)
+        self.assertWorks(pool.getconn())
+        pool.putconn()
+
+    def test_connection_released_when_its_thread_ends(self):
+        pool = self._makeOne()
+        conn = start(self, pool.getconn).finish(self)
+        self.released(pool)
+        stats = pool.stats()
+        self.assertEqual((stats["idle"], stats["size"]), (1, 1))
+        self.assertFalse(conn.closed)
+        self.assertIs(pool.getconn(), conn)
+        pool.putconn()
+
+    def test_thread_dying_in_a_transaction_is_rolled_back(self):
+        table = self.make_table()
+        pool = self._makeOne()
+
+        def work():
+            conn = pool.getconn()
+            conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
+            return conn
+        conn = start(self, work).finish(self)
+        self.released(pool)
+        self.assertEqual(conn.get_transaction_status(), IDLE)
+        self.assertEqual(self.rows(table), [])
+        self.assertEqual(pool.stats()["returned_bad"], 1)
+
+    def test_new_thread_never_inherits_a_dead_threads_connection(self):
+        # psycopg2#848: keyed by get_ident(), which the system hands to the
+        # next thread, psycopg2's pool gave a new thread the dead thread's
+        # connection, still in the dead thread's transaction.
+        table = self.make_table()
+        pool = self._makeOne()
+
+        def first():
+            conn = pool.getconn()
+            conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
+            return threading.get_ident(), conn
+
+        def second():
+            conn = pool.getconn()
+            status = conn.get_transaction_status()
+            stats = pool.stats()
+            conn.commit()
+            same = pool.getconn() is conn
+            return threading.get_ident(), conn, status, stats, same
+        _, conn1 = start(self, first).finish(self)
+        _, conn2, status, stats, same = start(self, second).finish(self)
+        # Whether or not the ident was reused (it usually is) and whether
+        # or not the same connection object came back from the idle stack:
+        # it was handed back first, rolled back, and taken out once.
+        self.assertEqual(status, IDLE)
+        self.assertEqual(stats["in_use"], 1)
+        self.assertTrue(same)
+        self.assertEqual(self.rows(table), [])
+        self.released(pool)
+        self.assertEqual(pool.stats()["size"], 1)
+        self.assertIs(conn2, conn1)   # the one connection, reused properly
+
+    def test_many_threads(self):
+        pool = self._makeOne(maxconn=4, timeout=WAIT)
+
+        def work(i):
+            conn = pool.getconn()
+            assert pool.getconn() is conn
+            with conn.cursor() as cur:
+                cur.execute("SELECT %s", (i,))
+                assert cur.fetchone() == (i,)
+            conn.commit()
+            if i % 2:
+                pool.putconn()     # the others just end
+            return i
+        workers = [start(self, work, i) for i in range(24)]
+        self.assertEqual([w.finish(self) for w in workers], list(range(24)))
+        self.released(pool)
+        stats = pool.stats()
+        self.assertLessEqual(stats["connections_opened"], 4)
+        self.assertEqual(stats["timeouts"], 0)
+
+    def test_closeall_before_the_thread_ends(self):
+        pool = self._makeOne()
+        taken, release = threading.Event(), threading.Event()
+
+        def work():
+            conn = pool.getconn()
+            taken.set()
+            release.wait(WAIT)
+            return conn
+        worker = start(self, work)
+        taken.wait(WAIT)
+        pool.closeall()
+        release.set()
+        conn = worker.finish(self)
+        self.assertTrue(conn.closed)
+        stats = pool.stats()
+        self.assertEqual((stats["size"], stats["in_use"]), (0, 0))
+        # tearDown checks that the thread's end raised nothing.
+
+    def test_psycopg2_style_code(self):
+        # As documented for psycopg2.pool.PersistentConnectionPool.
+        pool = self._makeOne(1, 3)
+        conn = pool.getconn()
+        cur = conn.cursor()
+        cur.execute("SELECT 1")
+        conn.commit()
+        pool.putconn(conn)
+        pool.closeall()
+        self.assertTrue(pool.closed)
+        self.assertTrue(conn.closed)
+
+
+class ForkTests(BindingTestBase):
+
+    def test_child_leaves_the_parents_thread_connection_alone(self):
+        # The parent's thread-bound connection is in a transaction when the
+        # process forks; the child uses the pool and exits. The parent's
+        # transaction must still be there to commit.
+        table = self.make_table()
+        pool = self._makeOne()
+        conn = pool.getconn()
+        pid = server_pid(conn)
+        conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:   # pragma: no cover (coverage does not see the child)
+            code = 0
+            try:
+                os.close(read_end)
+                mine = pool.getconn()
+                assert mine is not conn, "got the parent's connection"
+                assert server_pid(mine) != pid, "on the parent's backend"
+                mine.rollback()
+                pool.putconn()
+                pool.closeall()
+                message = b"ok"
+            except BaseException:
+                message = traceback.format_exc().encode()
+                code = 1
+            os.write(write_end, message)
+            os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as reader:
+            message = reader.read().decode()
+        _, status = os.waitpid(child, 0)
+        self.assertEqual(message, "ok")
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertEqual(server_pid(conn), pid)
+        self.assertEqual(conn.get_transaction_status(),
+                         psycopg2.extensions.TRANSACTION_STATUS_INTRANS)
+        conn.commit()
+        self.assertEqual(self.rows(table), [1])
+        self.assertIs(pool.getconn(), conn)
+        pool.putconn()
+
+
+class ParkingTests(BindingTestBase):
+    """The binding the transaction integration uses (datamanager.py):
+    ``take``/``put`` and parking between transactions."""
+
+    def test_holder_is_per_thread(self):
+        pool = self._makePool()
+        holder = binding.holder_for(pool)
+        self.assertIs(binding.holder_for(pool), holder)
+        other = start(self, binding.holder_for, pool).finish(self)
+        self.assertIsNot(other, holder)
+        self.assertIsNone(holder.conn)
+
+    def test_take_park_take(self):
+        pool = self._makePool(maxconn=2)
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        self.assertIs(holder.conn, conn)
+        self.assertTrue(pool._park(conn, holder))
+        stats = pool.stats()
+        self.assertEqual((stats["bound_idle"], stats["in_use"],
+                          stats["idle"]), (1, 0, 0))
+        self.assertIs(binding.take(pool, holder), conn)
+        stats = pool.stats()
+        self.assertEqual((stats["bound_idle"], stats["in_use"]), (0, 1))
+        binding.put(pool, holder)
+        self.assertIsNone(holder.conn)
+        stats = pool.stats()
+        self.assertEqual((stats["idle"], stats["in_use"]), (1, 0))
+        binding.put(pool, holder)   # nothing held: nothing happens
+
+    def test_park_refuses_an_open_transaction(self):
+        table = self.make_table()
+        pool = self._makePool()
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
+        self.assertFalse(pool._park(conn, holder))
+        self.assertEqual(conn.get_transaction_status(), IDLE)
+        self.assertEqual(self.rows(table), [])
+        stats = pool.stats()
+        self.assertEqual((stats["bound_idle"], stats["idle"]), (0, 1))
+
+    def test_parked_connection_is_lent_to_a_thread_that_would_wait(self):
+        pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT)
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        pool._park(conn, holder)
+        # Another thread needs a connection and there is no room: it gets
+        # the parked one at once instead of waiting.
+        lent = start(self, pool.getconn).finish(self)
+        self.assertIs(lent, conn)
+        stats = pool.stats()
+        self.assertEqual((stats["waits"], stats["bound_idle"]), (0, 0))
+        # The owner notices at its next take and waits for a connection.
+        owner = start(self, binding.take, pool, holder)
+        wait_for(lambda: pool.stats()["waiting"] == 1, "the owner waiting")
+        pool.putconn(lent)
+        self.assertIs(owner.finish(self), conn)
+        self.assertIs(holder.conn, conn)
+        binding.put(pool, holder)
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_parking_hands_over_to_a_waiter(self):
+        pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT)
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        waiter = start(self, pool.getconn)
+        wait_for(lambda: pool.stats()["waiting"] == 1, "a waiter")
+        self.assertFalse(pool._park(conn, holder))
+        self.assertIs(waiter.finish(self), conn)
+        pool.putconn(conn)
+        # The holder's next take gets a connection the ordinary way.
+        self.assertIs(binding.take(pool, holder), conn)
+        binding.put(pool, holder)
+
+    def test_thread_ending_with_a_parked_connection(self):
+        pool = self._makePool()
+
+        def work():
+            holder = binding.holder_for(pool)
+            conn = binding.take(pool, holder)
+            pool._park(conn, holder)
+            return conn
+        conn = start(self, work).finish(self)
+        wait_for(lambda: pool.stats()["bound_idle"] == 0, "the release")
+        stats = pool.stats()
+        self.assertEqual((stats["idle"], stats["in_use"]), (1, 0))
+        self.assertIs(pool.getconn(), conn)
+        pool.putconn(conn)
+
+    def test_thread_ending_after_its_connection_was_lent(self):
+        pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT)
+        parked, release = threading.Event(), threading.Event()
+
+        def work():
+            holder = binding.holder_for(pool)
+            conn = binding.take(pool, holder)
+            pool._park(conn, holder)
+            parked.set()
+            release.wait(WAIT)
+        worker = start(self, work)
+        parked.wait(WAIT)
+        lent = pool.getconn()
+        release.set()
+        worker.finish(self)
+        # The ended thread does not take back what was lent away.
+        self.assertEqual(pool.stats()["in_use"], 1)
+        self.assertWorks(lent)
+        pool.putconn(lent)
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_parked_connections_shrink_like_idle_ones(self):
+        pool = self._makePool(minconn=0, max_idle=0.1)
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        pool._park(conn, holder)
+        wait_for(lambda: pool.stats()["size"] == 0, "the parked one to go")
+        self.assertTrue(conn.closed)
+        again = binding.take(pool, holder)
+        self.assertIsNot(again, conn)
+        self.assertWorks(again)
+        binding.put(pool, holder)
+
+    def test_parked_connection_past_its_lifetime_is_replaced(self):
+        pool = self._makePool(max_lifetime=0.1)
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        pool._park(conn, holder)
+        wait_for(lambda: conn._zp_expires < time.monotonic(),
+                 "the lifetime to pass")
+        again = binding.take(pool, holder)
+        self.assertIsNot(again, conn)
+        self.assertTrue(conn.closed)
+        binding.put(pool, holder)
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_pool_closed_with_parked_connections(self):
+        pool = self._makePool()
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        pool._park(conn, holder)
+        pool.close()
+        self.assertTrue(conn.closed)
+        binding.put(pool, holder)    # nothing to give back; no error
+        self.assertEqual(pool.stats()["size"], 0)
