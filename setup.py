@@ -70,7 +70,8 @@ setup(
     package_dir={'': 'src'},
     packages=find_packages('src'),
     include_package_data=True,
-    package_data={'zpgpool': ['*.zcml']},
+    # ZCML, plus templates and static files a (demo) package may carry.
+    package_data={'': ['*.zcml', '*.pt', '*.html', '*.css', '*.js']},
     zip_safe=False,
     python_requires='>=3.10',
     install_requires=[

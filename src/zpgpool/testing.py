@@ -91,6 +91,8 @@ __all__ = [
     'find_bindir',
     'system_bindir',
     'embedded_bindir',
+    'server_version',
+    'make_dsn',
     'DEFAULT_SETTINGS',
 ]
 
