@@ -612,9 +612,12 @@ class ConnectionPool:
 
     def _timeout_message(self, waited):
         """Explain a time-out; called with the lock held."""
+        # Places taken by connections still being opened count too.
+        connecting = self._size - len(self._conns)
         msg = ("%s: connection pool exhausted: no connection became free "
-               "within %.3g s (maxconn=%d, in use=%d, waiting=%d)" % (
+               "within %.3g s (maxconn=%d, in use=%d, %swaiting=%d)" % (
                    self._label(), waited, self.maxconn, self._in_use,
+                   "connecting=%d, " % connecting if connecting > 0 else "",
                    len(self._waiters)))
         if self._last_connect_error:
             msg += "; last connect error: %s" % self._last_connect_error
