@@ -426,6 +426,35 @@ class ReturnTests(PoolTestBase):
         self.assertNotEqual(server_pid(again), pid)
         pool.putconn(again)
 
+    def test_failed_rollback_discards(self):
+        # In a transaction, and its backend gone without the client knowing
+        # yet: the rollback at return fails, so the connection is dropped.
+        pool = self._makeOne(minconn=0)
+        conn = pool.getconn()
+        pid = server_pid(conn)
+        query(self.layer.dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+        wait_for(lambda: pid not in {r[0] for r in query(
+            self.layer.dsn, "SELECT pid FROM pg_stat_activity")},
+            "the backend to go")
+        self.assertEqual(conn.closed, 0)
+        pool.putconn(conn)
+        stats = pool.stats()
+        self.assertEqual((stats["size"], stats["connections_lost"],
+                          stats["returned_bad"]), (0, 1, 1))
+        with pool.checkout() as again:
+            self.assertNotEqual(server_pid(again), pid)
+
+    def test_returned_to_a_closed_pool_in_a_transaction(self):
+        table = self.make_table()
+        pool = self._makeOne()
+        conn = pool.getconn()
+        conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
+        pool.close(timeout=0)
+        self.assertFalse(conn.closed)
+        pool.putconn(conn)
+        self.assertTrue(conn.closed)
+        self.assertEqual(self.rows(table), [])
+
     def test_close_true_discards(self):
         pool = self._makeOne(minconn=0)
         conn = pool.getconn()
@@ -953,6 +982,17 @@ class DefaultsTests(PoolTestBase):
             with conn.cursor() as cur:
                 cur.execute("SELECT 1 AS one")
                 self.assertEqual(cur.fetchone(), {"one": 1})
+
+    def test_isolation_level_as_psycopg2_constant(self):
+        pool = self._makeOne(
+            isolation_level=psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE,
+            deferrable=True, readonly=True)
+        with pool.checkout() as conn:
+            with conn.cursor() as cur:
+                cur.execute("SHOW transaction_isolation")
+                self.assertEqual(cur.fetchone()[0], "serializable")
+                cur.execute("SHOW transaction_deferrable")
+                self.assertEqual(cur.fetchone()[0], "on")
 
     def test_session_characteristics(self):
         pool = self._makeOne(isolation_level="repeatable read",
@@ -1484,6 +1524,35 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
         os.kill(pid, signal.SIGCONT)
         self.assertIs(taker.finish(self), stuck)
         pool.putconn(stuck)
+
+    def test_timeout_names_the_last_connect_error(self):
+        dsn = self.layer.new_database()
+        dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
+        pool = self._makeOne(dsn, minconn=0, maxconn=1,
+                             connect_timeout=int(WAIT))
+        query(self.layer.dsn, "ALTER DATABASE %s ALLOW_CONNECTIONS false"
+              % dbname)
+        with self.assertRaises(ConnectError) as cm:
+            pool.getconn()
+        self.assertIn("not currently accepting connections",
+                      str(cm.exception))
+        query(self.layer.dsn, "ALTER DATABASE %s ALLOW_CONNECTIONS true"
+              % dbname)
+        self.freeze(self.postmaster_pid())
+        taker = start(self, pool.getconn)
+        wait_for(lambda: is_in(taker, "connect", "psycopg2"),
+                 "the thread to hang in psycopg2.connect")
+        with self.assertRaises(PoolTimeout) as cm:
+            pool.checkout(timeout=0.1).__enter__()
+        msg = str(cm.exception)
+        self.assertIn("maxconn=1, in use=0, connecting=1, waiting=0", msg)
+        self.assertIn("last connect error: ", msg)
+        self.assertIn("not currently accepting connections", msg)
+        os.kill(self.postmaster_pid(), signal.SIGCONT)
+        conn = taker.finish(self)
+        self.assertWorks(conn)
+        self.assertIsNone(pool.stats()["last_connect_error"])
+        pool.putconn(conn)
 
     def test_closing_the_pool_while_connecting(self):
         pool = self._makeOne(minconn=0, maxconn=2, connect_timeout=int(WAIT))
