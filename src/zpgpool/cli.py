@@ -12,7 +12,7 @@
     them back.
 
 ``main(argv)`` returns the exit status instead of exiting, so that tests
-can run the commands in-process. An error is one line on standard error
+can run the commands in-process. An error is a message on standard error
 (``zpgpool CMD: error: ...``) and exit status 1; a wrong command line is
 argparse's usage message and exit status 2. No pool logic lives here: the
 commands only call the pool's public API.
@@ -53,7 +53,7 @@ _URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:@/?#\s]*:)([^@/?#\s]+)@")
 
 
 class CommandError(Exception):
-    """What went wrong, in one line for the user; exit status 1."""
+    """What went wrong, in the user's terms; exit status 1."""
 
 
 def hide_passwords(text):
@@ -143,7 +143,7 @@ def _quiet_pool_log():
 
 # -- zpgpool check ------------------------------------------------------------
 
-def probe(pool, timeout):
+def probe(pool):
     """Connect ``pool`` once; return what ``check`` shows about it.
 
     A dict with ``version``, ``connect_ms``, ``rtt_ms`` (the best of three
@@ -151,7 +151,7 @@ def probe(pool, timeout):
     Raises what the pool raises when it cannot serve.
     """
     start = time.monotonic()
-    with pool.checkout(timeout=timeout) as conn:
+    with pool.checkout() as conn:
         connected = time.monotonic() - start
         with conn.cursor() as cur:
             rtt = None
@@ -188,7 +188,7 @@ def cmd_check(args):
         with _quiet_pool_log():
             for name, pool in pools:
                 try:
-                    info = probe(pool, args.timeout)
+                    info = probe(pool)
                 except (psycopg2.Error, psycopg2.pool.PoolError) as exc:
                     reason = " ".join(str(exc).split()) or type(exc).__name__
                     problems.append((name, hide_passwords(reason)))
@@ -562,9 +562,6 @@ def _parser():
                     "and show what it connects to. Exits with 1 when a pool "
                     "cannot serve.")
     check.add_argument("zcml", help="the site's ZCML file")
-    check.add_argument("--timeout", type=float, default=10.0,
-                       help="seconds to wait for each pool's connection "
-                            "(default: %(default)s)")
     check.set_defaults(func=cmd_check)
 
     recover = commands.add_parser(
