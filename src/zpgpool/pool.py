@@ -1006,14 +1006,22 @@ class ConnectionPool:
         """Take a connection for a ``with`` block and return it afterwards.
 
         The transaction is committed when the block ends normally and rolled
-        back when it raises. For work inside a Zope transaction use
-        ``connection()`` instead.
+        back when it raises. A block that ends normally after a statement
+        failed in it (the error caught) raises ``PoolError``: PostgreSQL
+        has aborted that transaction and would answer COMMIT with a silent
+        ROLLBACK. For work inside a Zope transaction use ``connection()``
+        instead.
         """
         conn = self._acquire(timeout)
         try:
             yield conn
-            if not conn.closed and conn.get_transaction_status() \
-                    != _OK_STATUS:
+            status = None if conn.closed else conn.get_transaction_status()
+            if status == _ext.TRANSACTION_STATUS_INERROR:
+                raise PoolError(
+                    "%s: cannot commit the checkout() block: a statement "
+                    "failed in it, so PostgreSQL has aborted the "
+                    "transaction; it is rolled back" % self._label())
+            if status is not None and status != _OK_STATUS:
                 _ext.connection.commit(conn)
         finally:
             self._release(conn)
