@@ -516,6 +516,36 @@ class CheckoutTests(PoolTestBase):
         self.assertEqual(conn.get_transaction_status(),
                          psycopg2.extensions.TRANSACTION_STATUS_IDLE)
 
+    def test_swallowed_error_is_not_reported_as_committed(self):
+        # PostgreSQL answers COMMIT of an aborted transaction with a
+        # ROLLBACK, and psycopg2 raises nothing: the block's writes would
+        # be lost silently.
+        table = self.make_table()
+        pool = self._makeOne()
+        with self.assertRaises(PoolError) as cm:
+            with pool.checkout() as conn:
+                conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
+                try:
+                    conn.cursor().execute("SELECT * FROM no_such_table")
+                except psycopg2.errors.UndefinedTable:
+                    pass
+        self.assertIn("cannot commit the checkout() block", str(cm.exception))
+        self.assertIn(repr(self.name), str(cm.exception))
+        self.assertEqual(self.rows(table), [])
+        stats = pool.stats()
+        self.assertEqual((stats["in_use"], stats["idle"]), (0, 1))
+        with pool.checkout() as again:
+            self.assertIs(again, conn)
+            self.assertWorks(again)
+
+    def test_block_closing_the_connection(self):
+        pool = self._makeOne(minconn=0)
+        with pool.checkout() as conn:
+            conn.close()
+        self.assertEqual(pool.stats()["size"], 0)
+        with pool.checkout() as again:
+            self.assertWorks(again)
+
     def test_failing_commit_propagates_and_returns(self):
         table = self.make_table()
         query(self.layer.dsn, "ALTER TABLE %s ADD CONSTRAINT u_%s UNIQUE (v)"
