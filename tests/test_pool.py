@@ -720,6 +720,46 @@ class HealthTests(PoolTestBase):
         self.assertIn("marker", last_query(self.layer.dsn, pid))
         pool.putconn(conn)
 
+    def test_ping_leaves_session_characteristics_alone(self):
+        # Behind pgbouncer in transaction mode, session state set outside
+        # a transaction stays on a server connection that another client
+        # gets next. The ping may only reset (psycopg2 sends "SET
+        # default_transaction_* TO DEFAULT" when autocommit goes off), and
+        # the pool's characteristics must still come with the next BEGIN.
+        dsn = self.layer.new_database()
+        dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
+        query(self.layer.dsn, "ALTER DATABASE %s SET log_statement = 'all'"
+              % dbname)
+        for options, begin in (
+                ({"readonly": True}, "BEGIN READ ONLY"),
+                ({"isolation_level": "SERIALIZABLE", "deferrable": True},
+                 "BEGIN ISOLATION LEVEL SERIALIZABLE DEFERRABLE"),
+                ({}, "BEGIN")):
+            with open(self.layer.server.log_file) as log:
+                log.seek(0, os.SEEK_END)
+                pool = self._makeOne(dsn, health_check_after=0,
+                                     name=unique_name(), **options)
+                conn = pool.getconn()
+                conn.rollback()
+                pool.putconn(conn)
+                self.assertIs(pool.getconn(), conn)    # pinged
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 'after the ping'")
+                    cur.execute("SHOW default_transaction_read_only")
+                    self.assertEqual(cur.fetchone(), ("off",))
+                conn.rollback()
+                pool.putconn(conn)
+                text = wait_for(lambda: (lambda t: t if "after the ping" in t
+                                         else None)(log.read()), "the log")
+            statements = re.findall(r"statement: (.*)", text)
+            ping = statements.index("SELECT 1")
+            for statement in statements:
+                if statement.startswith("SET "):
+                    self.assertTrue(statement.endswith(" TO DEFAULT"),
+                                    statement)
+            self.assertEqual(statements[statements.index(
+                "SELECT 'after the ping'", ping) - 1], begin)
+
     def test_terminated_backends_are_replaced_silently(self):
         pool = self._makeOne(minconn=3, maxconn=5, health_check_after=0)
         pool.open(wait=True, timeout=WAIT)
