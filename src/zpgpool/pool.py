@@ -1075,14 +1075,23 @@ class ConnectionPool:
         if thread is not None and thread.is_alive():
             return
         with self._lock:
-            if self._closed or (self._maintainer is not None
-                                and self._maintainer.is_alive()):
+            current = self._maintainer
+            # A thread created but not started yet counts as running: the
+            # caller that created it is starting it, outside the lock.
+            if self._closed or (current is not None and (
+                    current.ident is None or current.is_alive())):
                 return
             thread = threading.Thread(
                 target=_maintain, args=(weakref.ref(self), self._wakeup),
                 name="zpgpool-maintainer-%s" % self.name, daemon=True)
             self._maintainer = thread
-        thread.start()
+        try:
+            thread.start()
+        except BaseException:
+            with self._lock:
+                if self._maintainer is thread:
+                    self._maintainer = None
+            raise
 
     def _maintain_once(self):
         """Refill to minconn, shed idle and old connections, report leaks.
