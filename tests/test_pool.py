@@ -1245,6 +1245,27 @@ class CloseTests(PoolTestBase):
             self.assertIn("%r is closed" % self.name, str(cm.exception))
         self.assertIn("closed", repr(pool))
 
+    def test_one_maintenance_thread_however_many_callers(self):
+        for round_ in range(5):
+            name = "%s_%d" % (self.name, round_)
+            pool = self._makeOne(name=name, minconn=0, maxconn=40,
+                                 timeout=WAIT)
+            barrier = threading.Barrier(40)
+
+            def work():
+                barrier.wait(WAIT)
+                conn = pool.getconn()
+                barrier.wait(WAIT)
+                pool.putconn(conn)
+            workers = [start(self, work) for _ in range(40)]
+            for worker in workers:
+                worker.finish(self)
+            maintainers = [t for t in threading.enumerate()
+                           if t.name == "zpgpool-maintainer-" + name]
+            self.assertEqual(len(maintainers), 1)
+            close_pool(self, pool)
+            self.assertFalse(maintainers[0].is_alive())
+
     def test_maintenance_thread_ends(self):
         pool = self._makeOne(minconn=1)
         pool.open(wait=True, timeout=WAIT)
