@@ -615,8 +615,8 @@ class PrivateServerTests(unittest.TestCase):
         self.server.dropdb('zpgpool "odd" name')
         conn.close()
         self.assertEqual(self.server.execute(
-            "SELECT count(*) FROM pg_database WHERE datname LIKE 'zpgpool%%'"),
-            [(0,)])
+            'SELECT count(*) FROM pg_database WHERE datname = %s',
+            ('zpgpool "odd" name',)), [(0,)])
         self.assertIsNone(self.server.execute('SET application_name = x'))
         self.assertEqual(self.server.execute('SELECT %s::int', (7,)), [(7,)])
 
