@@ -330,8 +330,10 @@ class LazyTests(PoolTestBase):
     def test_open_wait(self):
         pool = self._makeOne(minconn=2, maxconn=5)
         pool.open(wait=True, timeout=WAIT)
-        self.assertGreaterEqual(pool.stats()["size"], 2)
-        self.assertGreaterEqual(len(self.backends()), 1)
+        self.assertEqual(pool.stats()["size"], 2)
+        self.assertEqual(len(self.backends()), 2)
+        pool.open(wait=True)   # again: nothing more to do
+        self.assertEqual(pool.stats()["connections_opened"], 2)
 
     def test_open_wait_gives_up_and_says_why(self):
         dsn = with_params(self.layer.dsn, port=closed_port())
@@ -1591,6 +1593,9 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
                  "the thread to hang in the rollback")
         self.others_get_on(pool, other)
         self.assertTrue(returner.is_alive())   # still rolling back
+        with self.assertRaises(ConnectionMisuse) as cm:
+            pool.putconn(stuck)
+        self.assertIn("being returned by another thread", str(cm.exception))
         os.kill(pid, signal.SIGCONT)
         returner.finish(self)
         self.assertEqual(stuck.get_transaction_status(),
