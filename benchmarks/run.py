@@ -1,0 +1,1179 @@
+"""Benchmark zpgpool against the pools its users would otherwise pick.
+
+Usage::
+
+    python benchmarks/run.py [--dsn DSN] [--quick] [--out FILE]
+
+Without ``--dsn`` it starts a throwaway PostgreSQL server
+(``zpgpool.testing.PostgresServer``) and removes it at the end.  It runs the
+same workloads for every contender (see contenders.py), interleaved: at each
+thread count all contenders are up at once, and each repetition runs one
+short slice of each of them, in a rotated order, so that drift on a shared
+machine hits them all alike.  Ratios to the raw floor measured in the same
+repetition are the headline figures; absolute times are noise on a shared
+machine.
+
+The result is a Markdown report, written to ``--out`` and printed, followed
+by the issue's targets, each met or missed.  Nothing here asserts a timing:
+this is a benchmark, not a test.
+"""
+import argparse
+import bisect
+import datetime
+import gc
+import itertools
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import tracemalloc
+
+import psycopg2
+import psycopg2.extensions
+import transaction
+
+import contenders as C
+
+
+_clock = time.perf_counter
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+THREADS = (1, 4, 16, 64)
+FLOOR = C.RawFloor.key
+WORKLOAD_TITLES = {
+    "noop": "checkout + return, no SQL (pure pool overhead)",
+    "select1": "checkout + SELECT 1 + commit + return",
+    "readwrite": "checkout + INSERT ... RETURNING + SELECT + commit + return",
+}
+
+# Targets from issue 5.
+TARGET_ZOPE_1PC = 1.10
+TARGET_ZOPE_2PC = 1.6
+TARGET_CHECKOUT_US = 1.0
+TARGET_REPEAT_US = 0.5
+TARGET_FLAT = 2.0
+RSS_SLACK = 1024 * 1024          # bytes of RSS growth still called "none"
+TRACED_SLACK = 64 * 1024         # bytes of traced growth still called "none"
+
+
+class Settings:
+    """How long and how often; --quick shrinks everything."""
+
+    def __init__(self, args):
+        quick = args.quick
+        self.quick = quick
+        self.reps = args.reps or (4 if quick else 15)
+        self.threads = tuple(args.threads or THREADS)
+        self.warm = 0.03 if quick else 0.05
+        self.duration = args.duration or (0.08 if quick else 0.2)
+        self.micro_time = 0.03 if quick else 0.05
+        self.ex_conns = 8
+        self.ex_threads = 2 * self.ex_conns
+        self.ex_hold = 0.005
+        self.ex_warm = 0.2 if quick else 0.3
+        self.ex_duration = 0.6 if quick else 2.0
+        self.ex_reps = 2 if quick else 5
+        self.mem_checkouts = 1_000_000
+        self.mem_traced = 200_000 if quick else 1_000_000
+        self.mem_zope = 50_000 if quick else 200_000
+
+
+LOADS = []
+
+
+def log(start, message):
+    """Say how far the run is, and sample the machine's load average."""
+    LOADS.append(os.getloadavg()[0])
+    sys.stderr.write("[%5.0fs] %s\n" % (time.monotonic() - start, message))
+    sys.stderr.flush()
+
+
+# -- the server ---------------------------------------------------------------
+
+def start_server(n_contenders, max_threads):
+    from zpgpool.testing import PostgresServer
+    # Room for every contender's connections at the largest thread count at
+    # once (they are all open together; see run_threads), with some to spare
+    # for connect-per-request, whose closed backends take a moment to go;
+    # and a prepared transaction per thread.
+    settings = {
+        "max_connections": max_threads * (n_contenders + 3) + 50,
+        "max_prepared_transactions": max_threads * 2 + 20,
+        "shared_buffers": "128MB",
+    }
+    server = PostgresServer(settings=settings)
+    try:
+        server.start()
+    except BaseException:
+        server.cleanup()
+        raise
+    return server
+
+
+def query(dsn, sql, params=None):
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        cur = conn.cursor()
+        cur.execute(sql, params)
+        return cur.fetchall() if cur.description else None
+    finally:
+        conn.close()
+
+
+# -- the threaded workloads ---------------------------------------------------
+
+class CellError(Exception):
+    pass
+
+
+class Crew:
+    """A contender's worker threads, kept for a whole thread count.
+
+    The threads are started once, make their per-thread state and run a few
+    untimed operations (which opens lazily-opened connections and warms the
+    server's caches); then each ``run()`` is one short slice: every thread
+    runs the workload through a warm-up and a measuring window, and the
+    operations completed inside the window are counted. The threads keep
+    running until the window has closed, so the load is steady throughout.
+    """
+
+    TIMEOUT = 600
+
+    def __init__(self, contender, threads):
+        self.contender = contender
+        self.threads = threads
+        parties = threads + 1
+        self.ready = threading.Barrier(parties)
+        self.go = threading.Barrier(parties)
+        self.done = threading.Barrier(parties)
+        self.counts = [0] * threads
+        self.failures = []
+        self.plan = None
+        self.end = float("inf")
+        self.workers = [
+            threading.Thread(target=self._work, args=(i,), daemon=True,
+                             name="bench-%s-%d" % (contender.key, i))
+            for i in range(threads)]
+        for t in self.workers:
+            t.start()
+        self._wait(self.ready)
+
+    def _wait(self, barrier):
+        try:
+            barrier.wait(self.TIMEOUT)
+        except threading.BrokenBarrierError:
+            self._abort()
+            raise CellError(self.failures[0] if self.failures
+                            else "timed out") from None
+
+    def _abort(self):
+        for b in (self.ready, self.go, self.done):
+            b.abort()
+
+    def _work(self, i):
+        counts = self.counts
+        try:
+            ops = self.contender.thread_ops(i)
+            for _ in range(3):
+                ops["select1"]()
+            self.ready.wait()
+            while True:
+                self.go.wait()
+                plan = self.plan
+                if plan is None:
+                    break
+                name, start = plan
+                op = ops[name]
+                n = 0
+                while True:
+                    op()
+                    t = _clock()
+                    if t >= start:
+                        # self.end is read at each operation: the main
+                        # thread sets it when the window closes.
+                        if t >= self.end:
+                            break
+                        n += 1
+                        counts[i] = n
+                self.done.wait()
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException:
+            self.failures.append(traceback.format_exc())
+            self._abort()
+        finally:
+            try:
+                self.contender.thread_done()
+            except Exception:
+                pass
+
+    def run(self, workload, warm, duration):
+        """One slice; return (operations completed in the window, window).
+
+        The window lasts ``duration`` seconds, or longer until at least one
+        operation per thread (and 20 in all) has completed in it, so that
+        slow contenders are not measured on a handful of operations.
+        """
+        self.counts[:] = [0] * self.threads
+        self.end = float("inf")
+        start = _clock() + warm
+        self.plan = (workload, start)
+        self._wait(self.go)
+        wanted = max(self.threads, 20)
+        time.sleep(max(0.0, start + duration - _clock()))
+        while sum(self.counts) < wanted and \
+                _clock() < start + 20 * duration:
+            time.sleep(duration / 4)
+        self.end = end = _clock()
+        self._wait(self.done)
+        return sum(self.counts), end - start
+
+    def stop(self):
+        self.plan = None
+        try:
+            self.go.wait(30)
+        except threading.BrokenBarrierError:
+            pass
+        for t in self.workers:
+            t.join(30)
+
+
+def run_exhaustion(contender, threads, hold, warm, duration, dsn):
+    """Twice as many threads as connections, each holding one ``hold`` s.
+
+    Throughput counts the operations completed inside the window. Waits
+    count every checkout served inside the window and every one still
+    waiting when it closed (with its whole wait: the threads run on until
+    each has finished its operation, so a caller starved through the window
+    is served, and counted, once the others stop).
+
+    Returns a dict: completed, errors, kinds (error class names), waits
+    (sorted seconds), overtaken (see ``overtaken``) and connections (the
+    server's client connections just before the pool is closed).
+    """
+    arrivals = itertools.count()
+    served = itertools.count()
+    ready = threading.Barrier(threads + 1)
+    plan = {}
+    completed = [0] * threads
+    records = [[] for _ in range(threads)]
+    errors = [0] * threads
+    kinds = set()
+    failures = []
+
+    def worker(i):
+        try:
+            op = contender.exhaust_op(i, hold, arrivals, served)
+            ready.wait()
+            start, end = plan["start"], plan["end"]
+            mine = records[i]
+            while True:
+                try:
+                    rec = op()
+                except Exception as exc:
+                    t = _clock()
+                    if start <= t < end:
+                        errors[i] += 1
+                        kinds.add(type(exc).__name__)
+                    if t >= end:
+                        break
+                    # A failed request still takes a while to answer.
+                    time.sleep(hold)
+                    continue
+                t = _clock()
+                served_at = rec[3]
+                if start <= served_at < end or (
+                        served_at >= end and served_at - rec[2] < end):
+                    mine.append(rec)
+                if t >= start:
+                    if t >= end:
+                        break
+                    completed[i] += 1
+        except threading.BrokenBarrierError:
+            pass
+        except BaseException:
+            failures.append(traceback.format_exc())
+            ready.abort()
+        finally:
+            try:
+                contender.thread_done()
+            except Exception:
+                pass
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True)
+            for i in range(threads)]
+    for t in pool:
+        t.start()
+    try:
+        now = _clock()
+        plan["start"] = now + warm
+        plan["end"] = now + warm + duration
+        ready.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for t in pool:
+        t.join()
+    if failures:
+        raise CellError(failures[0])
+    connections = query(dsn, CLIENT_CONNECTIONS)[0][0]
+    recs = [r for mine in records for r in mine]
+    share, worst = overtaken(recs)
+    return dict(completed=sum(completed), errors=sum(errors),
+                kinds=sorted(kinds), waits=sorted(r[2] for r in recs),
+                overtaken=share, worst=worst, connections=connections)
+
+
+CLIENT_CONNECTIONS = (
+    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+    "'client backend' AND pid <> pg_backend_pid() AND datname = "
+    "current_database()")
+
+
+def overtaken(recs):
+    """How far checkouts were served out of arrival order.
+
+    Returns (share, worst): the share of checkouts that some later arrival
+    was served before, and the largest number of later arrivals served
+    before any one checkout. A pool that serves waiters first come, first
+    served scores near 0 on both (scheduling jitter between taking the
+    arrival ticket and reaching the pool's queue lets a few slip by); a
+    pool that lets newcomers take a returned connection ahead of those
+    waiting shows callers overtaken hundreds of times.
+    """
+    if not recs:
+        return None, None
+    later = []                    # service tickets of later arrivals, sorted
+    n = worst = 0
+    for arrival, service, _, _ in sorted(recs, reverse=True):
+        ahead = bisect.bisect_left(later, service)
+        if ahead:
+            n += 1
+            worst = max(worst, ahead)
+        bisect.insort(later, service)
+    return n / len(recs), worst
+
+
+# -- micro benchmarks ---------------------------------------------------------
+
+def looped(op):
+    def loop(n):
+        start = _clock()
+        for _ in range(n):
+            op()
+        return _clock() - start
+    return loop
+
+
+def timed(loop, n):
+    """Seconds per call of ``loop(n)``, with the cyclic GC off (as timeit)."""
+    gc.collect()
+    gc.disable()
+    try:
+        return loop(n) / n
+    finally:
+        gc.enable()
+
+
+def calibrate(loop, target):
+    n = 100
+    while True:
+        t = timed(loop, n) * n
+        if t >= target / 4 or n >= 10_000_000:
+            return max(100, int(n * target / max(t, 1e-9)))
+        n *= 4
+
+
+def micro_loops(active, dsn):
+    """{label: (loop, contender)} for the single-thread benchmarks."""
+    loops = {}
+    opened = []
+    tm = transaction.manager
+
+    def empty():
+        pass
+
+    def txn_alone():
+        with tm:
+            pass
+
+    loops["harness: an empty call (loop cost)"] = (looped(empty), None)
+    loops["transaction.manager alone: `with transaction.manager: pass`"] = (
+        looped(txn_alone), None)
+    for cls in active:
+        if not cls.micro:
+            continue
+        contender = cls(dsn)
+        contender.setup(2)
+        opened.append(contender)
+        op = contender.thread_ops(0)["noop"]
+        op()
+        label = cls.label
+        if cls.key in ("zpgpool-zope", "zope.sqlalchemy"):
+            label += ": one transaction, checkout, no SQL"
+        else:
+            label += ": checkout + return"
+        loops[label] = (looped(op), cls)
+        if hasattr(contender, "repeat_ops"):
+            for name, loop in contender.repeat_ops().items():
+                loops["repeated in one transaction: " + name] = (loop, cls)
+    return loops, opened
+
+
+# -- memory -------------------------------------------------------------------
+
+def rss():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_run(label, op, n_rss, n_traced):
+    """RSS before and after ``n_rss`` calls, then traced memory before and
+    after ``n_traced`` calls (tracemalloc slows every allocation, so the RSS
+    run is without it)."""
+    for _ in range(10_000):
+        op()
+    gc.collect()
+    rss0 = rss()
+    for _ in range(n_rss):
+        op()
+    gc.collect()
+    rss1 = rss()
+    tracemalloc.start(1)
+    for _ in range(1_000):
+        op()
+    gc.collect()
+    snap0 = tracemalloc.take_snapshot()
+    traced0 = tracemalloc.get_traced_memory()[0]
+    for _ in range(n_traced):
+        op()
+    gc.collect()
+    traced1 = tracemalloc.get_traced_memory()[0]
+    snap1 = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    top = []
+    if traced1 - traced0 > TRACED_SLACK:
+        filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+        diff = snap1.filter_traces(filters).compare_to(
+            snap0.filter_traces(filters), "lineno")
+        top = [str(d) for d in diff[:5]]
+    return dict(label=label, n_rss=n_rss, rss0=rss0, rss1=rss1,
+                n_traced=n_traced, traced0=traced0, traced1=traced1, top=top)
+
+
+# -- reporting ----------------------------------------------------------------
+
+def med(values):
+    return statistics.median(values)
+
+
+def fmt_us(values):
+    if not values:
+        return "-"
+    m = med(values)
+    if len(values) == 1:
+        return _num(m)
+    return "%s (%s–%s)" % (_num(m), _num(min(values)), _num(max(values)))
+
+
+def fmt_ratio(values):
+    if not values:
+        return "-"
+    m = med(values)
+    if len(values) == 1:
+        return "%.2f×" % m
+    return "%.2f× (%.2f–%.2f)" % (m, min(values), max(values))
+
+
+def _num(x):
+    if x >= 100:
+        return "%.0f" % x
+    if x >= 10:
+        return "%.1f" % x
+    if x >= 1:
+        return "%.2f" % x
+    return "%.3f" % x
+
+
+def mib(b):
+    return "%.1f MiB" % (b / 1048576)
+
+
+def kib(b):
+    return "%+.1f KiB" % (b / 1024)
+
+
+def machine_info(dsn, server, active):
+    info = []
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        cpu = platform.processor() or "?"
+    info.append(("CPU", "%s; os.cpu_count() = %s" % (cpu, os.cpu_count())))
+    info.append(("OS", platform.platform()))
+    info.append(("Python", "%s (%s)" % (platform.python_version(),
+                                        platform.python_implementation())))
+    lv = psycopg2.extensions.libpq_version()
+    info.append(("psycopg2", "%s, libpq %d.%d" % (
+        psycopg2.__version__.split()[0], lv // 10000, lv % 10000)))
+    try:
+        import psycopg
+        pv = psycopg.pq.version()
+        info.append(("psycopg 3", "%s (%s), libpq %d.%d" % (
+            psycopg.__version__, psycopg.pq.__impl__, pv // 10000,
+            pv % 10000)))
+    except ImportError:
+        pass
+    rows = query(dsn, "SELECT current_setting('server_version'), "
+                      "current_setting('max_connections'), "
+                      "current_setting('max_prepared_transactions'), "
+                      "current_setting('fsync'), "
+                      "current_setting('synchronous_commit')")
+    ver, maxc, maxp, fsync, sync = rows[0]
+    where = ("a throwaway server started by the benchmark on 127.0.0.1 "
+             "(TCP, scram-sha-256), same machine" if server else
+             "given with --dsn")
+    info.append(("PostgreSQL server", "%s; %s; max_connections=%s, "
+                 "max_prepared_transactions=%s, fsync=%s, "
+                 "synchronous_commit=%s" % (ver, where, maxc, maxp, fsync,
+                                            sync)))
+    seen = []
+    for cls in active:
+        for p in cls.packages:
+            if p not in seen:
+                seen.append(p)
+    for p in ("transaction", "zope.component"):
+        if p not in seen:
+            seen.append(p)
+    info.append(("Packages", ", ".join(
+        "%s %s" % (p, C.version(p)) for p in seen)))
+    info.append(("zpgpool source", git_describe()))
+    return info
+
+
+def git_describe():
+    try:
+        head = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", ROOT, "status", "--porcelain", "--", "src"],
+            capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    if not head:
+        return "?"
+    return "git %s%s" % (head, " + uncommitted changes in src/"
+                         if dirty else "")
+
+
+class Report:
+    def __init__(self, settings, active):
+        self.s = settings
+        self.active = active
+        # (workload, threads, key) -> [µs per op, one per repetition]
+        self.times = {}
+        # (workload, threads, key) -> [ratio to the floor of the same rep]
+        self.ratios = {}
+        self.failed = {}          # (key, threads) -> message
+        self.micro = {}           # label -> [µs]
+        self.micro_keys = {}      # label -> contender key or None
+        self.exhaust = {}         # key -> list of dicts, one per rep
+        self.memory = []
+        self.info = []
+        self.skipped = []         # (label, why)
+
+    def add_cell(self, rep_results, threads):
+        floor = rep_results.get(FLOOR, {})
+        for key, res in rep_results.items():
+            for workload, (ops, window) in res.items():
+                us = window / ops * 1e6 if ops else float("inf")
+                self.times.setdefault((workload, threads, key), []).append(us)
+                if workload in floor and floor[workload][0]:
+                    fops, fwin = floor[workload]
+                    ratio = us / (fwin / fops * 1e6)
+                    self.ratios.setdefault((workload, threads, key),
+                                           []).append(ratio)
+
+    # -- text --
+
+    def markdown(self, command, took, load0, load1):
+        s = self.s
+        out = []
+        w = out.append
+        w("# zpgpool benchmark results")
+        w("")
+        w("Produced by `%s` on %s in %s%s." % (
+            command, datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "%.0f s" % took if took < 120 else "%.0f minutes" % (took / 60),
+            " (quick mode: fewer and shorter repetitions; "
+            "indicative only)" if s.quick else ""))
+        w("")
+        loads = LOADS + [load0, load1]
+        w("**Read the ratios, not the times.** The machine is shared: other "
+          "engineers' test suites ran on the same %s CPUs during this run "
+          "(1-minute load average between %.1f and %.1f, sampled through "
+          "the run), and the PostgreSQL server runs on the same machine as "
+          "the clients. Absolute times are noise; each ratio compares a "
+          "contender with the raw floor measured seconds apart, in the same "
+          "repetition, and the medians are over many repetitions."
+          % (os.cpu_count(), min(loads), max(loads)))
+        w("")
+        w("## Machine and versions")
+        w("")
+        w("| | |")
+        w("|---|---|")
+        for k, v in self.info:
+            w("| %s | %s |" % (k, v))
+        w("")
+        w("## Method")
+        w("")
+        w("- For each thread count, every contender is set up at once: its "
+          "pool, with exactly as many connections as threads (minimum = "
+          "maximum where the pool has a minimum), and its threads, which "
+          "each run 3 untimed operations first. Then %d repetitions: each "
+          "runs, for each workload, one slice per contender, in an order "
+          "rotated from one repetition to the next (round-robin), so that "
+          "drift on the machine hits all contenders alike and a contender "
+          "is measured seconds from the floor. A slice is %.2f s of warm-up "
+          "and a %.2f s window on all threads (longer if needed for at "
+          "least one operation per thread to complete in it); the "
+          "operations completed in the window count, and the time per "
+          "operation is the window "
+          "divided by that count (inverse throughput; at 1 thread it is the "
+          "latency). Cells show the median over the repetitions and, in "
+          "brackets, the minimum and maximum." % (s.reps, s.warm,
+                                                 s.duration))
+        w("- The ratio is a contender's time per operation divided by the "
+          "raw floor's (one persistent psycopg2 connection per thread, "
+          "`conn.commit()`) in the same repetition; the spread is over the "
+          "repetitions' ratios.")
+        w("- Same DSN for all; health checks at their defaults (see the "
+          "notes: only SQLAlchemy with pool_pre_ping pings on every "
+          "checkout). psycopg2 autocommit is off everywhere, so psycopg2 "
+          "sends BEGIN, the statement and COMMIT: three round trips for "
+          "SELECT 1.")
+        w("")
+        w("## Headline: cost relative to the raw floor")
+        for workload in ("select1", "readwrite"):
+            w("")
+            w("### %s" % WORKLOAD_TITLES[workload])
+            w("")
+            self._table(out, workload, self.ratios, fmt_ratio,
+                        skip=(FLOOR,))
+        w("")
+        w("## Time per operation, µs (inverse throughput)")
+        for workload in C.WORKLOADS:
+            w("")
+            w("### %s" % WORKLOAD_TITLES[workload])
+            w("")
+            self._table(out, workload, self.times, fmt_us)
+        w("")
+        w("## Single thread, µs per operation")
+        w("")
+        w("One thread, no other load from the benchmark, the cyclic garbage "
+          "collector off during each loop (as timeit does); pools of 2 "
+          "connections; each loop runs about %.2f s, %d repetitions "
+          "interleaved like the slices above. Rows that say *one "
+          "transaction* include the "
+          "`transaction` package's begin and commit, shown alone as a "
+          "reference row." % (s.micro_time, s.reps))
+        w("")
+        w("| operation | µs per op, median (min–max) |")
+        w("|---|---|")
+        for label, values in self.micro.items():
+            w("| %s | %s |" % (label, fmt_us(values)))
+        w("")
+        w("## Exhaustion: %d threads, %d connections" % (s.ex_threads,
+                                                         s.ex_conns))
+        w("")
+        w("Each operation takes a connection, runs SELECT 1, holds it for "
+          "%.0f ms (sleeping, as a request doing other work would), commits "
+          "and returns it; %.1f s window after %.1f s warm-up, %d "
+          "repetitions. Waiting callers give up after 30 s. A pool that "
+          "raises when exhausted counts an error, and that thread sleeps "
+          "%.0f ms before its next try. *ops/s* counts operations "
+          "completed in the window. *Wait* is the time to get the "
+          "connection, for every checkout served in the window and every "
+          "one still waiting when it closed (counted with its whole wait, "
+          "so a starved caller shows). *Overtaken* is the share of those "
+          "checkouts served after a later arrival, *worst overtaking* the "
+          "most later arrivals served before any one checkout: both near 0 "
+          "for a first-come-first-served pool, give or take the scheduling "
+          "jitter between taking a ticket and reaching the pool, and "
+          "hundreds for a pool that lets newcomers take a returned "
+          "connection ahead of those waiting. *Connections* is "
+          "the most the server saw open at the end of a repetition: more "
+          "than %d means the pool went past its maximum. Medians over the "
+          "repetitions; percentiles over all checkouts of a repetition." % (
+              s.ex_hold * 1000, s.ex_duration, s.ex_warm, s.ex_reps,
+              s.ex_hold * 1000, s.ex_conns))
+        w("")
+        w("| contender | ops/s | errors | p50 wait, ms | p99 wait, ms | "
+          "max wait, ms | overtaken | worst overtaking | connections |")
+        w("|---|---|---|---|---|---|---|---|---|")
+        for key, reps in self.exhaust.items():
+            w("| %s | %s |" % (C.BY_KEY[key].label, " | ".join(
+                self._exhaust_cells(reps))))
+        w("")
+        w("## Memory")
+        w("")
+        w("| run | RSS before → after | traced (tracemalloc) before → "
+          "after |")
+        w("|---|---|---|")
+        for m in self.memory:
+            w("| %s | %s → %s (%s over %s) | %s → %s (%s over %s) |" % (
+                m["label"], mib(m["rss0"]), mib(m["rss1"]),
+                kib(m["rss1"] - m["rss0"]), "{:,}".format(m["n_rss"]),
+                kib(m["traced0"]).lstrip("+"), kib(m["traced1"]).lstrip("+"),
+                kib(m["traced1"] - m["traced0"]),
+                "{:,}".format(m["n_traced"])))
+        for m in self.memory:
+            if m["top"]:
+                w("")
+                w("Largest traced growth in %s:" % m["label"])
+                w("")
+                w("```")
+                out.extend(m["top"])
+                w("```")
+        w("")
+        w("## Targets (issue 5)")
+        w("")
+        for line in self.targets():
+            w("- " + line)
+        w("")
+        w("## Notes on the contenders")
+        w("")
+        for cls in self.active:
+            w("- **%s** (%s): %s" % (cls.label, cls.versions(), cls.note))
+        for label, why in self.skipped:
+            w("- **%s** was skipped: %s" % (label, why))
+        for (key, threads), msg in sorted(self.failed.items()):
+            w("- **%s** failed at %d threads: `%s`" % (
+                C.BY_KEY[key].label, threads, msg))
+        w("")
+        return "\n".join(out)
+
+    def _table(self, out, workload, data, fmt, skip=()):
+        threads = self.s.threads
+        out.append("| contender | %s |" % " | ".join(
+            "%d thread%s" % (t, "" if t == 1 else "s") for t in threads))
+        out.append("|---|%s" % ("---|" * len(threads)))
+        for cls in self.active:
+            if cls.key in skip or workload not in cls.workloads:
+                continue
+            cells = [fmt(data.get((workload, t, cls.key), []))
+                     for t in threads]
+            if all(c == "-" for c in cells):
+                continue
+            label = cls.label
+            if cls.key in ("zpgpool", "zpgpool-zope", "zpgpool-zope-2pc"):
+                label = "**%s**" % label
+            out.append("| %s | %s |" % (label, " | ".join(cells)))
+
+    def _exhaust_cells(self, reps):
+        def m(name, scale=1.0, f="%.2f"):
+            vals = [r[name] for r in reps if r[name] is not None]
+            return f % (med(vals) * scale) if vals else "-"
+        errors = [r["errors"] for r in reps]
+        kinds = sorted({k for r in reps for k in r["kinds"]})
+        err = "%d" % max(errors) if errors else "-"
+        if kinds:
+            err += " (%s)" % ", ".join(kinds)
+        if len(errors) > 1 and max(errors):
+            err = "%d–%s" % (min(errors), err)
+        conns = [r["connections"] for r in reps]
+        return [m("throughput", f="%.0f"), err, m("p50", 1000),
+                m("p99", 1000), m("max", 1000),
+                m("overtaken", 100, "%.1f %%"), m("worst", f="%.0f"),
+                "%d" % max(conns) if conns else "-"]
+
+    # -- targets --
+
+    def targets(self):
+        lines = []
+
+        def verdict(ok):
+            return "**met**" if ok else "**MISSED**"
+
+        def ratio(workload, t, key):
+            vals = self.ratios.get((workload, t, key))
+            return med(vals) if vals else None
+
+        for key, limit, name in (
+                ("zpgpool-zope", TARGET_ZOPE_1PC, "Zope path, one-phase"),
+                ("zpgpool-zope-2pc", TARGET_ZOPE_2PC,
+                 "Zope path, two-phase")):
+            for workload in ("select1", "readwrite"):
+                got = [(t, ratio(workload, t, key)) for t in (1, 4, 16)
+                       if t in self.s.threads]
+                got = [(t, r) for t, r in got if r is not None]
+                if not got:
+                    lines.append("%s ≤ %.2f× the raw floor (%s): not "
+                                 "measured" % (name, limit, workload))
+                    continue
+                ok = all(r <= limit for _, r in got)
+                lines.append("%s: %s ≤ %.2f× the raw floor at 1, 4 and 16 "
+                             "threads (%s): %s" % (
+                                 verdict(ok), name, limit, workload,
+                                 ", ".join("%d: %.2f×" % g for g in got)))
+        zp = self._micro_value("zpgpool")
+        pg = self._micro_value("psycopg2")
+        if zp is not None:
+            lines.append("%s: pure overhead (getconn + putconn, no SQL, one "
+                         "thread) ≤ %.1f µs: %.2f µs" % (
+                             verdict(zp <= TARGET_CHECKOUT_US),
+                             TARGET_CHECKOUT_US, zp))
+        if zp is not None and pg is not None:
+            paired = self._micro_paired("zpgpool", "psycopg2")
+            lines.append("%s: ... and no slower than psycopg2's "
+                         "ThreadedConnectionPool: %.2f µs vs %.2f µs "
+                         "(median of the repetitions' ratios: %.2f×)" % (
+                             verdict(med(paired) <= 1.0), zp, pg,
+                             med(paired)))
+        rep = [v for label, v in self.micro.items()
+               if label.endswith("pool.connection()")]
+        if rep:
+            r = med(rep[0])
+            lines.append("%s: repeated `connection()` in one transaction ≤ "
+                         "%.1f µs: %.3f µs (through getUtility each time: "
+                         "%s µs)" % (verdict(r <= TARGET_REPEAT_US),
+                                     TARGET_REPEAT_US, r,
+                                     self._micro_label_value(
+                                         "getUtility(IConnectionPool")))
+        for key in ("zpgpool", "zpgpool-zope"):
+            reps = self.exhaust.get(key)
+            if not reps:
+                continue
+            errors = max(r["errors"] for r in reps)
+            tput = med([r["throughput"] for r in reps])
+            other = "sqlalchemy" if key == "zpgpool" else "zope.sqlalchemy"
+            oreps = self.exhaust.get(other)
+            label = C.BY_KEY[key].label
+            lines.append("%s: exhaustion, %s: zero errors (%d)" % (
+                verdict(errors == 0), label, errors))
+            if oreps:
+                otput = med([r["throughput"] for r in oreps])
+                lines.append("%s: exhaustion, %s: throughput ≥ %s's: %.0f "
+                             "vs %.0f ops/s" % (
+                                 verdict(tput >= otput), label,
+                                 C.BY_KEY[other].label, tput, otput))
+            worst = [r["worst"] for r in reps if r["worst"] is not None]
+            if worst:
+                # Scheduling jitter between the ticket and the pool's queue
+                # lets a few arrivals slip ahead; a pool that lets newcomers
+                # barge in lets hundreds.
+                o = max(worst)
+                lines.append("%s: exhaustion, %s: waiters served in arrival "
+                             "order: at most %d later arrivals served before "
+                             "any one checkout in any repetition (counted as "
+                             "met up to the %d threads: one round of "
+                             "scheduling jitter)" % (
+                                 verdict(o <= self.s.ex_threads), label, o,
+                                 self.s.ex_threads))
+        for key in ("zpgpool", "zpgpool-zope"):
+            one = self.times.get(("noop", 1, key))
+            big = self.times.get(("noop", 64, key))
+            if one and big:
+                a, b = med(one), med(big)
+                lines.append("%s: flat cost, %s: overhead per operation "
+                             "(no SQL) at 64 threads within %.0f× that at 1 "
+                             "thread: %.2f µs vs %.2f µs (%.2f×)" % (
+                                 verdict(b <= TARGET_FLAT * a),
+                                 C.BY_KEY[key].label, TARGET_FLAT, b, a,
+                                 b / a))
+        for m in self.memory:
+            grow_rss = m["rss1"] - m["rss0"]
+            grow_traced = m["traced1"] - m["traced0"]
+            lines.append("%s: no memory growth, %s: RSS %s over %s, traced "
+                         "%s over %s (called growth above %s RSS or %s "
+                         "traced)" % (
+                             verdict(grow_rss <= RSS_SLACK
+                                     and grow_traced <= TRACED_SLACK),
+                             m["label"], kib(grow_rss),
+                             "{:,}".format(m["n_rss"]), kib(grow_traced),
+                             "{:,}".format(m["n_traced"]),
+                             mib(RSS_SLACK), kib(TRACED_SLACK)))
+        return lines
+
+    def _micro_value(self, key):
+        for label, values in self.micro.items():
+            if self.micro_keys.get(label) == key and \
+                    label.endswith("checkout + return"):
+                return med(values)
+        return None
+
+    def _micro_paired(self, key, other):
+        """Per-repetition ratios of two checkout + return loops."""
+        found = {}
+        for label, values in self.micro.items():
+            k = self.micro_keys.get(label)
+            if k in (key, other) and label.endswith("checkout + return"):
+                found[k] = values
+        return [a / b for a, b in zip(found[key], found[other])]
+
+    def _micro_label_value(self, fragment):
+        for label, values in self.micro.items():
+            if fragment in label:
+                return "%.3f" % med(values)
+        return "-"
+
+
+# -- the run ------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Benchmark zpgpool against other PostgreSQL pools.")
+    parser.add_argument("--dsn", help="use this server instead of starting "
+                        "a throwaway one (needs max_connections >= 64 x "
+                        "contenders and max_prepared_transactions >= 64 for "
+                        "the two-phase contenders)")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer, shorter repetitions (about 3 minutes)")
+    parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"),
+                        help="the Markdown file to write (default: "
+                        "benchmarks/RESULTS.md)")
+    parser.add_argument("--reps", type=int, help="repetitions")
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="thread counts (default: 1 4 16 64)")
+    parser.add_argument("--duration", type=float,
+                        help="seconds measured per workload and cell")
+    parser.add_argument("--contenders", nargs="+", metavar="KEY",
+                        choices=sorted(C.BY_KEY),
+                        help="only these (the raw floor always runs): %s"
+                        % ", ".join(C.BY_KEY))
+    parser.add_argument("--skip", nargs="+", default=(),
+                        choices=("threads", "micro", "exhaustion", "memory"),
+                        help="parts of the run to leave out")
+    args = parser.parse_args(argv)
+    s = Settings(args)
+    shown = list(argv if argv is not None else sys.argv[1:])
+    for i, a in enumerate(shown):
+        # Never print a password: show the option, not the DSN.
+        if i and shown[i - 1] == "--dsn":
+            shown[i] = "DSN"
+        elif a.startswith("--dsn="):
+            shown[i] = "--dsn=DSN"
+    command = "python benchmarks/run.py" + "".join(
+        " " + (a if a == "DSN" else shlex.quote(a)) for a in shown)
+    t0 = time.monotonic()
+    load0 = os.getloadavg()[0]
+
+    active = [cls for cls in C.ALL if cls.key == FLOOR or not args.contenders
+              or cls.key in args.contenders]
+    server = None
+    if args.dsn:
+        dsn = args.dsn
+    else:
+        log(t0, "starting a throwaway PostgreSQL server")
+        server = start_server(len(active), max(s.threads))
+        dsn = server.dsn()
+    try:
+        report = Report(s, active)
+        max_prepared = int(query(dsn, "SHOW max_prepared_transactions")[0][0])
+        if max_prepared < max(s.threads):
+            for cls in list(active):
+                if cls.twophase:
+                    active.remove(cls)
+                    report.skipped.append((
+                        cls.label, "the server's max_prepared_transactions "
+                        "is %d, below %d threads" % (max_prepared,
+                                                      max(s.threads))))
+        max_conn = int(query(dsn, "SHOW max_connections")[0][0])
+        needed = max(s.threads) * len(active) + 20
+        if max_conn < needed:
+            log(t0, "warning: the server's max_connections is %d; this run "
+                "may need %d (contenders that cannot connect are reported "
+                "as failed)" % (max_conn, needed))
+        query(dsn, C.TABLE)
+        report.info = machine_info(dsn, server, active)
+        log(t0, "PostgreSQL %s; %d contenders" % (
+            dict(report.info)["PostgreSQL server"].split(";")[0],
+            len(active)))
+        if "threads" not in args.skip:
+            run_threads(report, active, dsn, s, t0)
+        if "micro" not in args.skip:
+            run_micro(report, active, dsn, s, t0)
+        if "exhaustion" not in args.skip:
+            run_exhaustions(report, active, dsn, s, t0)
+        if "memory" not in args.skip:
+            run_memory(report, dsn, s, t0)
+        query(dsn, "DROP TABLE IF EXISTS zpgpool_bench")
+    finally:
+        if server is not None:
+            log(t0, "removing the throwaway server")
+            server.cleanup()
+    took = time.monotonic() - t0
+    text = report.markdown(command, took, load0, os.getloadavg()[0])
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    print()
+    print("Targets:")
+    for line in report.targets():
+        print("  " + line.replace("**", ""))
+    print()
+    print("Written to %s" % os.path.relpath(args.out))
+    return 0
+
+
+def run_threads(report, active, dsn, s, t0):
+    """Every contender at each thread count, slices interleaved.
+
+    All contenders' pools and threads stay up for the whole thread count
+    (hence max_connections of 64 x contenders), and each repetition runs
+    one slice of each workload for each contender, in an order rotated from
+    one repetition to the next, so that a floor and a contender are measured
+    seconds apart and drift on the machine hits all of them alike.
+    """
+    for threads in s.threads:
+        query(dsn, "TRUNCATE zpgpool_bench")
+        log(t0, "%d threads: starting %d contenders" % (threads, len(active)))
+        crews = {}
+        for cls in active:
+            contender = cls(dsn)
+            try:
+                contender.setup(threads)
+                crews[cls.key] = Crew(contender, threads)
+            except Exception as exc:
+                fail(report, t0, cls.key, threads, exc)
+                contender.teardown()
+        try:
+            keys = list(crews)
+            for rep in range(s.reps):
+                shift = rep % len(keys)
+                order = keys[shift:] + keys[:shift]
+                for workload in C.WORKLOADS:
+                    results = {}
+                    for key in order:
+                        crew = crews.get(key)
+                        if crew is None or \
+                                workload not in crew.contender.workloads:
+                            continue
+                        try:
+                            n, window = crew.run(workload, s.warm,
+                                                 s.duration)
+                        except CellError as exc:
+                            fail(report, t0, key, threads, exc)
+                            del crews[key]
+                            crew.stop()
+                            crew.contender.teardown()
+                            continue
+                        results[key] = {workload: (n, window)}
+                    report.add_cell(results, threads)
+                sel = report.ratios.get(("select1", threads, "zpgpool-zope"))
+                log(t0, "%d threads: repetition %d/%d done%s" % (
+                    threads, rep + 1, s.reps,
+                    "; Zope path / floor (SELECT 1) = %.2f" % sel[-1]
+                    if sel else ""))
+        finally:
+            for crew in crews.values():
+                crew.stop()
+                crew.contender.teardown()
+
+
+def fail(report, t0, key, threads, exc):
+    msg = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() \
+        else type(exc).__name__
+    report.failed[(key, threads)] = msg
+    log(t0, "%s at %d threads failed: %s" % (key, threads, msg))
+
+
+def run_micro(report, active, dsn, s, t0):
+    log(t0, "single-thread micro benchmarks")
+    loops, opened = micro_loops(active, dsn)
+    try:
+        sizes = {}
+        for label, (loop, cls) in loops.items():
+            loop(1000)
+            sizes[label] = calibrate(loop, s.micro_time)
+            report.micro_keys[label] = cls.key if cls else None
+        labels = list(loops)
+        for rep in range(s.reps):
+            shift = rep % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                per = timed(loops[label][0], sizes[label])
+                report.micro.setdefault(label, []).append(per * 1e6)
+        report.micro = {label: report.micro[label] for label in labels}
+    finally:
+        for contender in opened:
+            contender.teardown()
+
+
+def run_exhaustions(report, active, dsn, s, t0):
+    chosen = [cls for cls in active if cls.limited and not cls.twophase]
+    for rep in range(s.ex_reps):
+        shift = rep % len(chosen)
+        for cls in chosen[shift:] + chosen[:shift]:
+            contender = cls(dsn)
+            try:
+                contender.setup(s.ex_conns)
+                try:
+                    r = run_exhaustion(contender, s.ex_threads, s.ex_hold,
+                                       s.ex_warm, s.ex_duration, dsn)
+                finally:
+                    contender.teardown()
+            except Exception as exc:
+                fail(report, t0, cls.key, s.ex_threads, exc)
+                continue
+            waits = r["waits"]
+
+            def pct(p):
+                if not waits:
+                    return None
+                return waits[min(len(waits) - 1, int(p * len(waits)))]
+            report.exhaust.setdefault(cls.key, []).append(dict(
+                throughput=r["completed"] / s.ex_duration,
+                errors=r["errors"], kinds=r["kinds"], p50=pct(0.50),
+                p99=pct(0.99), max=waits[-1] if waits else None,
+                overtaken=r["overtaken"], worst=r["worst"],
+                connections=r["connections"]))
+        log(t0, "exhaustion repetition %d/%d done" % (rep + 1, s.ex_reps))
+    # Keep the contenders' order.
+    report.exhaust = {cls.key: report.exhaust[cls.key] for cls in chosen
+                      if cls.key in report.exhaust}
+
+
+def run_memory(report, dsn, s, t0):
+    import zpgpool
+    log(t0, "memory: %d checkouts" % s.mem_checkouts)
+    pool = zpgpool.ConnectionPool(dsn, name="bench-memory", maxconn=4)
+    try:
+        def checkout():
+            pool.putconn(pool.getconn())
+        report.memory.append(memory_run(
+            "zpgpool getconn + putconn", checkout, s.mem_checkouts,
+            s.mem_traced))
+        tm = transaction.manager
+
+        def zope():
+            with tm:
+                pool.connection()
+        log(t0, "memory: %d Zope transactions" % s.mem_zope)
+        report.memory.append(memory_run(
+            "zpgpool Zope path, one transaction each", zope, s.mem_zope,
+            s.mem_zope))
+    finally:
+        pool.closeall()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
