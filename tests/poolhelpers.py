@@ -5,9 +5,11 @@ backends in ``pg_stat_activity``, runs threads that must finish, and
 captures what the ``zpgpool`` logger says.
 """
 import logging
+import os
 import sys
 import threading
 import time
+import traceback
 import uuid
 
 import psycopg2
@@ -151,3 +153,46 @@ def close_pool(testcase, pool):
         thread.join(WAIT)
         testcase.assertFalse(thread.is_alive(),
                              "the maintenance thread of %r still runs" % pool)
+
+
+def _current_coverage():
+    try:
+        import coverage
+    except ImportError:   # pragma: no cover (the test extra installs it)
+        return None
+    current = getattr(coverage.Coverage, "current", None)
+    return current() if current is not None else None
+
+
+def run_in_child(body):
+    """Run ``body()`` in a forked child process; return ``(exit code,
+    message)``, the message being "ok" or the child's traceback.
+
+    The child leaves with ``os._exit``, as a forked worker that must not
+    run its parent's clean-up does. When coverage measures the tests with
+    ``patch = fork`` the child has a Coverage of its own, whose data is
+    saved first; the parent's is never saved from the child.
+    """
+    parent_coverage = _current_coverage()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:   # pragma: no cover (the child's lines are its own)
+        code, message = 0, b"ok"
+        try:
+            os.close(read_end)
+            body()
+        except BaseException:
+            code, message = 1, traceback.format_exc().encode()
+        try:
+            os.write(write_end, message)
+            cov = _current_coverage()
+            if cov is not None and cov is not parent_coverage:
+                cov.stop()
+                cov.save()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        message = reader.read().decode()
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status), message

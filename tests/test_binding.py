@@ -5,11 +5,9 @@ back when the thread ends; the transaction integration parks a thread's
 connection between transactions and lends it to other threads when they
 would otherwise wait. All against the real throwaway server.
 """
-import os
 import sys
 import threading
 import time
-import traceback
 import unittest
 
 import psycopg2
@@ -26,6 +24,7 @@ from .poolhelpers import WAIT
 from .poolhelpers import LogCapture
 from .poolhelpers import close_pool
 from .poolhelpers import query
+from .poolhelpers import run_in_child
 from .poolhelpers import server_pid
 from .poolhelpers import start
 from .poolhelpers import unique_name
@@ -273,30 +272,15 @@ class ForkTests(BindingTestBase):
         conn = pool.getconn()
         pid = server_pid(conn)
         conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
-        read_end, write_end = os.pipe()
-        child = os.fork()
-        if child == 0:   # pragma: no cover (coverage does not see the child)
-            code = 0
-            try:
-                os.close(read_end)
-                mine = pool.getconn()
-                assert mine is not conn, "got the parent's connection"
-                assert server_pid(mine) != pid, "on the parent's backend"
-                mine.rollback()
-                pool.putconn()
-                pool.closeall()
-                message = b"ok"
-            except BaseException:
-                message = traceback.format_exc().encode()
-                code = 1
-            os.write(write_end, message)
-            os._exit(code)
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as reader:
-            message = reader.read().decode()
-        _, status = os.waitpid(child, 0)
-        self.assertEqual(message, "ok")
-        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+        def child():
+            mine = pool.getconn()
+            assert mine is not conn, "got the parent's connection"
+            assert server_pid(mine) != pid, "on the parent's backend"
+            mine.rollback()
+            pool.putconn()
+            pool.closeall()
+        self.assertEqual(run_in_child(child), (0, "ok"))
         self.assertEqual(server_pid(conn), pid)
         self.assertEqual(conn.get_transaction_status(),
                          psycopg2.extensions.TRANSACTION_STATUS_INTRANS)

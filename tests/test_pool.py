@@ -12,7 +12,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 import unittest
 
 import psycopg2
@@ -36,6 +35,7 @@ from .poolhelpers import backend_pids
 from .poolhelpers import close_pool
 from .poolhelpers import is_in
 from .poolhelpers import query
+from .poolhelpers import run_in_child
 from .poolhelpers import server_pid
 from .poolhelpers import start
 from .poolhelpers import unique_name
@@ -1291,34 +1291,19 @@ class ForkTests(PoolTestBase):
         idle_pid = server_pid(idle)
         idle.commit()
         pool.putconn(idle)
-        read_end, write_end = os.pipe()
-        child = os.fork()
-        if child == 0:   # pragma: no cover (coverage does not see the child)
-            code = 0
-            try:
-                os.close(read_end)
-                conn = pool.getconn()
-                assert conn is not idle and conn is not held, "inherited"
-                pid = server_pid(conn)
-                assert pid not in (held_pid, idle_pid), "parent's backend"
-                conn.commit()
-                pool.putconn(conn)
-                # What a careless child may do with what it inherited.
-                held.close()
-                idle.close()
-                pool.closeall()
-                message = b"ok"
-            except BaseException:
-                message = traceback.format_exc().encode()
-                code = 1
-            os.write(write_end, message)
-            os._exit(code)
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as reader:
-            message = reader.read().decode()
-        _, status = os.waitpid(child, 0)
-        self.assertEqual(message, "ok")
-        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+
+        def child():
+            conn = pool.getconn()
+            assert conn is not idle and conn is not held, "inherited"
+            pid = server_pid(conn)
+            assert pid not in (held_pid, idle_pid), "parent's backend"
+            conn.commit()
+            pool.putconn(conn)
+            # What a careless child may do with what it inherited.
+            held.close()
+            idle.close()
+            pool.closeall()
+        self.assertEqual(run_in_child(child), (0, "ok"))
         # The parent's connections are untouched: same backends, working.
         self.assertEqual(server_pid(held), held_pid)
         self.assertWorks(held)
