@@ -1087,7 +1087,7 @@ class ConnectionPool:
             self._maintainer = thread
         try:
             thread.start()
-        except BaseException:
+        except BaseException:  # pragma: no cover (no new thread allowed)
             with self._lock:
                 if self._maintainer is thread:
                     self._maintainer = None
