@@ -17,6 +17,7 @@ with a pool sized for that many threads; each worker thread asks it for its
 operations with ``thread_ops(worker)``, so per-thread state (the floor's
 persistent connection, a scoped session) is made in the thread that uses it.
 """
+import itertools
 import time
 
 import psycopg2
@@ -155,6 +156,47 @@ class RawFloor(Contender):
         def op_readwrite():
             readwrite(conn, worker)
             conn.commit()
+
+        return {"select1": op_select1, "readwrite": op_readwrite}
+
+    def teardown(self):
+        for conn in self._conns:
+            conn.close()
+
+
+class RawTwoPhase(Contender):
+    key = "raw-2pc"
+    label = "raw psycopg2 two-phase, one connection per thread (reference)"
+    packages = ("psycopg2-binary",)
+    note = ("Not a pool: the floor with tpc_begin() / tpc_prepare() / "
+            "tpc_commit() instead of commit(), i.e. BEGIN, the statements, "
+            "PREPARE TRANSACTION and COMMIT PREPARED. What two-phase commit "
+            "costs by itself, to read the two-phase rows against.")
+    twophase = True
+    limited = False
+    micro = False
+    workloads = ("select1", "readwrite")
+
+    def setup(self, size, timeout=30.0):
+        self._conns = []
+
+    def thread_ops(self, worker):
+        conn = psycopg2.connect(self.dsn)
+        self._conns.append(conn)
+        prefix = "bench-raw-2pc:%d:%d:" % (worker, id(conn))
+        counter = itertools.count()
+
+        def op_select1():
+            conn.tpc_begin(prefix + str(next(counter)))
+            select1(conn)
+            conn.tpc_prepare()
+            conn.tpc_commit()
+
+        def op_readwrite():
+            conn.tpc_begin(prefix + str(next(counter)))
+            readwrite(conn, worker)
+            conn.tpc_prepare()
+            conn.tpc_commit()
 
         return {"select1": op_select1, "readwrite": op_readwrite}
 
@@ -607,6 +649,7 @@ ALL = (
     RawFloor,
     ZpgpoolZope,
     ZpgpoolZopeTwoPhase,
+    RawTwoPhase,
     ZpgpoolGetconn,
     Psycopg2Threaded,
     Psycopg2PoolPackage,
