@@ -678,6 +678,14 @@ class Report:
           "raw floor's (one persistent psycopg2 connection per thread, "
           "`conn.commit()`) in the same repetition; the spread is over the "
           "repetitions' ratios.")
+        cpus = os.cpu_count() or 1
+        if max(s.threads) > cpus:
+            w("- The clients and the server share %d CPUs, so the runs with "
+              "more threads than that are CPU-bound: their time per "
+              "operation is the CPU time one transaction takes (Python in "
+              "the client, the server's work), and every microsecond of "
+              "Python a contender adds counts in full. At one thread the "
+              "round trips' latency dominates instead." % cpus)
         w("- Same DSN for all; health checks at their defaults (see the "
           "notes: only SQLAlchemy with pool_pre_ping pings on every "
           "checkout). psycopg2 autocommit is off everywhere, so psycopg2 "
@@ -988,6 +996,14 @@ class Report:
         if None in (txn, zope) or not floor or not path:
             return ""
         f, z = med(floor), med(path)
+        plain = self.times.get(("select1", 1, "zpgpool"))
+        loop = self._micro_value("zpgpool")
+        hot = ""
+        if plain and loop is not None:
+            hot = (" For scale: the single-thread loops run hot in the "
+                   "CPU's caches, and plain getconn + putconn, %.1f µs in "
+                   "its loop, added %.0f µs to the floor's SELECT 1 in the "
+                   "slices (medians)." % (loop, med(plain) - f))
         return (
             "**Where the Zope path's time goes (one thread).** The floor's "
             "SELECT 1 took %.0f µs in the slices above, so the 1.10× target "
@@ -998,8 +1014,9 @@ class Report:
             "(getUtility, `connection()` joining the transaction and "
             "taking the thread's connection back, the data manager, parking "
             "the connection at the end) costs %.1f µs more, in the "
-            "single-thread loops above." % (
-                f, 0.1 * f, z - f, txn, 100 * txn / (0.1 * f), zope - txn))
+            "single-thread loops above.%s" % (
+                f, 0.1 * f, z - f, txn, 100 * txn / (0.1 * f), zope - txn,
+                hot))
 
     def _micro_value(self, key):
         for label, values in self.micro.items():
