@@ -14,6 +14,14 @@ import uuid
 
 import psycopg2
 
+from zpgpool.testing import PostgresLayer
+
+
+#: A server that cannot prepare transactions (two-phase unavailable).
+NO_TWOPHASE_LAYER = PostgresLayer(
+    "NO_TWOPHASE_LAYER", private=True,
+    settings={"max_prepared_transactions": 0}, module=__name__)
+
 
 #: Seconds after which a test gives up waiting for something that should
 #: happen much sooner. Only catches hangs; no test asserts a duration.

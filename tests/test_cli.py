@@ -30,7 +30,6 @@ from zpgpool import cli
 from zpgpool.datamanager import gid_prefix
 from zpgpool.pool import ConnectionPool
 from zpgpool.testing import POSTGRES_LAYER
-from zpgpool.testing import PostgresLayer
 
 
 SITE = """\
@@ -42,10 +41,8 @@ SITE = """\
 </configure>
 """
 
-#: A server that cannot prepare transactions (two-phase unavailable).
-NO_TWOPHASE_LAYER = PostgresLayer(
-    'NO_TWOPHASE_LAYER', private=True,
-    settings={'max_prepared_transactions': 0})
+from tests.poolhelpers import NO_TWOPHASE_LAYER
+from zpgpool.pool import hide_passwords
 
 
 def run(*argv):
@@ -266,7 +263,7 @@ class CommandLineTests(CommandTestCase):
 
     def test_hide_passwords(self):
         self.assertEqual(
-            cli.hide_passwords("dsn='host=x password=abc user=y' and "
+            hide_passwords("dsn='host=x password=abc user=y' and "
                                "password = 'a b\\'c' and "
                                "postgresql://me:pw@host/db?sslpassword=s&x=1"),
             "dsn='host=x password=*** user=y' and password = *** and "

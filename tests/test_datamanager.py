@@ -18,12 +18,9 @@ import transaction.interfaces
 from zope.interface.verify import verifyObject
 
 from zpgpool.testing import POSTGRES_LAYER
-from zpgpool.testing import PostgresLayer
 
 
-NO_TWOPHASE_LAYER = PostgresLayer(
-    "NO_TWOPHASE_LAYER", private=True,
-    settings={"max_prepared_transactions": 0})
+from tests.poolhelpers import NO_TWOPHASE_LAYER
 
 JOIN_TIMEOUT = 60
 

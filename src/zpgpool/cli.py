@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -32,6 +31,8 @@ import time
 import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
+
+from zpgpool.pool import hide_passwords
 
 
 PROG = "zpgpool"
@@ -45,21 +46,9 @@ DEMO_DSN_ENV = "ZPGPOOL_DEMO_DSN"
 _TARGET_KEYS = ("service", "host", "hostaddr", "port", "dbname", "user",
                 "password", "sslmode")
 
-# A password in a text that may quote ZCML or a DSN: a password=... pair
-# (quoted or not) or the userinfo of a postgresql:// URI.
-_PASSWORD_PAIR = re.compile(
-    r"""(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^\s'"&]+)""")
-_URI_PASSWORD = re.compile(r"(postgres(?:ql)?://[^:@/?#\s]*:)([^@/?#\s]+)@")
-
 
 class CommandError(Exception):
     """What went wrong, in the user's terms; exit status 1."""
-
-
-def hide_passwords(text):
-    """Return ``text`` with every password it shows replaced by ``***``."""
-    text = _PASSWORD_PAIR.sub(r"\1***", text)
-    return _URI_PASSWORD.sub(r"\1***@", text)
 
 
 def _say(*parts):
@@ -113,13 +102,7 @@ def _close_pools(pools):
 
 def short_dsn(pool):
     """The pool's masked DSN, reduced to where it connects."""
-    masked = pool.dsn
-    try:
-        params = psycopg2.extensions.parse_dsn(masked)
-    except psycopg2.Error:
-        # A value with a space (an application_name, say) shown unquoted:
-        # each key=value pair runs until the next " key=".
-        params = dict(re.findall(r"(\w+)=(.*?)(?=\s+\w+=|\s*$)", masked))
+    params = psycopg2.extensions.parse_dsn(pool.dsn)
     shown = ["%s=%s" % (k, params[k]) for k in _TARGET_KEYS if k in params]
     return " ".join(shown) or "(libpq defaults)"
 

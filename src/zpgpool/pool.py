@@ -134,6 +134,24 @@ def scrub_password(message, dsn):
     return message
 
 
+# Passwords in free text (ZCML source, an error quoting a DSN), where a
+# value may also end at a quote.
+_SOURCE_PASSWORDS = (
+    (re.compile(r"(postgres(?:ql)?://[^:@/?#\s\"']*:)[^@/?#\s\"']+@"),
+     r"\1***@"),
+    (re.compile(r"(\b(?:ssl)?password\s*=\s*)"
+                r"(?:'(?:[^'\\]|\\.)*'?|[^\s\"'&]+)"),
+     r"\1***"),
+)
+
+
+def hide_passwords(text):
+    """Return ``text`` with every password it shows replaced by ``***``."""
+    for pattern, replacement in _SOURCE_PASSWORDS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def mask_dsn(dsn):
     """Return ``dsn`` as ``key=value`` pairs with the password hidden."""
     try:
@@ -143,7 +161,8 @@ def mask_dsn(dsn):
     for key in ("password", "sslpassword"):
         if key in params:
             params[key] = "***"
-    return " ".join("%s=%s" % item for item in sorted(params.items()))
+    # make_dsn quotes values with spaces, so the result parses back.
+    return _ext.make_dsn(**dict(sorted(params.items())))
 
 
 class ConnectError(PoolError, psycopg2.OperationalError):

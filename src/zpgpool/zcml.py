@@ -21,7 +21,6 @@ import atexit
 import logging
 import math
 import os
-import re
 
 import psycopg2
 import psycopg2.extensions
@@ -39,6 +38,7 @@ from zope.schema import ValidationError
 from transaction.interfaces import ITransactionManager
 
 from zpgpool.errors import InvalidOption
+from zpgpool.pool import hide_passwords
 from zpgpool.pool import scrub_password
 from zpgpool.interfaces import IConnectionPool
 
@@ -439,16 +439,6 @@ class IPoolDirective(Interface):
     )
 
 
-# The same, in ZCML source text, where a value ends at a quote too.
-_SOURCE_PASSWORDS = (
-    (re.compile(r"(postgres(?:ql)?://[^:@/?#\s\"']*:)[^@/?#\s\"']+@"),
-     r"\1***@"),
-    (re.compile(r"(\b(?:ssl)?password\s*=\s*)"
-                r"(?:'(?:[^'\\]|\\.)*'?|[^\s\"'&]+)"),
-     r"\1***"),
-)
-
-
 class _MaskedInfo:
     """A directive's location whose quoted source hides passwords.
 
@@ -462,10 +452,7 @@ class _MaskedInfo:
         self._info = info
 
     def __str__(self):
-        text = str(self._info)
-        for pattern, replacement in _SOURCE_PASSWORDS:
-            text = pattern.sub(replacement, text)
-        return text
+        return hide_passwords(str(self._info))
 
     def __repr__(self):
         return repr(self._info)
