@@ -178,7 +178,10 @@ class IConnectionPool(Interface):
         work outside a Zope transaction; inside one, use ``connection()``.
 
         *timeout* is the number of seconds to wait for a free connection,
-        the pool's ``timeout`` when None.  Raises what ``getconn()`` raises.
+        the pool's ``timeout`` when None.  Raises what ``getconn()`` raises,
+        and ``PoolError`` when the block ends normally after a statement
+        failed (PostgreSQL has aborted the transaction; the pool rolls it
+        back rather than report it committed).
         """
 
     def connection():
