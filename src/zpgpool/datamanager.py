@@ -70,8 +70,9 @@ def translate_error(exc):
     return exc
 
 
-def _guarded(name, query=False):
-    """A cursor method that joins the current transaction first."""
+def _guarded(base, query=False):
+    """Wrap cursor method ``base`` so that it joins the current transaction
+    first and makes conflicts retryable."""
     def method(self, *args, **kw):
         conn = self.connection
         managed = conn._zp_managed
@@ -81,33 +82,30 @@ def _guarded(name, query=False):
                 "to its pool; call pool.connection() and open a new cursor")
         managed.before_statement(conn, args[0] if args and query else None)
         try:
-            return getattr(super(_ManagedCursorMixin, self), name)(*args, **kw)
+            return base(self, *args, **kw)
         except psycopg2.Error as exc:
             raise translate_error(exc)
-    method.__name__ = name
+    method.__name__ = base.__name__
     return method
 
 
-class _ManagedCursorMixin:
-    """Statements on a managed connection join the current transaction;
-    serialization failures and deadlocks come out retryable."""
-
-    execute = _guarded("execute", query=True)
-    executemany = _guarded("executemany", query=True)
-    callproc = _guarded("callproc")
-    copy_expert = _guarded("copy_expert")
-    copy_from = _guarded("copy_from")
-    copy_to = _guarded("copy_to")
-
-
+# The cursor methods that send statements; the first two take the query.
+_STATEMENT_METHODS = (("execute", True), ("executemany", True),
+                      ("callproc", False), ("copy_expert", False),
+                      ("copy_from", False), ("copy_to", False))
 _cursor_classes = {}
 
 
 def _managed_cursor_class(factory):
+    """Return a subclass of cursor class ``factory`` whose statements join
+    the current transaction (cached per factory)."""
     cls = _cursor_classes.get(factory)
     if cls is None:
-        cls = type("Managed" + factory.__name__,
-                   (_ManagedCursorMixin, factory), {})
+        methods = {name: _guarded(getattr(factory, name), query)
+                   for name, query in _STATEMENT_METHODS}
+        methods["__doc__"] = ("%s whose statements join the current "
+                              "transaction." % factory.__name__)
+        cls = type("Managed" + factory.__name__, (factory,), methods)
         _cursor_classes[factory] = cls
     return cls
 
@@ -123,14 +121,30 @@ _SESSION_STATEMENT = re.compile(
 _SESSION_CALLS = ("set_config", "advisory_lock", "advisory_unlock")
 
 
+_session_answers = {}
+
+
 def changes_session(query, conn):
     """Tell whether ``query`` may leave state in the session."""
+    if isinstance(query, str):
+        # Applications run the same few statements again and again.
+        answer = _session_answers.get(query)
+        if answer is None:
+            answer = _changes_session(query)
+            if len(_session_answers) > 2000:
+                _session_answers.clear()
+            _session_answers[query] = answer
+        return answer
     if isinstance(query, bytes):
         query = query.decode("utf-8", "replace")
     elif isinstance(query, sql.Composable):
         query = query.as_string(conn)
     elif not isinstance(query, str):
         return True
+    return _changes_session(query)
+
+
+def _changes_session(query):
     if _SESSION_STATEMENT.match(query):
         return True
     lowered = query.lower()
@@ -161,22 +175,30 @@ class ThreadState:
     def __init__(self, pool, holder):
         self.pool = pool
         self.holder = holder
-        self.tm = pool.transaction_manager
+        self.tm = tm = pool.transaction_manager
         self.ident = _get_ident()
+        # This object lives in one thread only, so with the usual
+        # thread-local manager it may ask that thread's own manager directly.
+        if isinstance(tm, transaction.ThreadTransactionManager):
+            tm = tm.manager
+        self._get_transaction = tm.get
         self.txn = None     # the transaction joined, or None between them
         self.conn = None
         self.dm = None
         holder.manager = self
 
     def connection(self):
-        txn = self._current_transaction()
+        try:
+            txn = self._get_transaction()
+        except transaction.interfaces.NoTransaction:
+            txn = self._current_transaction()
         if txn is self.txn:
             return self.conn
         return self._join(txn)
 
     def _current_transaction(self):
         try:
-            return self.tm.get()
+            return self._get_transaction()
         except transaction.interfaces.NoTransaction:
             raise ConnectionMisuse(
                 "%s: no transaction is active: the transaction manager is in "
