@@ -776,7 +776,11 @@ class ConnectionPool:
                     conn._zp_owner = None
                     conn._zp_last_used = now
                     self._in_use -= 1
-                    self._hand_over(conn)
+                    if self._waiters:
+                        self._hand_over(conn)
+                    else:
+                        conn._zp_state = IDLE
+                        self._idle.append(conn)
                     returned, conn = conn, None
             if conn is None:
                 if _subscribers:
