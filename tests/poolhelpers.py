@@ -6,6 +6,7 @@ captures what the ``zpgpool`` logger says.
 """
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -204,3 +205,21 @@ def run_in_child(body):
         message = reader.read().decode()
     _, status = os.waitpid(child, 0)
     return os.waitstatus_to_exitcode(status), message
+
+
+def closed_port():
+    """A TCP port of 127.0.0.1 on which nobody listens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*argv):
+    """Run ``zpgpool *argv`` in-process; return (status, stdout, stderr)."""
+    import contextlib
+    import io
+    from zpgpool import cli
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(list(argv))
+    return status, out.getvalue(), err.getvalue()

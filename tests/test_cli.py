@@ -11,7 +11,6 @@ import io
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,19 +44,8 @@ from tests.poolhelpers import NO_TWOPHASE_LAYER
 from zpgpool.pool import hide_passwords
 
 
-def run(*argv):
-    """Run ``zpgpool *argv`` in-process; return (status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(list(argv))
-    return status, out.getvalue(), err.getvalue()
-
-
-def closed_port():
-    """A TCP port of 127.0.0.1 where nothing listens."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+from tests.poolhelpers import closed_port
+from tests.poolhelpers import run_cli as run
 
 
 def with_params(dsn, **params):

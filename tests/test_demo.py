@@ -35,18 +35,8 @@ from zpgpool.interfaces import IConnectionPool
 from zpgpool.testing import POSTGRES_LAYER
 
 
-def run(*argv):
-    """Run ``zpgpool *argv`` in-process; return (status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = cli.main(list(argv))
-    return status, out.getvalue(), err.getvalue()
-
-
-def closed_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+from tests.poolhelpers import closed_port
+from tests.poolhelpers import run_cli as run
 
 
 def load_demo_zcml(dsn):

@@ -9,7 +9,6 @@ import io
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import unittest
@@ -37,16 +36,10 @@ from .poolhelpers import is_in
 from .poolhelpers import query
 from .poolhelpers import run_in_child
 from .poolhelpers import server_pid
+from .poolhelpers import closed_port
 from .poolhelpers import start
 from .poolhelpers import unique_name
 from .poolhelpers import wait_for
-
-
-def closed_port():
-    """A TCP port of 127.0.0.1 on which nobody listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def with_params(dsn, **params):
