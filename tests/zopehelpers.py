@@ -186,6 +186,12 @@ class ZopeInstance:
                                    % (timeout, self.log_tail()))
             time.sleep(0.1)
 
+    def restart(self):
+        """Stop the server and start it again on the same instance home
+        and port."""
+        self.stop()
+        self.start()
+
     def log_tail(self, lines=40):
         text = ''
         for name in ('runwsgi.log', 'event.log'):

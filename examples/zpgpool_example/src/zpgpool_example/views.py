@@ -24,9 +24,8 @@ from zpgpool.interfaces import IConnectionPool
 
 import zpgpool_example
 
-#: The pools configure.zcml declares; a view's ``?pool=`` picks one of the
-#: first two.
-POOLS = ('example', 'example2pc', 'exampleserial')
+#: The pools configure.zcml declares.
+POOLS = ('example', 'example2pc', 'exampleserial', 'examplechecked')
 
 #: Attributes of the application root that hold the example's ZODB data.
 NOTES = 'zpgpool_example_notes'
@@ -224,7 +223,12 @@ class Counter(JSONView):
 
 
 class Backend(JSONView):
-    """Show the worker thread's name and its connection's backend pid."""
+    """Show the worker thread's name and its connection's backend pid.
+
+    ``?pool=`` picks ``example`` (default) or ``examplechecked``.
+    """
+
+    pools = ('example', 'examplechecked')
 
     def __call__(self):
         cursor = self.cursor()
