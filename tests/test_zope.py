@@ -153,6 +153,40 @@ class TwoPhaseTests(ZopeTestCase):
         self.assertEqual(self.rows(key), [('', 2)])
         self.assertEqual(self.prepared(), [])
 
+    def test_concurrent_writes_that_conflict_in_zodb_stay_consistent(self):
+        """Concurrent requests change the same persistent mapping: ZODB
+        refuses all but one commit of each overlapping group with a
+        ConflictError, and the publisher retries them.  Afterwards every
+        request that succeeded has its ZODB note and exactly one row, from
+        the attempt that committed; a request that ran out of retries (not
+        expected, but possible) has neither; no transaction stays
+        prepared."""
+        keys = [self.key() for _ in range(3 * ZOPE_LAYER.threads)]
+        results = []
+        for burst in range(3):
+            chunk = keys[burst * ZOPE_LAYER.threads:
+                         (burst + 1) * ZOPE_LAYER.threads]
+            results += self.concurrently([
+                (lambda key=key: self.zope.get(
+                    '@@example-write', key=key, text=key, pool='example2pc',
+                    pause='0.05'))
+                for key in chunk])
+        retries = 0
+        for key, result in zip(keys, results):
+            if result.ok:
+                attempt = result.json['attempt']
+                retries += attempt - 1
+                self.assertEqual(self.rows(key), [(key, attempt)])
+                self.assertEqual(self.read(key)['zodb'], key)
+            else:
+                self.assertEqual(self.rows(key), [])
+                self.assertEqual(self.read(key)['zodb'], None)
+        report('%d concurrent two-phase writes to one persistent mapping: '
+               '%d ZODB conflicts retried, %d requests failed'
+               % (len(keys), retries, sum(not r.ok for r in results)))
+        self.assertGreater(retries, 0)
+        self.assertEqual(self.prepared(), [])
+
     def test_a_conflict_on_every_attempt_leaves_nothing(self):
         """Every attempt conflicts, so the request fails after the
         publisher's last retry; none of the four attempts' rows stays."""

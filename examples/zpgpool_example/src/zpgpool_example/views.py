@@ -83,6 +83,10 @@ class Write(JSONView):
 
     ``?key=`` names the note, ``?text=`` holds it, ``?pool=`` picks the
     one-phase ``example`` (default) or the two-phase ``example2pc`` pool.
+    ``?pause=`` (seconds, at most 1) waits after writing, so that
+    concurrent writes overlap: they all change the one persistent mapping
+    of notes, so all but the first to commit meet a ZODB ConflictError and
+    are retried by the publisher.
     """
 
     def write(self):
@@ -96,6 +100,9 @@ class Write(JSONView):
             (key, text, self.attempt, threading.current_thread().name))
         row_id, pid = cursor.fetchone()
         getattr(self.root(), NOTES)[key] = text
+        pause = min(float(self.request.form.get('pause', 0)), 1.0)
+        if pause:
+            time.sleep(pause)
         return {'key': key, 'id': row_id, 'backend_pid': pid,
                 'thread': threading.current_thread().name,
                 'attempt': self.attempt}
