@@ -1,0 +1,458 @@
+"""Fault scenarios: the server restarting, sessions killed, the network cut,
+the server down at start-up, thread churn, exhaustion and fork, under load.
+
+Every scenario goes the way a Zope view does --
+``getUtility(IConnectionPool, name).connection()`` and the thread's
+transaction manager -- from many threads, and then checks the invariants
+in ``faulthelpers.check_invariants``: every committed transaction is in the
+database exactly once, nothing that failed before COMMIT is, the pool's
+stats add up, no thread is stuck, and after ``close()`` the server sees no
+session of the pool.  Nothing is mocked: the server is a real, private one
+and the network element is a real TCP proxy.  The longer versions live in
+``stress/run.py``.
+"""
+import os
+import threading
+import time
+import unittest
+
+import psycopg2
+import psycopg2.extensions
+import transaction
+from zope.component import getGlobalSiteManager
+from zope.component import getUtility
+
+from zpgpool import ConnectError
+from zpgpool import ConnectionPool
+from zpgpool import PoolTimeout
+from zpgpool.interfaces import IConnectionPool
+from zpgpool.testing import PRIVATE_POSTGRES_LAYER
+
+from tests.faulthelpers import CLEAR_ERRORS
+from tests.faulthelpers import Load
+from tests.faulthelpers import TcpProxy
+from tests.faulthelpers import check_invariants
+from tests.faulthelpers import check_no_leaks
+from tests.faulthelpers import make_table
+from tests.faulthelpers import one_request
+from tests.faulthelpers import wait_until_all_succeed
+from tests.poolhelpers import WAIT
+from tests.poolhelpers import LogCapture
+from tests.poolhelpers import backend_pids
+from tests.poolhelpers import query
+from tests.poolhelpers import run_in_child
+from tests.poolhelpers import unique_name
+from tests.poolhelpers import wait_for
+
+
+class FaultTestBase(unittest.TestCase):
+
+    layer = PRIVATE_POSTGRES_LAYER
+
+    def setUp(self):
+        transaction.abort()
+        self.name = unique_name("f")
+        self.table = "faults_" + self.name
+        self.dsn = self.layer.dsn
+        self.log = LogCapture().install(self)
+        make_table(self.dsn, self.table)
+        self.addCleanup(self._drop_table)
+
+    def _drop_table(self):
+        server = self.layer.server
+        if not server.is_running():
+            server.start()
+        query(self.dsn, "DROP TABLE IF EXISTS %s" % self.table)
+
+    def register(self, dsn=None, **kw):
+        """A pool registered as the named utility views look up."""
+        kw.setdefault("name", self.name)
+        kw.setdefault("maxconn", 8)
+        pool = ConnectionPool(self.dsn if dsn is None else dsn, **kw)
+        gsm = getGlobalSiteManager()
+        gsm.registerUtility(pool, IConnectionPool, kw["name"])
+        self.addCleanup(gsm.unregisterUtility, pool, IConnectionPool,
+                        kw["name"])
+        self.addCleanup(pool.closeall)
+        return pool
+
+    def finish(self, pool, load):
+        load.join(self)
+        stats = check_invariants(self, pool, self.dsn, self.table, load)
+        check_no_leaks(self, pool, self.dsn)
+        return stats
+
+
+class RestartUnderLoadTests(FaultTestBase):
+
+    def _restart(self, mode):
+        pool = self.register(maxconn=8, connect_timeout=2,
+                             reconnect_max_delay=0.2)
+        load = Load(self.name, self.table, threads=16).start()
+        wait_for(lambda: len(load.committed) >= 100, "load running")
+        self.layer.server.stop(mode)
+        down = time.monotonic()
+        wait_for(lambda: load.errors_since(down), "requests failing")
+        self.layer.server.start()
+        back = time.monotonic()
+        wait_until_all_succeed(load, back)
+        first, everyone = load.recovery(back)
+        load.stop(self)
+        stats = self.finish(pool, load)
+        # Requests begun after the server is back do not fail: the pool
+        # retired every connection of the old server when it met the
+        # first dead one. Allow the requests in flight at that moment.
+        late = load.errors_since(back + 0.5)
+        self.assertLessEqual(len(late), 16, late)
+        self.assertGreater(stats["connections_lost"], 0)
+        return first, everyone
+
+    def test_fast_stop_under_load(self):
+        self._restart("fast")
+
+    def test_immediate_stop_under_load(self):
+        self._restart("immediate")
+
+
+class KilledSessionsTests(FaultTestBase):
+
+    def test_terminate_random_pooled_backends_under_load(self):
+        pool = self.register(maxconn=6)
+        load = Load(self.name, self.table, threads=12).start()
+        app_name = "zpgpool:" + self.name
+        killed = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            rows = query(self.dsn,
+                         "SELECT pg_terminate_backend(pid) FROM "
+                         "pg_stat_activity WHERE application_name = %s "
+                         "ORDER BY random() LIMIT 2", (app_name,))
+            killed += len(rows)
+            time.sleep(0.1)
+        since = time.monotonic()
+        wait_until_all_succeed(load, since)
+        load.stop(self)
+        self.assertGreater(killed, 0)
+        stats = self.finish(pool, load)
+        self.assertGreater(stats["connections_lost"]
+                           + stats["connections_discarded"], 0)
+
+    def test_idle_in_transaction_timeout_from_the_server(self):
+        dsn = psycopg2.extensions.make_dsn(
+            self.dsn, options="-c idle_in_transaction_session_timeout=300")
+        pool = self.register(dsn, maxconn=2)
+        tm = transaction.manager
+        tm.begin()
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO %s VALUES ('idle')" % self.table)
+        time.sleep(1.0)   # the server ends the idle session meanwhile
+        with self.assertRaises(CLEAR_ERRORS) as caught:
+            cur.execute("INSERT INTO %s VALUES ('late')" % self.table)
+            tm.commit()
+        tm.abort()
+        self.assertIsInstance(caught.exception, psycopg2.OperationalError)
+        # The next transaction gets a live connection.
+        self.assertEqual(one_request(self.name, self.table, "next"),
+                         "committed")
+        self.assertEqual(query(self.dsn, "SELECT token FROM %s"
+                               % self.table), [("next",)])
+        wait_for(lambda: pool.stats()["in_use"] == 0, "in_use 0")
+        check_no_leaks(self, pool, self.dsn)
+
+    def test_statement_timeout_from_the_server(self):
+        dsn = psycopg2.extensions.make_dsn(
+            self.dsn, options="-c statement_timeout=200")
+        pool = self.register(dsn, maxconn=2)
+        tm = transaction.manager
+        tm.begin()
+        cur = pool.connection().cursor()
+        with self.assertRaises(psycopg2.errors.QueryCanceled):
+            cur.execute("SELECT pg_sleep(5)")
+        tm.abort()
+        conn = pool.connection()
+        # A cancelled statement is no disconnect: the same session serves.
+        self.assertEqual(one_request(self.name, self.table, "after"),
+                         "committed")
+        self.assertIs(pool.connection(), conn)
+        transaction.abort()
+        self.assertEqual(pool.stats()["connections_lost"], 0)
+        check_no_leaks(self, pool, self.dsn)
+
+
+class NetworkCutTests(FaultTestBase):
+
+    def setUp(self):
+        super().setUp()
+        server = self.layer.server
+        self.proxy = TcpProxy((server.host, server.port))
+        self.addCleanup(self.proxy.close)
+        self.proxied = psycopg2.extensions.make_dsn(
+            self.dsn, **self.proxy.dsn_params())
+
+    def test_silent_network(self):
+        # Only the holder's connection goes through the proxy when it goes
+        # silent: on loopback the kernel acknowledges what the proxy keeps,
+        # so a statement on an established connection would wait for the
+        # heal (on a real network tcp_user_timeout, 30 s by default, ends
+        # it). Connecting and waiting for a place are what must time out.
+        pool = self.register(self.proxied, maxconn=2, timeout=1,
+                             connect_timeout=2)
+        holder_ready = threading.Event()
+        release = threading.Event()
+        results = {}
+
+        def holder():
+            tm = transaction.manager
+            tm.begin()
+            pool.connection().cursor().execute(
+                "INSERT INTO %s VALUES ('held')" % self.table)
+            holder_ready.set()
+            release.wait(WAIT)
+            tm.commit()
+
+        t = threading.Thread(target=holder, daemon=True)
+        t.start()
+        holder_ready.wait(WAIT)
+        self.proxy.silent()
+
+        def caller(n):
+            start = time.monotonic()
+            try:
+                one_request(self.name, self.table, "silent-%d" % n)
+            except Exception as exc:
+                results[n] = (exc, time.monotonic() - start)
+            else:
+                results[n] = (None, time.monotonic() - start)
+
+        callers = [threading.Thread(target=caller, args=(n,), daemon=True)
+                   for n in range(4)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join(WAIT)
+            self.assertFalse(c.is_alive(), "a caller hangs on a silent "
+                             "network")
+        for n, (exc, _) in results.items():
+            # Connecting through the silent proxy times out after
+            # connect_timeout; a caller that found no free place waits the
+            # pool's timeout.
+            self.assertIsInstance(exc, (ConnectError, PoolTimeout), exc)
+            self.assertIn(repr(self.name), str(exc))
+        messages = " ".join(str(exc) for exc, _ in results.values())
+        self.assertIn("timeout expired", messages)
+        self.proxy.heal()
+        release.set()
+        t.join(WAIT)
+        self.assertEqual(one_request(self.name, self.table, "healed"),
+                         "committed")
+        transaction.abort()
+        rows = {r[0] for r in query(self.dsn, "SELECT token FROM %s"
+                                    % self.table)}
+        self.assertEqual(rows, {"held", "healed"})
+        check_no_leaks(self, pool, self.dsn)
+
+    def test_refusing_network_under_load(self):
+        pool = self.register(self.proxied, maxconn=4, timeout=2,
+                             connect_timeout=2, reconnect_max_delay=0.2)
+        load = Load(self.name, self.table, threads=8).start()
+        wait_for(lambda: len(load.committed) >= 50, "load running")
+        self.proxy.refuse()
+        cut = time.monotonic()
+        wait_for(lambda: len(load.errors_since(cut)) >= 8, "requests fail")
+        errors = load.errors_since(cut)
+        self.assertTrue(all(isinstance(e, CLEAR_ERRORS)
+                            for _, _, e in errors), errors)
+        self.assertTrue(any(isinstance(e, ConnectError)
+                            and "refused" in str(e)
+                            for _, _, e in errors), errors)
+        self.proxy.heal()
+        healed = time.monotonic()
+        wait_until_all_succeed(load, healed)
+        load.stop(self)
+        self.finish(pool, load)
+
+
+class ServerDownAtStartupTests(FaultTestBase):
+
+    def test_zcml_loads_requests_fail_fast_then_serve(self):
+        from zope.configuration import xmlconfig
+        server = self.layer.server
+        server.stop("fast")
+        os.environ["ZPGPOOL_FAULTS_DSN"] = self.dsn
+        self.addCleanup(os.environ.pop, "ZPGPOOL_FAULTS_DSN", None)
+        xmlconfig.string("""
+        <configure xmlns="http://namespaces.zope.org/zope"
+                   xmlns:zpgpool="http://namespaces.zope.org/zpgpool">
+          <include package="zpgpool" />
+          <zpgpool:pool name="%s" dsn="env:ZPGPOOL_FAULTS_DSN"
+                        maxconn="4" timeout="5" connect_timeout="2" />
+        </configure>""" % self.name)
+        pool = getUtility(IConnectionPool, self.name)
+        gsm = getGlobalSiteManager()
+        self.addCleanup(gsm.unregisterUtility, pool, IConnectionPool,
+                        self.name)
+        self.addCleanup(pool.closeall)
+        for n in range(3):
+            start = time.monotonic()
+            with self.assertRaises(ConnectError) as caught:
+                one_request(self.name, self.table, "down-%d" % n)
+            # Fast: a refused connect, not the pool's 5 s wait.
+            self.assertLess(time.monotonic() - start, WAIT)
+            message = str(caught.exception)
+            self.assertIn("zpgpool pool %r" % self.name, message)
+            self.assertIn("refused", message)
+            self.assertNotIn(server.password, message)
+        self.assertEqual(pool.stats()["in_use"], 0)
+        server.start()
+        self.assertEqual(one_request(self.name, self.table, "up"),
+                         "committed")
+        transaction.abort()
+        self.assertEqual(query(self.dsn, "SELECT token FROM %s"
+                               % self.table), [("up",)])
+        check_no_leaks(self, pool, self.dsn)
+
+
+class ThreadChurnTests(FaultTestBase):
+
+    def test_a_thousand_short_lived_threads(self):
+        pool = self.register(maxconn=4, timeout=WAIT)
+        app_name = "zpgpool:" + self.name
+        peak = {"size": 0, "backends": 0}
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                peak["size"] = max(peak["size"], pool.stats()["size"])
+                peak["backends"] = max(peak["backends"],
+                                       len(backend_pids(self.dsn, app_name)))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        total = 1000
+        load_threads = []
+        for batch in range(0, total, 50):
+            # 50 at a time alive, each one transaction, then gone.
+            loads = [Load(self.name, self.table, threads=1, per_thread=1)
+                     for _ in range(50)]
+            for load in loads:
+                load.threads[0].name = "churn-%d" % (batch + len(load_threads))
+                load.start()
+                load_threads.append(load)
+            for load in loads:
+                load.join(self)
+        stop.set()
+        watcher.join(WAIT)
+        committed = sum(len(load.committed) for load in load_threads)
+        errors = [e for load in load_threads for e in load.errors]
+        self.assertEqual(errors, [])
+        self.assertEqual(committed, total)
+        self.assertEqual(query(self.dsn, "SELECT count(DISTINCT token) FROM"
+                               " %s" % self.table), [(1,)])  # all "0-0"
+        self.assertEqual(query(self.dsn, "SELECT count(*) FROM %s"
+                               % self.table), [(total,)])
+        self.assertLessEqual(peak["size"], 4)
+        self.assertLessEqual(peak["backends"], 4)
+        wait_for(lambda: pool.stats()["in_use"] == 0, "in_use back to 0")
+        stats = pool.stats()
+        self.assertEqual(stats["bound_idle"] + stats["idle"], stats["size"])
+        check_no_leaks(self, pool, self.dsn)
+
+
+class ExhaustionTests(FaultTestBase):
+
+    def test_64_threads_on_4_connections(self):
+        pool = self.register(maxconn=4, timeout=1.0)
+        load = Load(self.name, self.table, threads=64, per_thread=3,
+                    sleep=0.05).start()
+        load.join(self)
+        # Each request either committed or waited its second and got
+        # PoolTimeout; nothing else.
+        self.assertTrue(all(isinstance(e, PoolTimeout)
+                            for _, _, e in load.errors), load.errors[:3])
+        self.assertEqual(len(load.committed) + len(load.errors), 64 * 3)
+        self.assertGreater(len(load.committed), 0)
+        stats = self.finish(pool, load)
+        self.assertEqual(stats["timeouts"], len(load.errors))
+
+    def test_waiters_are_served_in_arrival_order(self):
+        pool = self.register(maxconn=1, timeout=WAIT)
+        order = []
+        holding = threading.Event()
+        release = threading.Event()
+
+        def hold():
+            with transaction.manager:
+                pool.connection().cursor().execute("SELECT 1")
+                holding.set()
+                release.wait(WAIT)
+
+        def waiter(n):
+            with transaction.manager:
+                getUtility(IConnectionPool, self.name).connection()
+                order.append(n)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        holding.wait(WAIT)
+        waiters = []
+        for n in range(8):
+            t = threading.Thread(target=waiter, args=(n,), daemon=True)
+            t.start()
+            waiters.append(t)
+            wait_for(lambda: pool.stats()["waiting"] == n + 1,
+                     "waiter %d queued" % n)
+        release.set()
+        for t in [holder] + waiters:
+            t.join(WAIT)
+            self.assertFalse(t.is_alive())
+        self.assertEqual(order, list(range(8)))
+        wait_for(lambda: pool.stats()["in_use"] == 0, "in_use 0")
+        check_no_leaks(self, pool, self.dsn)
+
+
+class ForkTests(FaultTestBase):
+
+    def test_parent_and_child_keep_working_through_connection(self):
+        pool = self.register(maxconn=4)
+        # The parent's thread holds its connection in an open transaction
+        # across the fork, and another thread has one parked.
+        self.assertEqual(one_request(self.name, self.table, "p-before"),
+                         "committed")
+        transaction.manager.begin()
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO %s VALUES ('p-open')" % self.table)
+        cur.execute("SELECT pg_backend_pid()")
+        parent_pid = cur.fetchone()[0]
+        other = Load(self.name, self.table, threads=1, per_thread=1)
+        other.start().join(self)
+
+        def child():
+            transaction.manager.begin()
+            c = getUtility(IConnectionPool, self.name).connection().cursor()
+            c.execute("SELECT pg_backend_pid()")
+            assert c.fetchone()[0] != parent_pid, "the parent's session"
+            c.execute("INSERT INTO %s VALUES ('child')" % self.table)
+            transaction.manager.commit()
+            load = Load(self.name, self.table, threads=4, per_thread=5)
+            load.start().join()
+            assert not load.errors, load.errors
+            getUtility(IConnectionPool, self.name).close()
+
+        self.assertEqual(run_in_child(child), (0, "ok"))
+        # The parent's open transaction survived and commits.
+        cur.execute("SELECT pg_backend_pid()")
+        self.assertEqual(cur.fetchone()[0], parent_pid)
+        transaction.manager.commit()
+        load = Load(self.name, self.table, threads=4, per_thread=5).start()
+        load.join(self)
+        self.assertEqual(load.errors, [])
+        tokens = [r[0] for r in query(self.dsn, "SELECT token FROM %s"
+                                      % self.table)]
+        for token in ("p-before", "p-open", "child"):
+            self.assertEqual(tokens.count(token), 1, tokens)
+        # 1 + 1 + 1 + 20 (child) + 20 (parent) rows, plus the other thread.
+        self.assertEqual(len(tokens), 44)
+        transaction.abort()
+        wait_for(lambda: pool.stats()["in_use"] == 0, "in_use 0")
+        check_no_leaks(self, pool, self.dsn)
