@@ -13,6 +13,7 @@ Each test uses keys of its own, so that the tests share the one site.
 import concurrent.futures
 import itertools
 import sys
+import time
 import unittest
 import uuid
 
@@ -318,6 +319,45 @@ class ThreadConnectionTests(ZopeTestCase):
         The issue's bound (no request lost between requests) is not met
         yet either: the thread's own connection is not checked."""
         self.restart_costs('examplechecked')
+
+    def test_a_restart_costs_only_the_requests_in_flight(self):
+        """One request per worker thread is in flight, sleeping in
+        PostgreSQL, when the server stops: those fail, and no request
+        after the restart does, because each thread's broken connection
+        is discarded with the request that met it."""
+        before = self.backends(rounds=2)
+        self.assertTrue(all(r.ok for r in before), before)
+        executor = concurrent.futures.ThreadPoolExecutor(ZOPE_LAYER.threads)
+        try:
+            in_flight = [executor.submit(self.zope.get, '@@example-backend',
+                                         sleep=5)
+                         for _ in range(ZOPE_LAYER.threads)]
+            self.wait_for_sleepers(ZOPE_LAYER.threads)
+            self.layer.server.stop('fast')
+            self.layer.server.start()
+            in_flight = [f.result() for f in in_flight]
+        finally:
+            executor.shutdown()
+        try:
+            self.assertEqual([r.status for r in in_flight],
+                             [500] * ZOPE_LAYER.threads)
+            after = self.backends(rounds=5)
+            failed = [r for r in after if not r.ok]
+            report('a restart with %d requests in flight: those %d '
+                   'failed, and %d of the %d requests after it'
+                   % (len(in_flight), len(in_flight), len(failed),
+                      len(after)))
+            self.assertEqual(failed, [])
+        finally:
+            self.layer.zope.restart()
+
+    def wait_for_sleepers(self, count, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.sql("SELECT count(*) FROM pg_stat_activity"
+                       " WHERE query LIKE 'SELECT pg_sleep(%'")[0][0] < count:
+            self.assertLess(time.monotonic(), deadline,
+                            'the requests did not reach PostgreSQL')
+            time.sleep(0.05)
 
     def test_the_site_writes_after_a_restart(self):
         self.layer.server.stop('fast')

@@ -232,13 +232,18 @@ class Counter(JSONView):
 class Backend(JSONView):
     """Show the worker thread's name and its connection's backend pid.
 
-    ``?pool=`` picks ``example`` (default) or ``examplechecked``.
+    ``?pool=`` picks ``example`` (default) or ``examplechecked``;
+    ``?sleep=`` (seconds, at most 10) makes PostgreSQL sleep first, to keep
+    a request in flight.
     """
 
     pools = ('example', 'examplechecked')
 
     def __call__(self):
         cursor = self.cursor()
+        sleep = min(float(self.request.form.get('sleep', 0)), 10.0)
+        if sleep:
+            cursor.execute('SELECT pg_sleep(%s)', (sleep,))
         cursor.execute('SELECT pg_backend_pid()')
         return self.json({'thread': threading.current_thread().name,
                           'backend_pid': cursor.fetchone()[0]})
