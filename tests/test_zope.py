@@ -11,7 +11,6 @@ reads it in a fresh request, that is a fresh ZODB transaction.
 Each test uses keys of its own, so that the tests share the one site.
 """
 import concurrent.futures
-import itertools
 import sys
 import time
 import unittest
