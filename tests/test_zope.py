@@ -55,6 +55,11 @@ class ZopeTestCase(unittest.TestCase):
         return self.sql('SELECT text, attempt FROM example_note'
                         ' WHERE key = %s ORDER BY id', (key,))
 
+    def zodb_committed(self, gid):
+        result = self.zope.get('@@example-zodb-committed', gid=gid)
+        self.assertEqual(result.status, 200, result)
+        return result.json['committed']
+
     def prepared(self):
         return self.sql('SELECT gid FROM pg_prepared_xacts')
 
@@ -83,6 +88,14 @@ class RequestTransactionTests(ZopeTestCase):
             self.assertEqual(result.status, 200, result)
             self.assertEqual(result.json['attempt'], 1)
             self.assertEqual(self.rows(key), [('hello', 1)], pool)
+            if pool == 'example2pc':
+                # The request's transaction carried zpgpool's transaction
+                # id, and ZODB's record of that same transaction holds it.
+                self.assertTrue(result.json['gid'].startswith(
+                    'zpgpool:example2pc:'), result)
+                self.assertTrue(self.zodb_committed(result.json['gid']))
+            else:
+                self.assertIsNone(result.json['gid'])
             self.assertEqual(self.read(key), {
                 'key': key, 'zodb': 'hello',
                 'postgres': [{'text': 'hello', 'attempt': 1}]})
@@ -151,6 +164,7 @@ class TwoPhaseTests(ZopeTestCase):
         self.assertEqual(result.status, 200, result)
         self.assertEqual(result.json['attempt'], 2)
         self.assertEqual(self.rows(key), [('', 2)])
+        self.assertTrue(self.zodb_committed(result.json['gid']))
         self.assertEqual(self.prepared(), [])
 
     def test_concurrent_writes_that_conflict_in_zodb_stay_consistent(self):

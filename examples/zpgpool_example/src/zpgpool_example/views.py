@@ -20,6 +20,8 @@ from Products.Five.browser import BrowserView
 from persistent.mapping import PersistentMapping
 from zope.component import getUtility
 
+from zpgpool.datamanager import gid_prefix
+from zpgpool.datamanager import zodb_decider
 from zpgpool.interfaces import IConnectionPool
 
 import zpgpool_example
@@ -59,6 +61,13 @@ class JSONView(BrowserView):
 
     def root(self):
         return aq_base(self.context)
+
+    def gid(self):
+        """The two-phase transaction id zpgpool recorded in the request's
+        transaction, which ZODB stores with its transaction record (None
+        for a one-phase pool)."""
+        return transaction.get().extension.get(
+            gid_prefix(self.pool()) + 'gid')
 
     def json(self, data):
         self.request.response.setHeader(
@@ -105,7 +114,7 @@ class Write(JSONView):
             time.sleep(pause)
         return {'key': key, 'id': row_id, 'backend_pid': pid,
                 'thread': threading.current_thread().name,
-                'attempt': self.attempt}
+                'attempt': self.attempt, 'gid': self.gid()}
 
     def __call__(self):
         return self.json(self.write())
@@ -142,6 +151,20 @@ class Stats(JSONView):
     def __call__(self):
         return self.json({name: getUtility(IConnectionPool, name).stats()
                           for name in POOLS})
+
+
+class ZODBCommitted(JSONView):
+    """Tell whether ZODB committed the two-phase transaction ``?gid=``.
+
+    This is the question ``zpgpool recover`` asks about a transaction left
+    prepared by a crash, answered by ``zodb_decider`` from the ZODB
+    transaction records.
+    """
+
+    def __call__(self):
+        gid = self.request.form['gid']
+        decide = zodb_decider(self.root()._p_jar.db().storage)
+        return self.json({'gid': gid, 'committed': decide(gid)})
 
 
 class VoteFailure(Write):
