@@ -144,27 +144,39 @@ class ZopeInstance:
         self.home = tempfile.mkdtemp(prefix='zpgpool-zope-')
         for folder in ('etc', 'var', 'var/log', 'var/cache'):
             os.makedirs(os.path.join(self.home, folder), exist_ok=True)
+        self.write('etc/zope.conf', ZOPE_CONF.format(home=self.home,
+                                                     retries=self.retries))
+        self.write('etc/site.zcml', SITE_ZCML)
         self.port = free_port()
-        files = {
-            'etc/zope.conf': ZOPE_CONF.format(home=self.home,
-                                              retries=self.retries),
-            'etc/site.zcml': SITE_ZCML,
-            'etc/zope.ini': ZOPE_INI.format(home=self.home, port=self.port,
-                                            threads=self.threads),
-        }
-        for name, text in files.items():
-            with open(os.path.join(self.home, name), 'w',
-                      encoding='utf-8') as f:
-                f.write(text)
+        self.write_ini()
+
+    def write(self, name, text):
+        with open(os.path.join(self.home, name), 'w', encoding='utf-8') as f:
+            f.write(text)
+
+    def write_ini(self):
+        self.write('etc/zope.ini', ZOPE_INI.format(
+            home=self.home, port=self.port, threads=self.threads))
 
     def start(self, timeout=90):
-        """Start the server and wait until the example's views answer."""
+        """Start the server and wait until the example's views answer.
+
+        When another program took the port meanwhile, try another one.
+        """
         if self.home is None:
             self.make_home()
+        for attempt in range(3):
+            if self._start(timeout):
+                return
+            self.port = free_port()
+            self.write_ini()
+        raise RuntimeError('Zope found no free port:\n%s' % self.log_tail())
+
+    def _start(self, timeout):
         env = dict(os.environ)
         env[DSN_ENV] = self.dsn
-        self.output = open(os.path.join(self.home, 'var', 'log',
-                                        'runwsgi.log'), 'ab')
+        log = os.path.join(self.home, 'var', 'log', 'runwsgi.log')
+        self.output = open(log, 'wb')
         self.process = subprocess.Popen(
             [sys.executable, '-c', _RUNWSGI,
              os.path.join(self.home, 'etc', 'zope.ini')],
@@ -173,11 +185,16 @@ class ZopeInstance:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
+                returncode = self.process.returncode
+                self.stop()
+                with open(log, encoding='utf-8', errors='replace') as f:
+                    if 'Address already in use' in f.read():
+                        return False
                 raise RuntimeError('Zope exited with %s at start:\n%s' % (
-                    self.process.returncode, self.log_tail()))
+                    returncode, self.log_tail()))
             try:
                 if self.get('@@example-stats', timeout=5).ok:
-                    return
+                    return True
             except OSError:
                 pass
             if time.monotonic() > deadline:
