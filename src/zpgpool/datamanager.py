@@ -14,6 +14,7 @@ The flow for a thread, as seen from ``ConnectionPool.connection()``:
   after which the connection is parked: still the thread's, but lent to
   another thread that would otherwise wait.
 """
+import hashlib
 import itertools
 import logging
 import os
@@ -153,8 +154,19 @@ def _changes_session(query):
 
 
 def _safe_name(name):
-    """The part of a pool name that may go into a transaction id."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:40] or "default"
+    """The part of a pool name that may go into a transaction id.
+
+    A name that had to be changed (characters replaced, or cut to 40) gets
+    a digest of the real name, so that two pools ("a b" and "a_b") never
+    share a prefix and recovery for one never resolves the other's.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if safe == name and 0 < len(name) <= 40:
+        return name
+    if not name:
+        return "default"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass"))
+    return "%s~%s" % (safe[:31], digest.hexdigest()[:8])
 
 
 def gid_prefix(pool):
