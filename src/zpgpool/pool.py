@@ -566,7 +566,7 @@ class ConnectionPool:
         if timeout is None:
             timeout = self.timeout
         start = _monotonic()
-        waiter = None
+        waiter = conn = None
         with self._lock:
             if self._closed:
                 raise PoolClosed("%s is closed" % self._label())
@@ -578,7 +578,6 @@ class ConnectionPool:
             elif self._parked:
                 conn = self._steal_parked()
                 self._checkouts += 1
-                return conn
             else:
                 waiter = _Waiter()
                 self._waiters.append(waiter)
@@ -589,6 +588,11 @@ class ConnectionPool:
                 # oneself, which even a caller with timeout 0 does.
                 if waiting <= self._warming:
                     timeout = max(timeout, self._connect_limit)
+        if conn is not None:
+            # A connection lent by an idle thread gets the same checks as
+            # one taken from the idle stack (its session may have died
+            # while it was parked); None makes the caller try again.
+            return conn if self._usable(conn) else None
         self._ensure_maintainer()
         if waiter is None:
             return self._connect_for_caller()
@@ -1245,11 +1249,17 @@ class ConnectionPool:
             conn._zp_state = USED
             self._in_use += 1
             self._checkouts += 1
+        now = _monotonic()
         if conn._zp_created <= self._retire_before or \
-                conn._zp_expires < _monotonic():
+                conn._zp_expires < now:
             self._discard(conn, "retired" if conn._zp_created
                           <= self._retire_before else "lifetime")
             return False
+        if now - conn._zp_last_used >= self._check_after:
+            # Idle long enough for its session to have died (a server
+            # restart in the night): pinged like a connection from the
+            # idle stack, so the thread's next request does not fail.
+            return self._ping(conn)
         return True
 
     def _park(self, conn, holder):
