@@ -137,6 +137,47 @@ class KilledSessionsTests(FaultTestBase):
         self.assertGreater(stats["connections_lost"]
                            + stats["connections_discarded"], 0)
 
+    def test_lent_parked_connection_whose_session_died(self):
+        # A thread's connection, parked between its transactions, is lent
+        # to another thread that would otherwise wait; its session was
+        # killed meanwhile. The borrower must get a live one.
+        pool = self.register(maxconn=1, health_check_after=0)
+        parked = threading.Event()
+        release = threading.Event()
+
+        def owner():
+            one_request(self.name, self.table, "owner")
+            parked.set()
+            release.wait(WAIT)
+
+        t = threading.Thread(target=owner, daemon=True)
+        t.start()
+        parked.wait(WAIT)
+        self.assertEqual(pool.stats()["bound_idle"], 1)
+        query(self.dsn, "SELECT pg_terminate_backend(pid) FROM "
+              "pg_stat_activity WHERE application_name = %s",
+              ("zpgpool:" + self.name,))
+        self.assertEqual(one_request(self.name, self.table, "borrower"),
+                         "committed")
+        release.set()
+        t.join(WAIT)
+        transaction.abort()
+        self.assertEqual(pool.stats()["connections_lost"], 1)
+        check_no_leaks(self, pool, self.dsn)
+
+    def test_own_parked_connection_after_a_quiet_restart(self):
+        # Nobody uses the pool while the server restarts; the thread's
+        # next request finds its parked connection dead by the ping.
+        pool = self.register(maxconn=2, health_check_after=0)
+        self.assertEqual(one_request(self.name, self.table, "before"),
+                         "committed")
+        self.layer.server.restart("fast")
+        self.assertEqual(one_request(self.name, self.table, "after"),
+                         "committed")
+        transaction.abort()
+        self.assertEqual(pool.stats()["connections_lost"], 1)
+        check_no_leaks(self, pool, self.dsn)
+
     def test_idle_in_transaction_timeout_from_the_server(self):
         dsn = psycopg2.extensions.make_dsn(
             self.dsn, options="-c idle_in_transaction_session_timeout=300")
