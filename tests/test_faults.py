@@ -12,6 +12,12 @@ and the network element is a real TCP proxy.  The longer versions live in
 ``stress/run.py``.
 """
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
 import threading
 import time
 import unittest
@@ -496,4 +502,104 @@ class ForkTests(FaultTestBase):
         self.assertEqual(len(tokens), 44)
         transaction.abort()
         wait_for(lambda: pool.stats()["in_use"] == 0, "in_use 0")
+        check_no_leaks(self, pool, self.dsn)
+
+
+class TwoPhaseKilledDuringCommitTests(FaultTestBase):
+    """A process killed while its COMMIT PREPARED is on the server.
+
+    To catch it there honestly, the server is made to hold the COMMIT: once
+    the transaction is prepared, synchronous_standby_names names a standby
+    that never comes, so COMMIT PREPARED waits (wait event SyncRep) after
+    ZODB has finished. The process is killed then; the wait is lifted, and
+    ``recover`` with ZODB's decision must leave both sides agreeing.
+    """
+
+    _SCRIPT = textwrap.dedent("""
+        import sys, time, psycopg2, transaction, ZODB, ZODB.FileStorage
+        from zpgpool import ConnectionPool
+        dsn, admin, path, name, table = sys.argv[1:6]
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+        pool = ConnectionPool(dsn, name=name, twophase=True)
+        zconn = db.open()
+        zconn.root()["value"] = "crash"
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO %s VALUES ('crash')" % table)
+
+        class HoldCommit:
+            # Votes after zpgpool has prepared; then COMMIT PREPARED waits.
+            transaction_manager = transaction.manager
+            def sortKey(self):
+                return "~~~ after zpgpool"
+            def abort(self, txn):
+                pass
+            tpc_begin = commit = tpc_abort = tpc_finish = abort
+            def tpc_vote(self, txn):
+                c = psycopg2.connect(admin)
+                c.autocommit = True
+                c.cursor().execute(
+                    "ALTER SYSTEM SET synchronous_standby_names = "
+                    "'zpgpool_nobody'")
+                c.cursor().execute("SELECT pg_reload_conf()")
+                c.close()
+                time.sleep(0.5)   # the reload reaches the backends
+
+        transaction.get().join(HoldCommit())
+        transaction.commit()
+        print("commit returned")
+    """)
+
+    def _sql(self, statement):
+        return self.layer.server.execute(statement)
+
+    def _release_commits(self):
+        self._sql("ALTER SYSTEM RESET synchronous_standby_names")
+        self._sql("SELECT pg_reload_conf()")
+
+    def test_killed_during_commit_prepared_then_recovered(self):
+        import ZODB
+        import ZODB.FileStorage
+        from zpgpool.datamanager import recover
+        from zpgpool.datamanager import zodb_decider
+        self.addCleanup(self._release_commits)
+        tmp = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, tmp)
+        path = os.path.join(tmp, "Data.fs")
+        ZODB.DB(ZODB.FileStorage.FileStorage(path)).close()
+        admin = self.layer.server.socket_dsn()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", self._SCRIPT, self.dsn, admin, path,
+             self.name, self.table], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        self.addCleanup(proc.communicate, timeout=WAIT)
+        self.addCleanup(proc.kill)
+        app_name = "zpgpool:" + self.name
+        # Its COMMIT PREPARED is on the server, waiting.
+        wait_for(lambda: query(
+            self.dsn, "SELECT 1 FROM pg_stat_activity WHERE "
+            "application_name = %s AND wait_event = 'SyncRep' AND query "
+            "LIKE 'COMMIT PREPARED%%'", (app_name,)),
+            "COMMIT PREPARED waiting on the server")
+        os.kill(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=WAIT)
+        self.assertEqual(proc.returncode, -signal.SIGKILL, err)
+        self.assertNotIn(b"commit returned", out)
+        self._release_commits()
+        wait_for(lambda: not backend_pids(self.dsn, app_name),
+                 "the killed process's session gone")
+        storage = ZODB.FileStorage.FileStorage(path)
+        db = ZODB.DB(storage)
+        self.addCleanup(db.close)
+        pool = self.register()
+        # Nothing is left in doubt (or recovery decides it from ZODB).
+        recover(pool, older_than=0, decide=zodb_decider(storage))
+        self.assertEqual(query(self.dsn, "SELECT count(*) FROM "
+                               "pg_prepared_xacts"), [(0,)])
+        zconn = db.open()
+        in_zodb = zconn.root().get("value") == "crash"
+        zconn.close()
+        in_pg = query(self.dsn, "SELECT token FROM %s" % self.table)
+        # ZODB finished before PostgreSQL's COMMIT PREPARED was sent.
+        self.assertTrue(in_zodb)
+        self.assertEqual(in_pg, [("crash",)])
         check_no_leaks(self, pool, self.dsn)
