@@ -432,6 +432,33 @@ class RetryTests(_Base):
         self.assertFalse(pool._local.state.dm.should_retry(ValueError()))
         transaction.abort()
 
+    def test_session_lost_before_first_statement_is_retried(self):
+        from zpgpool import SessionLost
+        pool = self._makeOne(health_check_after=None)
+        conn = pool.connection()
+        transaction.commit()        # parked, bound to this thread
+        self.sql("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
+        attempts = 0
+        for attempt in transaction.manager.attempts(3):
+            with attempt:
+                attempts += 1
+                cur = pool.connection().cursor()
+                cur.execute("INSERT INTO dm_items (value) VALUES ('again')")
+        self.assertEqual(attempts, 2)
+        self.assertEqual(self.values(), ["again"])
+        # Once a statement ran, a lost session is not retried: the
+        # transaction's earlier work is gone.
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('lost')")
+        self.sql("SELECT pg_terminate_backend(%s)",
+                 (pool.connection().get_backend_pid(),))
+        with self.assertRaises(psycopg2.OperationalError) as caught:
+            cur.execute("SELECT 1")
+        self.assertNotIsInstance(caught.exception, SessionLost)
+        transaction.abort()
+        self.assertEqual(self.values(), ["again"])
+        self.assertEqual(pool.stats()["in_use"], 0)
+
     def test_concurrent_serializable_workload_retried(self):
         pool = self._makeOne(isolation_level="SERIALIZABLE", maxconn=4,
                              timeout=60)

@@ -9,6 +9,7 @@ from zpgpool.errors import InvalidOption
 from zpgpool.errors import PoolClosed
 from zpgpool.errors import PoolError
 from zpgpool.errors import PoolTimeout
+from zpgpool.errors import SessionLost
 from zpgpool.pool import AbstractConnectionPool
 from zpgpool.pool import ConnectError
 from zpgpool.pool import ConnectionPool
@@ -21,5 +22,5 @@ __all__ = [
     "AbstractConnectionPool", "ConflictError", "ConnectError",
     "ConnectionMisuse", "ConnectionPool", "InvalidOption",
     "PersistentConnectionPool", "PoolClosed", "PoolError", "PoolTimeout",
-    "SimpleConnectionPool", "ThreadedConnectionPool",
+    "SessionLost", "SimpleConnectionPool", "ThreadedConnectionPool",
 ]

@@ -33,6 +33,7 @@ from zpgpool import binding
 from zpgpool.errors import ConflictError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import PoolError
+from zpgpool.errors import SessionLost
 from zpgpool.pool import is_disconnect
 
 
@@ -47,27 +48,35 @@ _get_ident = threading.get_ident
 _retryable_classes = {}
 
 
-def _retryable_class(cls):
-    """Return a subclass of psycopg2 error ``cls`` that is also retryable."""
-    sub = _retryable_classes.get(cls)
+def _retryable_class(cls, marker):
+    """Return a subclass of psycopg2 error ``cls`` that is also ``marker``
+    (a TransientError), so the transaction manager retries it."""
+    sub = _retryable_classes.get((cls, marker))
     if sub is None:
-        sub = type(cls.__name__, (cls, ConflictError), {
+        sub = type(cls.__name__, (cls, marker), {
             "__module__": cls.__module__,
             "__doc__": "%s, retryable by the transaction manager."
                        % cls.__name__})
-        _retryable_classes[cls] = sub
+        _retryable_classes[cls, marker] = sub
     return sub
 
 
-def translate_error(exc):
-    """Make a serialization failure or deadlock retryable, in place.
+def translate_error(exc, fresh_conn=None):
+    """Make an error the transaction may survive by running again
+    retryable, in place.
 
-    The exception keeps its psycopg2 class (as a base), its message, its
-    pgcode and its diagnostics, so existing ``except`` clauses still match.
+    That is a serialization failure or a deadlock, and -- when
+    ``fresh_conn`` is given, the connection of a transaction that had sent
+    nothing yet -- a lost session. The exception keeps its psycopg2 class
+    (as a base), its message, its pgcode and its diagnostics, so existing
+    ``except`` clauses still match.
     """
-    if getattr(exc, "pgcode", None) in RETRYABLE_SQLSTATES \
-            and not isinstance(exc, ConflictError):
-        exc.__class__ = _retryable_class(type(exc))
+    if isinstance(exc, transaction.interfaces.TransientError):
+        return exc
+    if getattr(exc, "pgcode", None) in RETRYABLE_SQLSTATES:
+        exc.__class__ = _retryable_class(type(exc), ConflictError)
+    elif fresh_conn is not None and is_disconnect(exc, fresh_conn):
+        exc.__class__ = _retryable_class(type(exc), SessionLost)
     return exc
 
 
@@ -81,11 +90,14 @@ def _guarded(base, query=False):
             raise ConnectionMisuse(
                 "zpgpool: this cursor belongs to a connection that went back "
                 "to its pool; call pool.connection() and open a new cursor")
-        managed.before_statement(conn, args[0] if args and query else None)
+        # Whether the server has seen nothing of this transaction yet.
+        fresh = not conn.closed and conn.get_transaction_status() == _IDLE
         try:
+            managed.before_statement(conn,
+                                     args[0] if args and query else None)
             return base(self, *args, **kw)
         except psycopg2.Error as exc:
-            raise translate_error(exc)
+            raise translate_error(exc, conn if fresh else None)
     method.__name__ = base.__name__
     return method
 
@@ -496,7 +508,7 @@ class ConnectionDataManager:
         return Savepoint(self)
 
     def should_retry(self, error):
-        return isinstance(error, ConflictError) or \
+        return isinstance(error, (ConflictError, SessionLost)) or \
             getattr(error, "pgcode", None) in RETRYABLE_SQLSTATES
 
     def __repr__(self):

@@ -36,6 +36,17 @@ class ConnectionMisuse(PoolError):
     """
 
 
+class SessionLost(TransientError):
+    """The connection died before the transaction had sent any statement.
+
+    Nothing of the transaction reached the server, so running it again on
+    a new connection is safe; a disconnect raised by the first statement of
+    a transaction on a managed connection is an instance of this class and
+    of the psycopg2 error it was, so Zope's publisher retries the request
+    (for example after a server restart between requests).
+    """
+
+
 class ConflictError(TransientError):
     """A database conflict that the transaction manager should retry.
 

@@ -383,6 +383,7 @@ class ConnectionPool:
         self._in_use = 0
         self._closed = False
         self._retire_before = -1.0         # conns created earlier are stale
+        self._check_before = -1.0          # conns unused since are pinged
         self._last_connect_error = None
         self._failures = 0                 # consecutive failed connects
         self._warming = 0                  # places the maintainer fills
@@ -525,7 +526,8 @@ class ConnectionPool:
                     continue
             elif (conn._zp_expires < now
                   or conn._zp_created <= self._retire_before
-                  or now - conn._zp_last_used >= self._check_after) \
+                  or now - conn._zp_last_used >= self._check_after
+                  or conn._zp_last_used < self._check_before) \
                     and not self._usable(conn):
                 continue
             elif _subscribers:
@@ -545,7 +547,8 @@ class ConnectionPool:
         if conn._zp_created <= self._retire_before:
             self._discard(conn, "retired")
             return False
-        if now - conn._zp_last_used >= self._check_after:
+        if now - conn._zp_last_used >= self._check_after \
+                or conn._zp_last_used < self._check_before:
             return self._ping(conn)
         return True
 
@@ -560,6 +563,7 @@ class ConnectionPool:
         except psycopg2.Error:
             self._discard(conn, "broken")
             return False
+        conn._zp_last_used = _monotonic()
         return True
 
     def _acquire_slow(self, timeout):
@@ -875,6 +879,9 @@ class ConnectionPool:
             conn._zp_state = GONE
             if reason == "broken":
                 self._counters["connections_lost"] += 1
+                # Connections opened after this one may have died with it
+                # (a server restart): each is pinged before its next use.
+                self._check_before = _monotonic()
                 if conn._zp_created > self._retire_before:
                     self._retire_before = conn._zp_created
                     stale = [c for c in self._idle
@@ -1255,10 +1262,12 @@ class ConnectionPool:
             self._discard(conn, "retired" if conn._zp_created
                           <= self._retire_before else "lifetime")
             return False
-        if now - conn._zp_last_used >= self._check_after:
+        if now - conn._zp_last_used >= self._check_after \
+                or conn._zp_last_used < self._check_before:
             # Idle long enough for its session to have died (a server
-            # restart in the night): pinged like a connection from the
-            # idle stack, so the thread's next request does not fail.
+            # restart in the night), or unused since another connection
+            # was found dead: pinged like a connection from the idle stack,
+            # so the thread's next request does not fail.
             return self._ping(conn)
         return True
 
