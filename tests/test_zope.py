@@ -319,25 +319,26 @@ class ThreadConnectionTests(ZopeTestCase):
             self.layer.zope.restart()
 
     def test_a_restart_between_requests_costs_at_most_one_per_thread(self):
-        """Between requests no request is in flight, so ideally none
-        fails.  What is asserted is the weaker bound of one failed
-        request per worker thread: each thread keeps its connection bound
-        to it between requests, and gets it back without a health check
-        (health_check_after applies to connections taken from the shared
-        pool), so a thread can meet its dead connection once."""
+        """Between requests no request is in flight, so none should fail:
+        a thread's dead connection is pinged once another was found dead,
+        and a session lost by a request's first statement is retried by
+        the publisher.  The figure is reported; the bound asserted is one
+        failed request per worker thread."""
         self.restart_costs('example')
 
     def test_a_restart_with_health_check_after_0(self):
-        """The same with health_check_after="0" (pool "examplechecked").
-        The issue's bound (no request lost between requests) is not met
-        yet either: the thread's own connection is not checked."""
+        """The same with health_check_after="0" (pool "examplechecked"),
+        which pings every connection before use."""
         self.restart_costs('examplechecked')
 
     def test_a_restart_costs_only_the_requests_in_flight(self):
         """One request per worker thread is in flight, sleeping in
-        PostgreSQL, when the server stops: those fail, and no request
-        after the restart does, because each thread's broken connection
-        is discarded with the request that met it."""
+        PostgreSQL, when the server stops: only those may fail, and no
+        request after the restart does, because each thread's broken
+        connection is discarded with the request that met it.  (The sleep
+        is the request's first statement, so its lost session is a
+        SessionLost that the publisher may retry on a new connection; a
+        retried request succeeds.)"""
         before = self.backends(rounds=2)
         self.assertTrue(all(r.ok for r in before), before)
         executor = concurrent.futures.ThreadPoolExecutor(ZOPE_LAYER.threads)
@@ -352,13 +353,14 @@ class ThreadConnectionTests(ZopeTestCase):
         finally:
             executor.shutdown()
         try:
-            self.assertEqual([r.status for r in in_flight],
-                             [500] * ZOPE_LAYER.threads)
+            statuses = [r.status for r in in_flight]
+            self.assertTrue(set(statuses) <= {200, 500}, statuses)
             after = self.backends(rounds=5)
             failed = [r for r in after if not r.ok]
-            report('a restart with %d requests in flight: those %d '
-                   'failed, and %d of the %d requests after it'
-                   % (len(in_flight), len(in_flight), len(failed),
+            report('a restart with %d requests in flight: %d of them '
+                   'failed (the others were retried by the publisher), '
+                   'and %d of the %d requests after it'
+                   % (len(in_flight), statuses.count(500), len(failed),
                       len(after)))
             self.assertEqual(failed, [])
         finally:
