@@ -53,6 +53,10 @@ RSS_BOUND_MB = 32.0
 WAIT = 120.0
 
 
+def failures(load):
+    return sum(load.error_summary().values())
+
+
 def rss_mb():
     with open("/proc/self/status") as f:
         for line in f:
@@ -123,7 +127,7 @@ class Run:
         kinds = ", ".join("%s %d" % kv for kv in
                           sorted(load.error_summary().items()))
         self.add("restart -m %s, 16 threads" % mode, len(load.committed),
-                 "%d (%d after back)" % (len(load.errors), late),
+                 "%d (%d after back)" % (failures(load), late),
                  "down %.2f s; back->first ok %.3f s, ->all 16 ok %.3f s; "
                  "errors: %s" % (back - down, first, everyone, kinds), ok)
 
@@ -143,7 +147,7 @@ class Run:
         load.stop(timeout=WAIT)
         stats, ok = self.finish(pool, table, load)
         self.add("pg_terminate_backend %d s, 16 threads" % seconds,
-                 len(load.committed), len(load.errors),
+                 len(load.committed), failures(load),
                  "%d sessions killed, %d lost, %d discarded"
                  % (killed, stats["connections_lost"],
                     stats["connections_discarded"]), ok)
@@ -183,7 +187,7 @@ class Run:
             ok = "FAILED: above maxconn"
             self.failed.append(ok)
         self.add("%d short-lived threads, maxconn 4" % total,
-                 len(load.committed), len(load.errors),
+                 len(load.committed), failures(load),
                  "%.1f s, %.0f threads/s; peak size %d, peak backends %d; "
                  "%d connections opened" % (
                      elapsed, total / elapsed, peak["size"],
@@ -201,7 +205,7 @@ class Run:
             ok = "FAILED: %s" % ", ".join(other)
             self.failed.append(ok)
         self.add("64 threads on maxconn 4, 50 ms transactions",
-                 len(load.committed), len(load.errors),
+                 len(load.committed), failures(load),
                  "%.1f s; %d waits, mean wait %.0f ms, %d PoolTimeout "
                  "(timeout 2 s)" % (
                      elapsed, stats["waits"],
@@ -214,7 +218,7 @@ class Run:
         pool, name, table = self.pool(dsn, connect_timeout=2, timeout=5,
                                       reconnect_max_delay=0.5)
         rss_start = rss_mb()
-        load = Load(name, table, threads=16).start()
+        load = Load(name, table, threads=16, keep_errors=1000).start()
         wait_for(lambda: len(load.committed) >= 100, "load", WAIT)
         rss_warm = rss_mb()
         faults = {}
@@ -245,7 +249,7 @@ class Run:
             ok = "FAILED: RSS grew %.1f MB" % growth
             self.failed.append(ok)
         self.add("soak %g min, 16 threads, random faults" % minutes,
-                 len(load.committed), len(load.errors),
+                 len(load.committed), failures(load),
                  "faults: %s; RSS %.1f -> %.1f -> %.1f MB (growth %.1f MB, "
                  "bound %.0f MB)" % (
                      ", ".join("%s %d" % kv for kv in sorted(faults.items())),
@@ -270,7 +274,11 @@ def main(argv=None):
                         help="length of the soak (default 2)")
     parser.add_argument("--threads", type=int, default=10000,
                         help="short-lived threads in the churn (10000)")
+    parser.add_argument("--only", action="append", choices=(
+        "restart", "terminate", "churn", "exhaustion", "soak"),
+        help="run only this scenario (may be repeated)")
     args = parser.parse_args(argv)
+    only = set(args.only or ())
     import logging
     logging.getLogger("zpgpool").setLevel(logging.CRITICAL)
     server = PostgresServer(settings={"max_connections": 300})
@@ -280,12 +288,17 @@ def main(argv=None):
     try:
         print("stress: PostgreSQL %s, Python %s, %d CPUs" % (
             server.version, sys.version.split()[0], os.cpu_count()))
-        run.restart("fast")
-        run.restart("immediate")
-        run.terminate()
-        run.churn(args.threads)
-        run.exhaustion()
-        run.soak(args.minutes)
+        if not only or "restart" in only:
+            run.restart("fast")
+            run.restart("immediate")
+        if not only or "terminate" in only:
+            run.terminate()
+        if not only or "churn" in only:
+            run.churn(args.threads)
+        if not only or "exhaustion" in only:
+            run.exhaustion()
+        if not only or "soak" in only:
+            run.soak(args.minutes)
     finally:
         print()
         print(run.table())

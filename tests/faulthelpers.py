@@ -12,6 +12,7 @@ before COMMIT and which failed in it (those may or may not have
 committed).  ``check_invariants`` then compares that with the database,
 the pool's stats and ``pg_stat_activity``.
 """
+import collections
 import itertools
 import select
 import socket
@@ -31,6 +32,9 @@ from tests.poolhelpers import backend_pids
 from tests.poolhelpers import query
 from tests.poolhelpers import wait_for
 
+
+# What became of a request of a Load.
+COMMITTED, FAILED_BEFORE_COMMIT, FAILED_IN_COMMIT = 1, 2, 3
 
 OPEN = "open"
 SILENT = "silent"
@@ -205,23 +209,45 @@ class Load:
     ``per_thread`` times)."""
 
     def __init__(self, pool_name, table, threads=16, per_thread=None,
-                 sleep=0.0, pause_after_error=0.01):
+                 sleep=0.0, pause_after_error=0.01, keep_errors=None):
         self.pool_name = pool_name
         self.table = table
         self.per_thread = per_thread
         self.sleep = sleep
         self.pause_after_error = pause_after_error
         self._stop = threading.Event()
-        self._lock = threading.Lock()   # protects the lists below
-        self.committed = []
-        self.failed_before_commit = []
-        self.failed_in_commit = []     # may or may not have committed
-        self.errors = []               # (monotonic time, thread, exception)
-        self.successes = []            # (monotonic time, thread)
+        self._lock = threading.Lock()   # protects what is below
+        # Compact, so that a long soak measures the pool's memory, not
+        # this record's: one byte per request and thread (the token is
+        # "thread-index"), the recent successes, the recent errors with
+        # their tracebacks dropped, and a count of every error by class.
+        self._outcomes = {}            # thread -> bytearray of outcomes
+        self.errors = collections.deque(maxlen=keep_errors)
+        self.error_counts = collections.Counter()
+        self.successes = collections.deque(maxlen=50000)
         self.unclear = []              # errors outside CLEAR_ERRORS
         self.threads = [threading.Thread(target=self._run, args=(n,),
                                          daemon=True, name="load-%d" % n)
                         for n in range(threads)]
+
+    def _tokens(self, outcome):
+        with self._lock:
+            items = [(n, bytes(b)) for n, b in self._outcomes.items()]
+        return ["%d-%d" % (n, i) for n, b in items
+                for i, o in enumerate(b) if o == outcome]
+
+    @property
+    def committed(self):
+        return self._tokens(COMMITTED)
+
+    @property
+    def failed_before_commit(self):
+        return self._tokens(FAILED_BEFORE_COMMIT)
+
+    @property
+    def failed_in_commit(self):
+        """Failed in COMMIT: these may or may not have committed."""
+        return self._tokens(FAILED_IN_COMMIT)
 
     def start(self):
         for thread in self.threads:
@@ -229,6 +255,9 @@ class Load:
         return self
 
     def _run(self, n):
+        outcomes = bytearray()
+        with self._lock:
+            self._outcomes[n] = outcomes
         for i in itertools.count():
             if self._stop.is_set() or (self.per_thread is not None
                                        and i >= self.per_thread):
@@ -237,20 +266,22 @@ class Load:
             try:
                 one_request(self.pool_name, self.table, token, self.sleep)
             except Exception as exc:
+                exc.__traceback__ = None
                 now = time.monotonic()
                 with self._lock:
-                    if getattr(exc, "phase", "") == "commit":
-                        self.failed_in_commit.append(token)
-                    else:
-                        self.failed_before_commit.append(token)
+                    outcomes.append(
+                        FAILED_IN_COMMIT if getattr(exc, "phase", "")
+                        == "commit" else FAILED_BEFORE_COMMIT)
                     self.errors.append((now, n, exc))
+                    self.error_counts[type(exc).__name__] += 1
                     if not isinstance(exc, CLEAR_ERRORS):
                         self.unclear.append(exc)
+                del exc
                 time.sleep(self.pause_after_error)
             else:
                 now = time.monotonic()
                 with self._lock:
-                    self.committed.append(token)
+                    outcomes.append(COMMITTED)
                     self.successes.append((now, n))
 
     def stop(self, testcase=None, timeout=WAIT):
@@ -272,7 +303,7 @@ class Load:
 
     def successes_since(self, since):
         with self._lock:
-            return [(t, n) for (t, n) in self.successes if t >= since]
+            return [(t, n) for (t, n) in list(self.successes) if t >= since]
 
     def recovery(self, since):
         """Seconds from ``since`` to the first success, and to every thread
@@ -293,11 +324,8 @@ class Load:
             return [(t, n, e) for (t, n, e) in self.errors if t >= since]
 
     def error_summary(self):
-        counts = {}
-        for _, _, exc in self.errors:
-            key = type(exc).__name__
-            counts[key] = counts.get(key, 0) + 1
-        return counts
+        with self._lock:
+            return dict(self.error_counts)
 
 
 def wait_until_all_succeed(load, since, timeout=WAIT):

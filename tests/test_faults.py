@@ -416,7 +416,7 @@ class ExhaustionTests(FaultTestBase):
         # Each request either committed or waited its second and got
         # PoolTimeout; nothing else.
         self.assertTrue(all(isinstance(e, PoolTimeout)
-                            for _, _, e in load.errors), load.errors[:3])
+                            for _, _, e in load.errors), list(load.errors)[:3])
         self.assertEqual(len(load.committed) + len(load.errors), 64 * 3)
         self.assertGreater(len(load.committed), 0)
         stats = self.finish(pool, load)
@@ -493,7 +493,7 @@ class ForkTests(FaultTestBase):
         transaction.manager.commit()
         load = Load(self.name, self.table, threads=4, per_thread=5).start()
         load.join(self)
-        self.assertEqual(load.errors, [])
+        self.assertEqual(list(load.errors), [])
         tokens = [r[0] for r in query(self.dsn, "SELECT token FROM %s"
                                       % self.table)]
         for token in ("p-before", "p-open", "child"):
