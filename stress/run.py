@@ -106,7 +106,7 @@ class Run:
         self.rows.append((scenario, str(committed), str(failed), figures, ok))
         print("  %s: %s" % (scenario, ok), file=sys.stderr)
 
-    # -- scenarios -------------------------------------------------------------
+    # -- scenarios -----------------------------------------------------------
 
     def restart(self, mode):
         pool, name, table = self.pool(connect_timeout=2,

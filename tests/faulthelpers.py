@@ -165,7 +165,7 @@ def _reset(sock):
         pass
 
 
-# -- load ----------------------------------------------------------------------
+# -- load -----------------------------------------------------------------
 
 #: What a request may fail with while the server or the network fails:
 #: psycopg2's own errors for a lost session or a failed connect (the

@@ -169,8 +169,9 @@ class BadInputTests(_Base):
         self.addCleanup(plain.close)
         for conn in (theirs, plain):
             self.assertRaisesMessage(
-                ConnectionMisuse, ["zpgpool pool %r: cannot return" % self.name,
-                                   "does not belong to this pool"],
+                ConnectionMisuse,
+                ["zpgpool pool %r: cannot return" % self.name,
+                 "does not belong to this pool"],
                 pool.putconn, conn)
         self.assertServes(pool)
 
