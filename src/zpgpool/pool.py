@@ -359,6 +359,10 @@ class ConnectionPool:
         app_name = opts["application_name"]
         if app_name is None:
             app_name = "zpgpool:%s" % name if name else "zpgpool"
+            # The server keeps 63 bytes and sends a NOTICE, which libpq
+            # prints, at every connect of a pool with a long name.
+            app_name = app_name.encode("utf-8")[:63].decode(
+                "utf-8", "ignore")
         elif not isinstance(app_name, str):
             raise InvalidOption("%s: option 'application_name' must be a "
                                 "string, got %r" % (self._label(), app_name))
