@@ -166,6 +166,29 @@ class HostileNameTests(unittest.TestCase):
                                "pg_prepared_xacts"), [(0,)])
 
 
+class LongNameTests(unittest.TestCase):
+
+    layer = POSTGRES_LAYER
+
+    def test_long_pool_name_fits_application_name(self):
+        name = "x" * 80
+        pool = ConnectionPool(self.layer.dsn, name=name, maxconn=1)
+        self.addCleanup(close_pool, self, pool)
+        conn = pool.getconn()
+        self.addCleanup(pool.putconn, conn)
+        # libpq prints the server's NOTICE about a longer one to stderr,
+        # at every connect: the pool sends no more than the server keeps.
+        sent = psycopg2.extensions.parse_dsn(conn.dsn)["application_name"]
+        self.assertEqual(sent, ("zpgpool:" + name)[:63])
+        cur = conn.cursor()
+        cur.execute("SELECT application_name FROM pg_stat_activity WHERE "
+                    "pid = pg_backend_pid()")
+        shown = cur.fetchone()[0]
+        conn.rollback()
+        self.assertTrue(("zpgpool:" + name).startswith(shown), shown)
+        self.assertLessEqual(len(shown.encode("utf-8")), 63)
+
+
 def _openssl(*args, cwd):
     subprocess.run(("openssl",) + args, cwd=cwd, check=True,
                    capture_output=True, timeout=120)
