@@ -974,16 +974,18 @@ class PostgresLayer:
     the layer.  A *private* layer always starts a server of its own and
     ignores ``ZPGPOOL_TEST_DSN``; use one for tests that stop or restart the
     server.  *settings* are postgresql.conf settings for that server (see
-    ``PostgresServer``).  *bases* are layers this one builds on.
+    ``PostgresServer``).  *bases* are layers this one builds on.  *bindir*
+    picks the server binaries (``find_bindir()`` when None).
     """
 
     def __init__(self, name, private=False, settings=None, bases=(),
-                 module=None):
+                 module=None, bindir=None):
         self.__name__ = name
         self.__module__ = module or sys._getframe(1).f_globals['__name__']
         self.__bases__ = tuple(bases)
         self.private = private
         self.settings = dict(settings or {})
+        self.bindir = bindir
         self.server = None
         self.dsn = None
         self._databases = []
@@ -1005,7 +1007,8 @@ class PostgresLayer:
                     % (DSN_ENV, e)) from e
             self.dsn = external
             return
-        self.server = PostgresServer(settings=self.settings)
+        self.server = PostgresServer(bindir=self.bindir,
+                                     settings=self.settings)
         try:
             self.server.start()
         except BaseException:
