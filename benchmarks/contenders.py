@@ -143,10 +143,11 @@ class RawFloor(Contender):
     workloads = ("select1", "readwrite")
 
     def setup(self, size, timeout=30.0):
+        self._connect = psycopg2.connect
         self._conns = []
 
     def thread_ops(self, worker):
-        conn = psycopg2.connect(self.dsn)
+        conn = self._connect(self.dsn)
         self._conns.append(conn)
 
         def op_select1():
@@ -205,7 +206,7 @@ class RawTwoPhase(Contender):
             conn.close()
 
 
-class Psycopg3Raw(Contender):
+class Psycopg3Raw(RawFloor):
     key = "psycopg3-raw"
     label = "raw psycopg 3, one connection per thread (reference)"
     packages = ("psycopg",)
@@ -219,24 +220,6 @@ class Psycopg3Raw(Contender):
         import psycopg
         self._connect = psycopg.connect
         self._conns = []
-
-    def thread_ops(self, worker):
-        conn = self._connect(self.dsn)
-        self._conns.append(conn)
-
-        def op_select1():
-            select1(conn)
-            conn.commit()
-
-        def op_readwrite():
-            readwrite(conn, worker)
-            conn.commit()
-
-        return {"select1": op_select1, "readwrite": op_readwrite}
-
-    def teardown(self):
-        for conn in self._conns:
-            conn.close()
 
 
 class ConnectPerRequest(Contender):
