@@ -57,6 +57,10 @@ class _Base(unittest.TestCase):
         cur.close()
         return rows
 
+    def assertNothingPrepared(self):
+        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
+                         [(0,)])
+
     def values(self):
         return [v for (v,) in self.sql("SELECT value FROM %s ORDER BY id"
                                        % self.table)]
@@ -538,8 +542,7 @@ class TwoPhaseTests(_Base):
         self.insert(pool, "a")
         transaction.commit()
         self.assertEqual(self.values(), ["a"])
-        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
-                         [(0,)])
+        self.assertNothingPrepared()
         self.insert(pool, "b")
         transaction.commit()
         self.assertEqual(self.values(), ["a", "b"])
@@ -561,8 +564,7 @@ class TwoPhaseTests(_Base):
         self.assertTrue(seen[0][0].startswith(gid_prefix(pool)), seen)
         self.assertTrue(seen[0][0].startswith("zpgpool:dm:"))
         self.assertEqual(self.values(), [])
-        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
-                         [(0,)])
+        self.assertNothingPrepared()
         self.insert(pool, "b")
         transaction.commit()
         self.assertEqual(self.values(), ["b"])
@@ -594,8 +596,7 @@ class TwoPhaseTests(_Base):
         self.assertEqual(other.root()["value"], "committed")
         other.close()
         self.assertEqual(self.values(), [])
-        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
-                         [(0,)])
+        self.assertNothingPrepared()
 
     def test_zodb_conflict_leaves_no_row_and_nothing_prepared(self):
         import ZODB.POSException
@@ -617,8 +618,7 @@ class TwoPhaseTests(_Base):
         transaction.abort()
         zconn.close()
         self.assertEqual(self.values(), [])
-        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
-                         [(0,)])
+        self.assertNothingPrepared()
 
     def test_zodb_and_postgres_commit_together(self):
         db = self._zodb()
@@ -676,8 +676,7 @@ class TwoPhaseTests(_Base):
         done = recover(pool, older_than=0, commit=True)
         self.assertEqual(done, [(listed[0][0], "commit")])
         self.assertEqual(self.values(), ["in doubt"])
-        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
-                         [(0,)])
+        self.assertNothingPrepared()
 
     _ZODB_CRASH = textwrap.dedent("""
         import os, signal, sys, transaction, ZODB, ZODB.FileStorage
@@ -732,8 +731,7 @@ class TwoPhaseTests(_Base):
         in_zodb = zconn.root().get("value") == "crash"
         zconn.close()
         self.assertEqual(self.values() == ["crash"], in_zodb)
-        self.assertEqual(self.sql("SELECT count(*) FROM pg_prepared_xacts"),
-                         [(0,)])
+        self.assertNothingPrepared()
         return done[0][1], in_zodb
 
     def test_crash_after_prepare_before_zodb_finish_rolls_back(self):
