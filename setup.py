@@ -34,6 +34,8 @@ TESTS_REQUIRE = [
     'pyramid_tm',
     'waitress',
     'Zope>=6',
+    'SQLAlchemy',
+    'zope.sqlalchemy',
 ]
 
 DEMO_REQUIRE = [

@@ -21,6 +21,7 @@ from zpgpool.testing import POSTGRES_LAYER
 
 
 from tests.poolhelpers import NO_TWOPHASE_LAYER
+from tests.poolhelpers import query
 
 JOIN_TIMEOUT = 60
 
@@ -790,3 +791,306 @@ class NoTwoPhaseServerTests(_Base):
         self.insert(plain, "fine")
         transaction.commit()
         self.assertEqual(self.values(), ["fine"])
+
+
+class SeveralPoolsTests(_Base):
+    """One-phase and two-phase pools in one transaction: all or nothing."""
+
+    def _pair(self, one_phase_name, two_phase_name):
+        one = self._makeOne(name=one_phase_name)
+        two = self._makeOne(name=two_phase_name, twophase=True)
+        return one, two
+
+    def _prepare_fails(self, one_phase_name, two_phase_name):
+        one, two = self._pair(one_phase_name, two_phase_name)
+        self.insert(one, "from one-phase")
+        self.insert(two, "dup")
+        self.insert(two, "dup")   # deferred unique: PREPARE fails
+        with self.assertRaises(psycopg2.errors.UniqueViolation):
+            transaction.commit()
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        self.assertNothingPrepared()
+        # Both pools serve the next transaction.
+        self.insert(one, "next one")
+        self.insert(two, "next two")
+        transaction.commit()
+        self.assertEqual(sorted(self.values()), ["next one", "next two"])
+
+    def test_two_phase_prepare_fails_one_phase_sorts_first_by_name(self):
+        # "main" < "main2pc": by name alone the one-phase pool voted first.
+        self._prepare_fails("main", "main2pc")
+
+    def test_two_phase_prepare_fails_one_phase_sorts_last_by_name(self):
+        self._prepare_fails("zmain", "a2pc")
+
+    def _commit_fails(self, one_phase_name, two_phase_name):
+        one, two = self._pair(one_phase_name, two_phase_name)
+        self.insert(two, "from two-phase")
+        self.insert(one, "dup")
+        self.insert(one, "dup")   # deferred unique: COMMIT fails
+        with self.assertRaises(psycopg2.errors.UniqueViolation):
+            transaction.commit()
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        # The two-phase pool had prepared when the COMMIT failed, and its
+        # prepared transaction was rolled back.
+        self.assertNothingPrepared()
+
+    def test_one_phase_commit_fails_after_two_phase_prepared(self):
+        self._commit_fails("main", "main2pc")
+
+    def test_one_phase_commit_fails_other_name_order(self):
+        self._commit_fails("zmain", "a2pc")
+
+    def test_one_phase_votes_after_every_two_phase_participant(self):
+        one, two = self._pair("a", "b")
+        order = []
+        # Whatever the names: a two-phase participant named to sort last.
+        transaction.get().join(_RecordingVote(transaction.manager, order,
+                                              "~~~~ zzz"))
+        self.insert(one, "x")
+        self.insert(two, "y")
+        transaction.get().join(_RecordingVote(transaction.manager, order,
+                                              "\uffff late"))
+        one_key = one._local.state.dm.sortKey()
+        keys = sorted([one_key, two._local.state.dm.sortKey(), "~~~~ zzz",
+                       "\uffff late", "/tmp/Data.fs:1", "~sqlalchemy:1"])
+        self.assertEqual(keys[-1], one_key)
+        transaction.commit()
+        self.assertEqual(order, ["~~~~ zzz", "\uffff late"])
+        self.assertEqual(sorted(self.values()), ["x", "y"])
+
+    def test_one_phase_votes_after_zodb(self):
+        import ZODB
+        import ZODB.MappingStorage
+        import ZODB.POSException
+        db = ZODB.DB(ZODB.MappingStorage.MappingStorage())
+        self.addCleanup(db.close)
+        pool = self._makeOne(name="a")
+        zconn = db.open()
+        zconn.root()["value"] = 0
+        transaction.commit()
+        tm2 = transaction.TransactionManager()
+        zconn2 = db.open(transaction_manager=tm2)
+        zconn2.root()["value"] = 2
+        zconn.root()["value"] = 1
+        tm2.commit()
+        zconn2.close()
+        self.insert(pool, "with zodb")
+        with self.assertRaises(ZODB.POSException.ConflictError):
+            transaction.commit()
+        transaction.abort()
+        zconn.close()
+        # ZODB failed its vote before the one-phase pool sent COMMIT.
+        self.assertEqual(self.values(), [])
+
+    def test_second_writable_one_phase_pool_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        first = self._makeOne(name="first")
+        second = self._makeOne(name="second")
+        self.insert(first, "a")
+        before = second.stats()["checkouts"]
+        with self.assertRaises(ConnectionMisuse) as caught:
+            second.connection()
+        message = str(caught.exception)
+        self.assertIn("'second'", message)
+        self.assertIn("'first'", message)
+        self.assertIn("atomic", message)
+        self.assertIn("twophase=True", message)
+        # Refused before it took, let alone used, a connection.
+        self.assertEqual(second.stats()["checkouts"], before)
+        self.assertEqual(second.stats()["in_use"], 0)
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        # The next transaction may use the other one alone.
+        self.insert(second, "b")
+        transaction.commit()
+        self.assertEqual(self.values(), ["b"])
+
+    def test_read_only_one_phase_pool_beside_a_writable_one(self):
+        writer = self._makeOne(name="writer")
+        reader = self._makeOne(name="reader", readonly=True)
+        other_reader = self._makeOne(name="other", readonly=True)
+        self.insert(writer, "a")
+        for pool in (reader, other_reader):
+            cur = pool.connection().cursor()
+            cur.execute("SELECT count(*) FROM dm_items")
+            self.assertEqual(cur.fetchone()[0], 0)
+        transaction.commit()
+        self.assertEqual(self.values(), ["a"])
+
+    def test_several_two_phase_pools_and_one_one_phase_pool(self):
+        one = self._makeOne(name="one")
+        twos = [self._makeOne(name="two%d" % n, twophase=True)
+                for n in range(2)]
+        self.insert(one, "one")
+        for n, pool in enumerate(twos):
+            self.insert(pool, "two%d" % n)
+        transaction.commit()
+        self.assertEqual(sorted(self.values()), ["one", "two0", "two1"])
+        self.assertNothingPrepared()
+
+    def test_one_phase_zope_sqlalchemy_session_beside_a_one_phase_pool(self):
+        import sqlalchemy
+        import sqlalchemy.orm
+        import zope.sqlalchemy
+        from zpgpool import ConnectionMisuse
+        engine = sqlalchemy.create_engine(
+            "postgresql+psycopg2://", poolclass=sqlalchemy.pool.NullPool,
+            creator=lambda: psycopg2.connect(self.dsn))
+        self.addCleanup(engine.dispose)
+        session = sqlalchemy.orm.Session(engine)
+        zope.sqlalchemy.register(session)
+        pool = self._makeOne(name="pg")
+        session.execute(sqlalchemy.text(
+            "INSERT INTO dm_items (value) VALUES ('sqlalchemy')"))
+        zope.sqlalchemy.mark_changed(session)
+        self.insert(pool, "zpgpool")
+        with self.assertRaises(ConnectionMisuse) as caught:
+            transaction.commit()
+        self.assertIn("zope.sqlalchemy", str(caught.exception))
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        # Reading through zope.sqlalchemy beside a writing pool is fine.
+        session.execute(sqlalchemy.text("SELECT 1"))
+        self.insert(pool, "alone")
+        transaction.commit()
+        self.assertEqual(self.values(), ["alone"])
+        session.close()
+
+
+class _RecordingVote:
+    """A two-phase participant that records when it votes."""
+
+    def __init__(self, tm, order, key):
+        self.transaction_manager = tm
+        self.order = order
+        self.key = key
+
+    def sortKey(self):
+        return self.key
+
+    def abort(self, txn):
+        pass
+
+    tpc_begin = commit = tpc_abort = tpc_finish = abort
+
+    def tpc_vote(self, txn):
+        self.order.append(self.key)
+
+
+class SessionResetTests(_Base):
+    """Session changes are undone inside their own transaction, before its
+    COMMIT or PREPARE, so no statement is sent after them."""
+
+    def _last_statement(self, pool):
+        conn = pool.connection()
+        pid = conn.get_backend_pid()
+        transaction.abort()
+        return self.sql("SELECT query FROM pg_stat_activity WHERE pid = %s",
+                        (pid,))[0][0]
+
+    def _dirty_the_session(self, pool, role):
+        cur = pool.connection().cursor()
+        cur.execute("SET zp.test = 'A'")
+        cur.execute("SET ROLE %s" % role)
+        cur.execute("SELECT pg_advisory_lock(4242)")
+        cur.execute("CREATE TEMP TABLE zp_temp (x int)")
+        cur.execute("PREPARE zp_stmt AS SELECT 1")
+        cur.execute("DECLARE zp_held CURSOR WITH HOLD FOR SELECT 1")
+        return pool.connection().get_backend_pid()
+
+    def _role(self):
+        role = "zp_role_%d" % os.getpid()
+        self.sql("DROP ROLE IF EXISTS %s" % role)
+        self.sql("CREATE ROLE %s" % role)
+        self.sql("GRANT INSERT, SELECT ON dm_items TO %s" % role)
+        self.sql("GRANT USAGE ON SEQUENCE dm_items_id_seq TO %s" % role)
+        # Clean-ups run after tearDown has closed self.admin.
+        self.addCleanup(query, self.dsn, "DROP ROLE IF EXISTS %s" % role)
+        self.addCleanup(query, self.dsn, "DROP OWNED BY %s" % role)
+        return role
+
+    def assertClean(self, pool):
+        cur = pool.connection().cursor()
+        cur.execute(
+            "SELECT current_setting('zp.test', true), current_user = "
+            "session_user, (SELECT count(*) FROM pg_locks WHERE locktype = "
+            "'advisory' AND pid = pg_backend_pid()), (SELECT count(*) FROM "
+            "pg_prepared_statements), (SELECT count(*) FROM pg_cursors), "
+            "(SELECT count(*) FROM pg_class WHERE relname = 'zp_temp')")
+        self.assertEqual(cur.fetchone(), ("", True, 0, 0, 0, 0))
+        transaction.abort()
+
+    def test_one_phase_reset_runs_before_commit(self):
+        pool = self._makeOne(maxconn=1)
+        self._dirty_the_session(pool, self._role())
+        self.insert(pool, "kept")
+        transaction.commit()
+        self.assertEqual(self.values(), ["kept"])
+        # Nothing was sent after COMMIT: behind a transaction-mode PgBouncer
+        # anything later would run on another client's server connection.
+        self.assertEqual(self._last_statement(pool), "COMMIT")
+        self.assertClean(pool)
+
+    def test_two_phase_reset_runs_before_prepare(self):
+        pool = self._makeOne(maxconn=1, twophase=True)
+        cur = pool.connection().cursor()
+        cur.execute("SET zp.test = 'A'")
+        cur.execute("SET ROLE %s" % self._role())
+        cur.execute("SELECT pg_advisory_lock(4242)")
+        cur.execute("PREPARE zp_stmt AS SELECT 1")
+        self.insert(pool, "kept")
+        transaction.commit()
+        self.assertEqual(self.values(), ["kept"])
+        self.assertTrue(self._last_statement(pool).startswith(
+            "COMMIT PREPARED"))
+        self.assertNothingPrepared()
+        self.assertClean(pool)
+
+    def test_listen_in_a_two_phase_transaction_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        pool = self._makeOne(maxconn=1, twophase=True)
+        cur = pool.connection().cursor()
+        with self.assertRaises(ConnectionMisuse) as caught:
+            cur.execute("LISTEN zp_channel")
+        self.assertIn("LISTEN", str(caught.exception))
+        self.assertIn("'dm'", str(caught.exception))
+        transaction.abort()
+        self.assertEqual(self.sql("SELECT count(*) FROM pg_stat_activity "
+                                  "WHERE query ILIKE 'LISTEN%%'"), [(0,)])
+
+    def test_one_phase_listen_is_undone(self):
+        pool = self._makeOne(maxconn=1)
+        cur = pool.connection().cursor()
+        cur.execute("LISTEN zp_channel")
+        transaction.commit()
+        cur = pool.connection().cursor()
+        cur.execute("SELECT count(*) FROM pg_listening_channels()")
+        self.assertEqual(cur.fetchone()[0], 0)
+        transaction.abort()
+
+    def test_aborted_transaction_releases_session_locks_before_rollback(self):
+        pool = self._makeOne(maxconn=1)
+        self._dirty_the_session(pool, self._role())
+        transaction.abort()
+        self.assertEqual(self._last_statement(pool), "ROLLBACK")
+        self.assertClean(pool)
+
+    def test_failed_transaction_is_reset_after_its_rollback(self):
+        pool = self._makeOne(maxconn=1)
+        self._dirty_the_session(pool, self._role())
+        cur = pool.connection().cursor()
+        with self.assertRaises(psycopg2.errors.DivisionByZero):
+            cur.execute("SELECT 1 / 0")
+        transaction.abort()
+        # A transaction in error cannot run statements: reset afterwards.
+        self.assertEqual(self._last_statement(pool), "DISCARD ALL")
+        self.assertClean(pool)
+
+    def test_untouched_session_sends_no_reset(self):
+        pool = self._makeOne(maxconn=1)
+        self.insert(pool, "plain")
+        transaction.commit()
+        self.assertEqual(self._last_statement(pool), "COMMIT")

@@ -80,6 +80,15 @@ def translate_error(exc, fresh_conn=None):
     return exc
 
 
+def _execute(conn, statement):
+    """Run ``statement`` on ``conn`` past the managed cursor's guards."""
+    cur = _ext.cursor(conn)
+    try:
+        cur.execute(statement)
+    finally:
+        cur.close()
+
+
 def _guarded(base, query=False):
     """Wrap cursor method ``base`` so that it joins the current transaction
     first and makes conflicts retryable."""
@@ -124,26 +133,49 @@ def _managed_cursor_class(factory):
 
 
 # Statements that change the session beyond the transaction: settings,
-# temporary tables, prepared statements, LISTEN, held cursors. After a
-# transaction that ran one, the session is reset so that the next request
-# on the connection starts clean.
+# temporary tables, prepared statements, LISTEN, held cursors. A
+# transaction that ran one undoes it before its COMMIT (see SESSION_RESET).
 _SESSION_STATEMENT = re.compile(
     r"\s*(SET\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)|RESET\b|DISCARD\b"
     r"|CREATE\s+(GLOBAL\s+|LOCAL\s+)?TEMP|PREPARE\s|LISTEN\b|DECLARE\b"
     r"|LOAD\b)", re.IGNORECASE)
+_LISTEN_STATEMENT = re.compile(r"\s*LISTEN\b", re.IGNORECASE)
 _SESSION_CALLS = ("set_config", "advisory_lock", "advisory_unlock")
+
+# What a statement does to the session, as session_effect() answers.
+SESSION_KEPT = 0        # nothing beyond the transaction
+SESSION_CHANGED = 1     # settings, temporary tables, locks, ...
+SESSION_LISTENS = 2     # LISTEN, which PREPARE TRANSACTION refuses
+
+# Everything DISCARD ALL undoes, in statements PostgreSQL accepts inside a
+# transaction block (DISCARD ALL itself is refused there). Sent just before
+# COMMIT or PREPARE, on the server connection the transaction ran on: behind
+# a transaction-mode PgBouncer, a reset sent after COMMIT would run on
+# whatever server connection is free by then, and the next client would
+# already have seen the state it meant to clear.
+SESSION_RESET = ("CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; "
+                 "DEALLOCATE ALL; SELECT pg_advisory_unlock_all(); "
+                 "DISCARD PLANS; DISCARD SEQUENCES; DISCARD TEMP")
+# PREPARE TRANSACTION refuses a transaction that ran UNLISTEN, and a
+# two-phase transaction never ran LISTEN (it is refused), so only one-phase
+# transactions send it.
+ONE_PHASE_SESSION_RESET = SESSION_RESET + "; UNLISTEN *"
+# What ROLLBACK leaves behind: session advisory locks and prepared
+# statements are not transactional.
+ROLLBACK_SESSION_RESET = "SELECT pg_advisory_unlock_all(); DEALLOCATE ALL"
 
 
 _session_answers = {}
 
 
-def changes_session(query, conn):
-    """Tell whether ``query`` may leave state in the session."""
+def session_effect(query, conn):
+    """Tell what ``query`` may leave in the session: SESSION_KEPT,
+    SESSION_CHANGED or SESSION_LISTENS."""
     if isinstance(query, str):
         # Applications run the same few statements again and again.
         answer = _session_answers.get(query)
         if answer is None:
-            answer = _changes_session(query)
+            answer = _session_effect(query)
             if len(_session_answers) > 2000:
                 _session_answers.clear()
             _session_answers[query] = answer
@@ -153,16 +185,25 @@ def changes_session(query, conn):
     elif isinstance(query, sql.Composable):
         query = query.as_string(conn)
     elif not isinstance(query, str):
-        return True
-    return _changes_session(query)
+        return SESSION_CHANGED
+    return _session_effect(query)
 
 
-def _changes_session(query):
+def changes_session(query, conn):
+    """Tell whether ``query`` may leave state in the session."""
+    return session_effect(query, conn) != SESSION_KEPT
+
+
+def _session_effect(query):
     if _SESSION_STATEMENT.match(query):
-        return True
+        if _LISTEN_STATEMENT.match(query):
+            return SESSION_LISTENS
+        return SESSION_CHANGED
     lowered = query.lower()
-    return any(call in lowered and "xact" not in lowered
-               for call in _SESSION_CALLS)
+    if any(call in lowered and "xact" not in lowered
+           for call in _SESSION_CALLS):
+        return SESSION_CHANGED
+    return SESSION_KEPT
 
 
 def _safe_name(name):
@@ -188,6 +229,61 @@ def gid_prefix(pool):
 
 _gid_counter = itertools.count(1)
 _hostname = _safe_name(socket.gethostname())
+
+
+# -- several resources in one transaction ----------------------------------------
+#
+# A one-phase pool's COMMIT cannot be undone. It is safe only as the last
+# vote of a transaction ("last resource commit"): every participant that can
+# still say no has prepared before it. Hence the one-phase data manager
+# sorts after every other participant, and a transaction may hold only one
+# such irrevocable vote: of two, the second could fail after the first
+# committed.
+
+# A sort key after any other: the transaction package sorts its resources
+# by these strings, and no other package uses the highest code point.
+ONE_PHASE_SORT_KEY = "\U0010ffffzpgpool:%s"
+TWO_PHASE_SORT_KEY = "~zpgpool:%s"
+
+# The key under which a transaction records its writable one-phase pool.
+_ONE_PHASE_WRITER = object()
+
+
+def _refuse_second_one_phase_writer(pool, txn):
+    """Refuse ``pool`` if ``txn`` already writes through another writable
+    one-phase pool; before ``pool`` sends anything."""
+    try:
+        other = txn.data(_ONE_PHASE_WRITER)
+    except KeyError:
+        return
+    if other is not pool:
+        raise ConnectionMisuse(
+            "%s cannot join a transaction that already writes through "
+            "zpgpool pool %r: both are one-phase (twophase=False) and "
+            "writable, and two one-phase COMMITs cannot be atomic (if the "
+            "second failed, the first could not be undone); set "
+            "twophase=True on all but one of the pools used in one "
+            "transaction, or readonly=True on those that only read"
+            % (pool._label(), other.name))
+
+
+def _foreign_one_phase_votes(txn):
+    """The other packages' resources in ``txn`` that will COMMIT
+    irrevocably in their vote, as far as zpgpool can recognise them.
+
+    zope.sqlalchemy's one-phase session commits in its vote, and keeps a
+    transaction (``tx``) until then only when it has work to commit. The
+    transaction package offers no public list of a transaction's
+    resources, hence the defensive look at its attribute.
+    """
+    found = []
+    for resource in getattr(txn, "_resources", ()):
+        cls = type(resource)
+        if cls.__name__ == "SessionDataManager" \
+                and cls.__module__ == "zope.sqlalchemy.datamanager" \
+                and getattr(resource, "tx", None) is not None:
+            found.append(resource)
+    return found
 
 
 class ThreadState:
@@ -236,6 +332,9 @@ class ThreadState:
             # example it was dropped); never carry its work over.
             dm.abort(dm.txn)
         pool = self.pool
+        writer = not (pool.twophase or pool.readonly)
+        if writer:
+            _refuse_second_one_phase_writer(pool, txn)
         conn = binding.take(pool, self.holder)
         conn._zp_managed = self
         if conn.autocommit:
@@ -244,6 +343,8 @@ class ThreadState:
             self._check_twophase(conn)
         dm = ConnectionDataManager(self, conn, txn)
         txn.join(dm)
+        if writer:
+            txn.set_data(_ONE_PHASE_WRITER, pool)
         if dm.xid is not None:
             # Recorded with the other resources' commit (ZODB keeps it in
             # its transaction record), so that recovery can later tell
@@ -283,7 +384,7 @@ class ThreadState:
         conn = dm.conn
         if conn is None:
             return
-        if dm.dirty and not (conn.closed or dm.broken):
+        if dm.reset_after and not (conn.closed or dm.broken):
             dm.broken = not self._reset_session(conn)
         if conn.closed or dm.broken:
             conn._zp_managed = None
@@ -292,7 +393,8 @@ class ThreadState:
             self.pool._park(conn, self.holder)
 
     def _reset_session(self, conn):
-        """DISCARD ALL, so no session state reaches the next transaction."""
+        """DISCARD ALL after a failed transaction that changed the session,
+        so no session state reaches the next transaction."""
         try:
             _ext.connection.autocommit.__set__(conn, True)
             cur = _ext.cursor(conn)
@@ -337,8 +439,17 @@ class ThreadState:
             if self.conn is not conn:
                 self.refuse_lost()
         dm = self.dm
-        if query is not None and not dm.dirty and changes_session(query, conn):
-            dm.dirty = True
+        if query is not None and (not dm.dirty or dm.xid is not None):
+            effect = session_effect(query, conn)
+            if effect:
+                if effect == SESSION_LISTENS and dm.xid is not None:
+                    raise ConnectionMisuse(
+                        "%s: LISTEN cannot run in a two-phase transaction: "
+                        "PostgreSQL refuses to PREPARE a transaction that ran "
+                        "LISTEN; listen on a connection from a pool with "
+                        "twophase=False, or from getconn()"
+                        % self.pool._label())
+                dm.dirty = True
         if dm.xid is not None and not dm.tpc_begun \
                 and conn.get_transaction_status() == _IDLE:
             # psycopg2 must know of the two-phase transaction from its
@@ -379,6 +490,9 @@ class ConnectionDataManager:
         self.finished = False
         self.broken = False
         self.dirty = False      # a statement changed session state
+        # A failed transaction's session changes still to undo after its
+        # ROLLBACK (a transaction in error cannot run the reset itself).
+        self.reset_after = False
         self.prepared = False
         self.tpc_begun = False
         self.xid = None
@@ -389,9 +503,12 @@ class ConnectionDataManager:
                 next(_gid_counter), int(time.time()))
 
     def sortKey(self):
-        # After ZODB's (storage paths and names): "~" sorts after them, so
-        # PostgreSQL votes last and can still veto the whole transaction.
-        return "~zpgpool:%s" % self.pool.name
+        # Two-phase: after ZODB's (storage paths and names), so PostgreSQL
+        # can still veto the whole transaction in its vote. One-phase:
+        # after every other participant, since its COMMIT cannot be undone.
+        if self.xid is None:
+            return ONE_PHASE_SORT_KEY % self.pool.name
+        return TWO_PHASE_SORT_KEY % self.pool.name
 
     def _pending(self):
         """Whether the server holds an open transaction for us."""
@@ -414,11 +531,17 @@ class ConnectionDataManager:
             self.broken = self.broken or conn is not None
             return
         try:
-            if self.prepared:
+            status = conn.get_transaction_status()
+            if self.dirty and not self.prepared:
+                if status == _ext.TRANSACTION_STATUS_INTRANS:
+                    # On the transaction's own server connection, before
+                    # ROLLBACK (behind PgBouncer it may be another's after).
+                    _execute(conn, ROLLBACK_SESSION_RESET)
+                elif status != _IDLE:
+                    self.reset_after = True
+            if self.prepared or self.tpc_begun:
                 _ext.connection.tpc_rollback(conn)
-            elif self.tpc_begun:
-                _ext.connection.tpc_rollback(conn)
-            elif conn.get_transaction_status() != _IDLE:
+            elif status != _IDLE:
                 _ext.connection.rollback(conn)
         except psycopg2.Error as exc:
             self.broken = True
@@ -437,7 +560,18 @@ class ConnectionDataManager:
         pass
 
     def commit(self, txn):
-        pass
+        if self.xid is None and not self.pool.readonly and self._pending():
+            others = _foreign_one_phase_votes(txn)
+            if others:
+                raise ConnectionMisuse(
+                    "%s: cannot commit one-phase beside %s, which also "
+                    "commits irrevocably in its vote: the two cannot be "
+                    "atomic; make one of them two-phase (twophase=True here,"
+                    " or zope.sqlalchemy's twophase=True)"
+                    % (self.pool._label(),
+                       ", ".join(sorted({type(o).__module__ + "."
+                                         + type(o).__name__
+                                         for o in others}))))
 
     def tpc_vote(self, txn):
         """COMMIT (one-phase) or PREPARE TRANSACTION (two-phase).
@@ -459,6 +593,9 @@ class ConnectionDataManager:
                 "transaction, so PostgreSQL has aborted it; the whole "
                 "transaction is rolled back" % self.pool._label())
         try:
+            if self.dirty:
+                _execute(conn, SESSION_RESET if self.tpc_begun
+                         else ONE_PHASE_SESSION_RESET)
             if self.tpc_begun:
                 _ext.connection.tpc_prepare(conn)
                 self.prepared = True
