@@ -451,18 +451,65 @@ class RetryTests(_Base):
                 cur.execute("INSERT INTO dm_items (value) VALUES ('again')")
         self.assertEqual(attempts, 2)
         self.assertEqual(self.values(), ["again"])
-        # Once a statement ran, a lost session is not retried: the
-        # transaction's earlier work is gone.
-        cur = pool.connection().cursor()
-        cur.execute("INSERT INTO dm_items (value) VALUES ('lost')")
-        self.sql("SELECT pg_terminate_backend(%s)",
-                 (pool.connection().get_backend_pid(),))
-        with self.assertRaises(psycopg2.OperationalError) as caught:
-            cur.execute("SELECT 1")
-        self.assertNotIsInstance(caught.exception, SessionLost)
-        transaction.abort()
-        self.assertEqual(self.values(), ["again"])
+        # A session lost after statements ran, before COMMIT was sent, is
+        # retryable too: the server rolled the whole transaction back, so
+        # running all of it again is safe.
+        attempts = 0
+        for attempt in transaction.manager.attempts(3):
+            with attempt:
+                attempts += 1
+                cur = pool.connection().cursor()
+                cur.execute("INSERT INTO dm_items (value) VALUES ('mid')")
+                if attempts == 1:
+                    self.sql("SELECT pg_terminate_backend(%s)",
+                             (pool.connection().get_backend_pid(),))
+                    with self.assertRaises(SessionLost) as caught:
+                        cur.execute("SELECT 1")
+                    self.assertIsInstance(caught.exception,
+                                          psycopg2.OperationalError)
+                    raise caught.exception
+        self.assertEqual(attempts, 2)
+        self.assertEqual(self.values(), ["again", "mid"])
         self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_session_lost_during_commit_is_commit_unknown(self):
+        from zpgpool import CommitUnknown
+        from tests.poolhelpers import start
+        from tests.poolhelpers import wait_for
+        self.sql("CREATE OR REPLACE FUNCTION dm_slow_commit() RETURNS trigger"
+                 " AS $$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$"
+                 " LANGUAGE plpgsql")
+        self.sql("CREATE CONSTRAINT TRIGGER dm_slow AFTER INSERT ON dm_items"
+                 " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE"
+                 " FUNCTION dm_slow_commit()")
+        pool = self._makeOne()
+        txn = transaction.get()
+        txn.note("the slow one")
+        self.insert(pool, "slow")
+        pid = pool.connection().get_backend_pid()
+        killer = start(self, lambda: (
+            wait_for(lambda: self.sql(
+                "SELECT query FROM pg_stat_activity WHERE pid = %s AND "
+                "wait_event = 'PgSleep'", (pid,)), "COMMIT running"),
+            self.sql("SELECT pg_terminate_backend(%s)", (pid,))))
+        with self.assertRaises(CommitUnknown) as caught:
+            transaction.commit()
+        killer.finish(self)
+        self.assertNotIsInstance(caught.exception,
+                                 transaction.interfaces.TransientError)
+        self.assertIsInstance(caught.exception, psycopg2.OperationalError)
+        message = str(caught.exception)
+        self.assertIn("'dm'", message)
+        self.assertIn("COMMIT", message)
+        self.assertIn("the slow one", message)
+        self.assertFalse(pool._local.state.dm.should_retry(caught.exception))
+        transaction.abort()
+        self.sql("DROP TRIGGER dm_slow ON dm_items")
+        # The broken connection was discarded; the pool serves on.
+        self.insert(pool, "next")
+        transaction.commit()
+        self.assertEqual(self.values(), ["next"])
+        self.assertGreaterEqual(pool.stats()["connections_discarded"], 1)
 
     def test_concurrent_serializable_workload_retried(self):
         pool = self._makeOne(isolation_level="SERIALIZABLE", maxconn=4,
@@ -1059,7 +1106,8 @@ class SessionResetTests(_Base):
         self.assertIn("'dm'", str(caught.exception))
         transaction.abort()
         self.assertEqual(self.sql("SELECT count(*) FROM pg_stat_activity "
-                                  "WHERE query ILIKE 'LISTEN%%'"), [(0,)])
+                                  "WHERE query ILIKE '%%LISTEN%%' AND pid <> "
+                                  "pg_backend_pid()"), [(0,)])
 
     def test_one_phase_listen_is_undone(self):
         pool = self._makeOne(maxconn=1)

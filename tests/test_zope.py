@@ -368,8 +368,10 @@ class ThreadConnectionTests(ZopeTestCase):
 
     def wait_for_sleepers(self, count, timeout=10):
         deadline = time.monotonic() + timeout
-        while self.sql("SELECT count(*) FROM pg_stat_activity"
-                       " WHERE query LIKE 'SELECT pg_sleep(%'")[0][0] < count:
+        # The first statement of a transaction travels behind its BEGIN.
+        while self.sql("SELECT count(*) FROM pg_stat_activity WHERE query"
+                       " LIKE '%SELECT pg_sleep(%' AND pid <>"
+                       " pg_backend_pid()")[0][0] < count:
             self.assertLess(time.monotonic(), deadline,
                             'the requests did not reach PostgreSQL')
             time.sleep(0.05)

@@ -3,6 +3,7 @@
 Everything a user needs is importable from here; ``zpgpool.interfaces``
 holds the contract and ``zpgpool.testing`` the throwaway server for tests.
 """
+from zpgpool.errors import CommitUnknown
 from zpgpool.errors import ConflictError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import InvalidOption
@@ -19,7 +20,7 @@ from zpgpool.pool import ThreadedConnectionPool
 
 
 __all__ = [
-    "AbstractConnectionPool", "ConflictError", "ConnectError",
+    "AbstractConnectionPool", "CommitUnknown", "ConflictError", "ConnectError",
     "ConnectionMisuse", "ConnectionPool", "InvalidOption",
     "PersistentConnectionPool", "PoolClosed", "PoolError", "PoolTimeout",
     "SessionLost", "SimpleConnectionPool", "ThreadedConnectionPool",

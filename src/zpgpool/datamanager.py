@@ -5,23 +5,23 @@ The flow for a thread, as seen from ``ConnectionPool.connection()``:
 
 - the first call in a transaction takes the thread's connection (the one
   it had last time, unless another thread needed it meanwhile) and joins a
-  ``ConnectionDataManager`` to the transaction;
-- statements run through managed cursors, which first make sure the
-  connection is part of the thread's *current* transaction, and turn
-  serialization failures and deadlocks into retryable errors;
+  data manager to the transaction: ``OnePhaseDataManager`` or
+  ``TwoPhaseDataManager``, chosen once by the pool's ``twophase`` option;
+- the connection runs in psycopg2's autocommit mode, so psycopg2 never
+  sends a BEGIN of its own: the managed cursors send the transaction's
+  BEGIN (with the pool's isolation level, READ ONLY and DEFERRABLE) in the
+  same message as its first statement, make sure the connection is part of
+  the thread's *current* transaction, and turn serialization failures,
+  deadlocks and lost sessions into retryable errors;
 - the transaction ends in ``tpc_vote`` (COMMIT or PREPARE TRANSACTION),
   ``tpc_finish`` (COMMIT PREPARED) or ``abort``/``tpc_abort`` (ROLLBACK),
-  after which the connection is parked: still the thread's, but lent to
-  another thread that would otherwise wait.
+  sent by the data manager, after which the connection is parked: still
+  the thread's, but lent to another thread that would otherwise wait.
 """
-import hashlib
 import itertools
 import logging
-import os
 import re
-import socket
 import threading
-import time
 
 import psycopg2
 import psycopg2.extensions as _ext
@@ -30,11 +30,19 @@ import transaction.interfaces
 from zope.interface import implementer
 
 from zpgpool import binding
+from zpgpool.errors import CommitUnknown
 from zpgpool.errors import ConflictError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import PoolError
 from zpgpool.errors import SessionLost
 from zpgpool.pool import is_disconnect
+from zpgpool.twophase import gid_prefix
+from zpgpool.twophase import new_gid
+from zpgpool.twophase import resolve_prepared
+# The recovery API lived here before zpgpool.twophase; its names still work.
+from zpgpool.twophase import list_prepared  # noqa: F401
+from zpgpool.twophase import recover  # noqa: F401
+from zpgpool.twophase import zodb_decider  # noqa: F401
 
 
 logger = logging.getLogger("zpgpool")
@@ -44,7 +52,11 @@ logger = logging.getLogger("zpgpool")
 RETRYABLE_SQLSTATES = frozenset(("40001", "40P01"))
 
 _IDLE = _ext.TRANSACTION_STATUS_IDLE
+_INTRANS = _ext.TRANSACTION_STATUS_INTRANS
+_INERROR = _ext.TRANSACTION_STATUS_INERROR
 _get_ident = threading.get_ident
+_get_autocommit = _ext.connection.autocommit.__get__
+_set_autocommit = _ext.connection.autocommit.__set__
 _retryable_classes = {}
 
 
@@ -61,76 +73,35 @@ def _retryable_class(cls, marker):
     return sub
 
 
-def translate_error(exc, fresh_conn=None):
+def translate_error(exc, conn=None):
     """Make an error the transaction may survive by running again
     retryable, in place.
 
-    That is a serialization failure or a deadlock, and -- when
-    ``fresh_conn`` is given, the connection of a transaction that had sent
-    nothing yet -- a lost session. The exception keeps its psycopg2 class
-    (as a base), its message, its pgcode and its diagnostics, so existing
-    ``except`` clauses still match.
+    That is a serialization failure or a deadlock, and -- when ``conn`` is
+    given, the connection of a transaction whose COMMIT was not sent yet --
+    a lost session: the server rolled that transaction back. The exception
+    keeps its psycopg2 class (as a base), its message, its pgcode and its
+    diagnostics, so existing ``except`` clauses still match.
     """
     if isinstance(exc, transaction.interfaces.TransientError):
         return exc
     if getattr(exc, "pgcode", None) in RETRYABLE_SQLSTATES:
         exc.__class__ = _retryable_class(type(exc), ConflictError)
-    elif fresh_conn is not None and is_disconnect(exc, fresh_conn):
+    elif conn is not None and is_disconnect(exc, conn):
         exc.__class__ = _retryable_class(type(exc), SessionLost)
     return exc
 
 
-def _execute(conn, statement):
+def _execute(conn, statement, params=None):
     """Run ``statement`` on ``conn`` past the managed cursor's guards."""
     cur = _ext.cursor(conn)
     try:
-        cur.execute(statement)
+        cur.execute(statement, params)
     finally:
         cur.close()
 
 
-def _guarded(base, query=False):
-    """Wrap cursor method ``base`` so that it joins the current transaction
-    first and makes conflicts retryable."""
-    def method(self, *args, **kw):
-        conn = self.connection
-        managed = conn._zp_managed
-        if managed is None:
-            raise ConnectionMisuse(
-                "zpgpool: this cursor belongs to a connection that went back "
-                "to its pool; call pool.connection() and open a new cursor")
-        # Whether the server has seen nothing of this transaction yet.
-        fresh = not conn.closed and conn.get_transaction_status() == _IDLE
-        try:
-            managed.before_statement(conn,
-                                     args[0] if args and query else None)
-            return base(self, *args, **kw)
-        except psycopg2.Error as exc:
-            raise translate_error(exc, conn if fresh else None)
-    method.__name__ = base.__name__
-    return method
-
-
-# The cursor methods that send statements; the first two take the query.
-_STATEMENT_METHODS = (("execute", True), ("executemany", True),
-                      ("callproc", False), ("copy_expert", False),
-                      ("copy_from", False), ("copy_to", False))
-_cursor_classes = {}
-
-
-def _managed_cursor_class(factory):
-    """Return a subclass of cursor class ``factory`` whose statements join
-    the current transaction (cached per factory)."""
-    cls = _cursor_classes.get(factory)
-    if cls is None:
-        methods = {name: _guarded(getattr(factory, name), query)
-                   for name, query in _STATEMENT_METHODS}
-        methods["__doc__"] = ("%s whose statements join the current "
-                              "transaction." % factory.__name__)
-        cls = type("Managed" + factory.__name__, (factory,), methods)
-        _cursor_classes[factory] = cls
-    return cls
-
+# -- what a statement does ----------------------------------------------------------
 
 # Statements that change the session beyond the transaction: settings,
 # temporary tables, prepared statements, LISTEN, held cursors. A
@@ -141,11 +112,16 @@ _SESSION_STATEMENT = re.compile(
     r"|LOAD\b)", re.IGNORECASE)
 _LISTEN_STATEMENT = re.compile(r"\s*LISTEN\b", re.IGNORECASE)
 _SESSION_CALLS = ("set_config", "advisory_lock", "advisory_unlock")
+# Statements that begin or end a transaction themselves: never bundled
+# behind the managed BEGIN.
+_TRANSACTION_STATEMENT = re.compile(
+    r"\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT)\b", re.IGNORECASE)
 
-# What a statement does to the session, as session_effect() answers.
-SESSION_KEPT = 0        # nothing beyond the transaction
-SESSION_CHANGED = 1     # settings, temporary tables, locks, ...
-SESSION_LISTENS = 2     # LISTEN, which PREPARE TRANSACTION refuses
+# What a statement does, as statement_effect() answers: a set of flags.
+KEEPS_SESSION = 0
+CHANGES_SESSION = 1     # settings, temporary tables, locks, ...
+LISTENS = 2             # LISTEN, which PREPARE TRANSACTION refuses
+CONTROLS_TRANSACTION = 4
 
 # Everything DISCARD ALL undoes, in statements PostgreSQL accepts inside a
 # transaction block (DISCARD ALL itself is refused there). Sent just before
@@ -164,71 +140,133 @@ ONE_PHASE_SESSION_RESET = SESSION_RESET + "; UNLISTEN *"
 # statements are not transactional.
 ROLLBACK_SESSION_RESET = "SELECT pg_advisory_unlock_all(); DEALLOCATE ALL"
 
+_effects = {}
 
-_session_answers = {}
+
+def statement_effect(query):
+    """Tell what the text ``query`` does beyond its transaction, as flags:
+    CHANGES_SESSION, LISTENS, CONTROLS_TRANSACTION."""
+    # Applications run the same few statements again and again.
+    effect = _effects.get(query)
+    if effect is None:
+        effect = _statement_effect(query)
+        if len(_effects) > 2000:
+            _effects.clear()
+        _effects[query] = effect
+    return effect
 
 
-def session_effect(query, conn):
-    """Tell what ``query`` may leave in the session: SESSION_KEPT,
-    SESSION_CHANGED or SESSION_LISTENS."""
-    if isinstance(query, str):
-        # Applications run the same few statements again and again.
-        answer = _session_answers.get(query)
-        if answer is None:
-            answer = _session_effect(query)
-            if len(_session_answers) > 2000:
-                _session_answers.clear()
-            _session_answers[query] = answer
-        return answer
+def _statement_effect(query):
     if isinstance(query, bytes):
         query = query.decode("utf-8", "replace")
-    elif isinstance(query, sql.Composable):
-        query = query.as_string(conn)
-    elif not isinstance(query, str):
-        return SESSION_CHANGED
-    return _session_effect(query)
+    if _TRANSACTION_STATEMENT.match(query):
+        return CONTROLS_TRANSACTION
+    if _SESSION_STATEMENT.match(query):
+        if _LISTEN_STATEMENT.match(query):
+            return CHANGES_SESSION | LISTENS
+        return CHANGES_SESSION
+    lowered = query.lower()
+    if any(call in lowered and "xact" not in lowered
+           for call in _SESSION_CALLS):
+        return CHANGES_SESSION
+    return KEEPS_SESSION
 
 
 def changes_session(query, conn):
     """Tell whether ``query`` may leave state in the session."""
-    return session_effect(query, conn) != SESSION_KEPT
+    if isinstance(query, sql.Composable):
+        query = query.as_string(conn)
+    elif not isinstance(query, (str, bytes)):
+        return True
+    return bool(statement_effect(query) & CHANGES_SESSION)
 
 
-def _session_effect(query):
-    if _SESSION_STATEMENT.match(query):
-        if _LISTEN_STATEMENT.match(query):
-            return SESSION_LISTENS
-        return SESSION_CHANGED
-    lowered = query.lower()
-    if any(call in lowered and "xact" not in lowered
-           for call in _SESSION_CALLS):
-        return SESSION_CHANGED
-    return SESSION_KEPT
+_ISOLATION_NAMES = {
+    _ext.ISOLATION_LEVEL_READ_COMMITTED: "READ COMMITTED",
+    _ext.ISOLATION_LEVEL_REPEATABLE_READ: "REPEATABLE READ",
+    _ext.ISOLATION_LEVEL_SERIALIZABLE: "SERIALIZABLE",
+    _ext.ISOLATION_LEVEL_READ_UNCOMMITTED: "READ UNCOMMITTED",
+}
 
 
-def _safe_name(name):
-    """The part of a pool name that may go into a transaction id.
-
-    A name that had to be changed (characters replaced, or cut to 40) gets
-    a digest of the real name, so that two pools ("a b" and "a_b") never
-    share a prefix and recovery for one never resolves the other's.
-    """
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    if safe == name and 0 < len(name) <= 40:
-        return name
-    if not name:
-        return "default"
-    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass"))
-    return "%s~%s" % (safe[:31], digest.hexdigest()[:8])
+def begin_statement(pool):
+    """The BEGIN that opens each of ``pool``'s managed transactions."""
+    words = ["BEGIN"]
+    if pool.isolation_level is not None:
+        words.append("ISOLATION LEVEL "
+                     + _ISOLATION_NAMES[pool.isolation_level])
+    if pool.readonly:
+        words.append("READ ONLY")
+    if pool.deferrable:
+        words.append("DEFERRABLE")
+    return " ".join(words)
 
 
-def gid_prefix(pool):
-    """The prefix of every global transaction id ``pool`` prepares."""
-    return "zpgpool:%s:" % _safe_name(pool.name)
+# -- managed cursors ------------------------------------------------------------------
+
+def _guarded(base, takes_query, bundles):
+    """Wrap cursor method ``base`` so that it joins the current transaction
+    first, sends that transaction's BEGIN when the server has none open
+    (inside the statement's own message when ``bundles``), and makes
+    conflicts and lost sessions retryable."""
+    def method(self, *args, **kw):
+        conn = self.connection
+        managed = conn._zp_managed
+        if managed is None:
+            raise ConnectionMisuse(
+                "zpgpool: this cursor belongs to a connection that went back "
+                "to its pool; call pool.connection() and open a new cursor")
+        query = args[0] if takes_query and args else None
+        if query is not None and type(query) is not str:
+            if isinstance(query, sql.Composable):
+                query = query.as_string(conn)
+                args = (query,) + args[1:]
+            elif not isinstance(query, bytes):
+                query = None
+        try:
+            begin = managed.before_statement(
+                conn, KEEPS_SESSION if query is None
+                else statement_effect(query), self.name is not None)
+            if begin is not None:
+                if not bundles or query is None or self.name is not None \
+                        or statement_effect(query) & CONTROLS_TRANSACTION:
+                    _execute(conn, begin)
+                elif type(query) is str:
+                    # One message: psycopg2 sends a query string as one
+                    # simple query, whose result is its last statement's.
+                    args = (begin + "; " + query,) + args[1:]
+                else:
+                    args = (begin.encode("ascii") + b"; " + query,) + args[1:]
+            return base(self, *args, **kw)
+        except psycopg2.Error as exc:
+            raise translate_error(exc, conn)
+    method.__name__ = base.__name__
+    return method
 
 
-_gid_counter = itertools.count(1)
-_hostname = _safe_name(socket.gethostname())
+# The cursor methods that send statements: whether they take the query
+# first, and whether it goes as the one message the BEGIN can join
+# (executemany sends one per parameter set).
+_STATEMENT_METHODS = (("execute", True, True), ("executemany", True, False),
+                      ("callproc", False, False),
+                      ("copy_expert", False, False),
+                      ("copy_from", False, False), ("copy_to", False, False))
+_cursor_classes = {}
+
+
+def _managed_cursor_class(factory):
+    """Return a subclass of cursor class ``factory`` whose statements join
+    the current transaction (cached per factory)."""
+    cls = _cursor_classes.get(factory)
+    if cls is None:
+        methods = {name: _guarded(getattr(factory, name), takes_query,
+                                  bundles)
+                   for name, takes_query, bundles in _STATEMENT_METHODS}
+        methods["__doc__"] = ("%s whose statements join the current "
+                              "transaction." % factory.__name__)
+        cls = type("Managed" + factory.__name__, (factory,), methods)
+        _cursor_classes[factory] = cls
+    return cls
 
 
 # -- several resources in one transaction ----------------------------------------
@@ -305,6 +343,10 @@ class ThreadState:
         self.txn = None     # the transaction joined, or None between them
         self.conn = None
         self.dm = None
+        self.twophase = pool.twophase
+        self.data_manager = TwoPhaseDataManager if pool.twophase \
+            else OnePhaseDataManager
+        self.begin = begin_statement(pool)
         holder.manager = self
 
     def connection(self):
@@ -337,15 +379,17 @@ class ThreadState:
             _refuse_second_one_phase_writer(pool, txn)
         conn = binding.take(pool, self.holder)
         conn._zp_managed = self
-        if conn.autocommit:
-            _ext.connection.autocommit.__set__(conn, False)
-        if pool.twophase and not pool._twophase_checked:
+        if not _get_autocommit(conn):
+            # The data manager sends BEGIN, COMMIT and ROLLBACK itself;
+            # psycopg2 must not send a BEGIN of its own.
+            _set_autocommit(conn, True)
+        if self.twophase and not pool._twophase_checked:
             self._check_twophase(conn)
-        dm = ConnectionDataManager(self, conn, txn)
+        dm = self.data_manager(self, conn, txn)
         txn.join(dm)
         if writer:
             txn.set_data(_ONE_PHASE_WRITER, pool)
-        if dm.xid is not None:
+        if self.twophase:
             # Recorded with the other resources' commit (ZODB keeps it in
             # its transaction record), so that recovery can later tell
             # whether they committed; see zodb_decider().
@@ -365,7 +409,6 @@ class ThreadState:
             allowed = cur.fetchone()[0]
         finally:
             cur.close()
-            _ext.connection.rollback(conn)
         if allowed <= 0:
             conn._zp_managed = None
             binding.put(pool, self.holder)
@@ -396,11 +439,7 @@ class ThreadState:
         """DISCARD ALL after a failed transaction that changed the session,
         so no session state reaches the next transaction."""
         try:
-            _ext.connection.autocommit.__set__(conn, True)
-            cur = _ext.cursor(conn)
-            cur.execute("DISCARD ALL")
-            cur.close()
-            _ext.connection.autocommit.__set__(conn, False)
+            _execute(conn, "DISCARD ALL")
         except psycopg2.Error as exc:
             logger.warning("%s: could not reset the session (%s); the "
                            "connection is discarded", self.pool._label(), exc)
@@ -425,8 +464,14 @@ class ThreadState:
             "transaction.commit() / transaction.abort(), or getconn() for a "
             "connection you manage yourself)" % (self.pool._label(), what))
 
-    def before_statement(self, conn, query=None):
-        """Make sure ``conn`` belongs to this thread's current transaction."""
+    def before_statement(self, conn, effect, named=False):
+        """Make sure ``conn`` belongs to this thread's current transaction,
+        and note what the statement does to the session (``effect``, from
+        statement_effect(); ``named`` for a server-side cursor).
+
+        Returns the BEGIN to send first when the server holds no
+        transaction for us yet, else None.
+        """
         if self.conn is not conn or _get_ident() != self.ident:
             raise ConnectionMisuse(
                 "%s: this connection is no longer yours: it was kept from an "
@@ -438,24 +483,19 @@ class ThreadState:
             self._join(txn)
             if self.conn is not conn:
                 self.refuse_lost()
-        dm = self.dm
-        if query is not None and (not dm.dirty or dm.xid is not None):
-            effect = session_effect(query, conn)
-            if effect:
-                if effect == SESSION_LISTENS and dm.xid is not None:
-                    raise ConnectionMisuse(
-                        "%s: LISTEN cannot run in a two-phase transaction: "
-                        "PostgreSQL refuses to PREPARE a transaction that ran "
-                        "LISTEN; listen on a connection from a pool with "
-                        "twophase=False, or from getconn()"
-                        % self.pool._label())
-                dm.dirty = True
-        if dm.xid is not None and not dm.tpc_begun \
-                and conn.get_transaction_status() == _IDLE:
-            # psycopg2 must know of the two-phase transaction from its
-            # BEGIN on; it sends that BEGIN instead of the implicit one.
-            _ext.connection.tpc_begin(conn, dm.xid)
-            dm.tpc_begun = True
+        if effect or named:
+            if effect & LISTENS and self.twophase:
+                raise ConnectionMisuse(
+                    "%s: LISTEN cannot run in a two-phase transaction: "
+                    "PostgreSQL refuses to PREPARE a transaction that ran "
+                    "LISTEN; listen on a connection from a pool with "
+                    "twophase=False, or from getconn()" % self.pool._label())
+            if effect & CHANGES_SESSION or named:
+                # A named cursor is declared WITH HOLD (see cursor()).
+                self.dm.dirty = True
+        if conn.get_transaction_status() == _IDLE:
+            return self.begin
+        return None
 
     def refuse_lost(self):
         raise ConnectionMisuse(
@@ -467,6 +507,14 @@ class ThreadState:
         """A cursor whose statements join the current transaction."""
         factory = kw.pop("cursor_factory", None) or conn.cursor_factory \
             or _ext.cursor
+        if (args[0] if args else kw.get("name")) is not None:
+            # psycopg2 refuses a named cursor without hold in autocommit
+            # mode; held, it lives in the managed transaction and the
+            # session reset before COMMIT closes it, as COMMIT would.
+            if len(args) > 3:
+                args = args[:3] + (True,) + args[4:]
+            else:
+                kw["withhold"] = True
         return _ext.connection.cursor(
             conn, *args, cursor_factory=_managed_cursor_class(factory), **kw)
 
@@ -474,12 +522,15 @@ class ThreadState:
 @implementer(transaction.interfaces.IDataManager,
              transaction.interfaces.ISavepointDataManager,
              transaction.interfaces.IRetryDataManager)
-class ConnectionDataManager:
-    """Takes one thread's connection through one transaction.
+class _DataManager:
+    """Takes one thread's connection through one transaction: what the
+    one-phase and two-phase data managers share.
 
     ``abort``, ``tpc_abort`` and ``tpc_finish`` never raise because the
     connection died, and may be called more than once.
     """
+
+    xid = None          # the two-phase transaction id
 
     def __init__(self, state, conn, txn):
         self.state = state
@@ -493,28 +544,27 @@ class ConnectionDataManager:
         # A failed transaction's session changes still to undo after its
         # ROLLBACK (a transaction in error cannot run the reset itself).
         self.reset_after = False
-        self.prepared = False
-        self.tpc_begun = False
-        self.xid = None
-        if self.pool.twophase:
-            # A plain string gid, so that recovery can find it by prefix.
-            self.xid = "%s%s:%d:%d:%x" % (
-                gid_prefix(self.pool), _hostname, os.getpid(),
-                next(_gid_counter), int(time.time()))
-
-    def sortKey(self):
-        # Two-phase: after ZODB's (storage paths and names), so PostgreSQL
-        # can still veto the whole transaction in its vote. One-phase:
-        # after every other participant, since its COMMIT cannot be undone.
-        if self.xid is None:
-            return ONE_PHASE_SORT_KEY % self.pool.name
-        return TWO_PHASE_SORT_KEY % self.pool.name
 
     def _pending(self):
         """Whether the server holds an open transaction for us."""
         conn = self.conn
         return conn is not None and not conn.closed \
             and conn.get_transaction_status() != _IDLE
+
+    def _committable(self):
+        """Whether there is anything to commit; raise if it cannot be."""
+        if self.conn is None:
+            raise ConnectionMisuse("%s: the connection of this transaction "
+                                   "was lost" % self.pool._label())
+        if not self._pending():
+            return False    # no statement ran: nothing to send
+        if self.conn.get_transaction_status() == _INERROR:
+            # PostgreSQL would answer COMMIT with a silent ROLLBACK.
+            raise PoolError(
+                "%s: cannot commit: a statement failed earlier in this "
+                "transaction, so PostgreSQL has aborted it; the whole "
+                "transaction is rolled back" % self.pool._label())
+        return True
 
     # -- abort ------------------------------------------------------------------
 
@@ -525,30 +575,32 @@ class ConnectionDataManager:
         self._rollback()
         self._finish()
 
+    tpc_abort = abort
+
     def _rollback(self):
         conn = self.conn
         if conn is None or conn.closed:
             self.broken = self.broken or conn is not None
             return
         try:
-            status = conn.get_transaction_status()
-            if self.dirty and not self.prepared:
-                if status == _ext.TRANSACTION_STATUS_INTRANS:
-                    # On the transaction's own server connection, before
-                    # ROLLBACK (behind PgBouncer it may be another's after).
-                    _execute(conn, ROLLBACK_SESSION_RESET)
-                elif status != _IDLE:
-                    self.reset_after = True
-            if self.prepared or self.tpc_begun:
-                _ext.connection.tpc_rollback(conn)
-            elif status != _IDLE:
-                _ext.connection.rollback(conn)
+            self._send_rollback(conn)
         except psycopg2.Error as exc:
             self.broken = True
             logger.warning("%s: rollback failed (%s); the connection is "
                            "discarded", self.pool._label(), exc)
-            if self.prepared:
-                self._resolve_elsewhere(commit=False)
+
+    def _send_rollback(self, conn):
+        status = conn.get_transaction_status()
+        if status == _IDLE:
+            return
+        if self.dirty:
+            if status == _INTRANS:
+                # On the transaction's own server connection, before
+                # ROLLBACK (behind PgBouncer it may be another's after).
+                _execute(conn, ROLLBACK_SESSION_RESET)
+            else:
+                self.reset_after = True
+        _execute(conn, "ROLLBACK")
 
     def _finish(self):
         self.finished = True
@@ -560,84 +612,7 @@ class ConnectionDataManager:
         pass
 
     def commit(self, txn):
-        if self.xid is None and not self.pool.readonly and self._pending():
-            others = _foreign_one_phase_votes(txn)
-            if others:
-                raise ConnectionMisuse(
-                    "%s: cannot commit one-phase beside %s, which also "
-                    "commits irrevocably in its vote: the two cannot be "
-                    "atomic; make one of them two-phase (twophase=True here,"
-                    " or zope.sqlalchemy's twophase=True)"
-                    % (self.pool._label(),
-                       ", ".join(sorted({type(o).__module__ + "."
-                                         + type(o).__name__
-                                         for o in others}))))
-
-    def tpc_vote(self, txn):
-        """COMMIT (one-phase) or PREPARE TRANSACTION (two-phase).
-
-        Done in the vote so that a failing COMMIT, such as a serialization
-        failure or a deferred constraint, still aborts the whole
-        transaction before other resources finish.
-        """
-        conn = self.conn
-        if conn is None:
-            raise ConnectionMisuse("%s: the connection of this transaction "
-                                   "was lost" % self.pool._label())
-        if not self._pending() and not self.tpc_begun:
-            return  # no statement ran: nothing to send
-        if conn.get_transaction_status() == _ext.TRANSACTION_STATUS_INERROR:
-            # PostgreSQL would answer COMMIT with a silent ROLLBACK.
-            raise PoolError(
-                "%s: cannot commit: a statement failed earlier in this "
-                "transaction, so PostgreSQL has aborted it; the whole "
-                "transaction is rolled back" % self.pool._label())
-        try:
-            if self.dirty:
-                _execute(conn, SESSION_RESET if self.tpc_begun
-                         else ONE_PHASE_SESSION_RESET)
-            if self.tpc_begun:
-                _ext.connection.tpc_prepare(conn)
-                self.prepared = True
-            else:
-                _ext.connection.commit(conn)
-        except psycopg2.Error as exc:
-            if is_disconnect(exc, conn):
-                self.broken = True
-            raise translate_error(exc)
-
-    def tpc_finish(self, txn):
-        """COMMIT PREPARED; never fails because the connection died."""
-        if self.finished:
-            return
-        if self.prepared:
-            try:
-                _ext.connection.tpc_commit(self.conn)
-            except psycopg2.Error as exc:
-                self.broken = True
-                logger.warning("%s: COMMIT PREPARED failed on its connection"
-                               " (%s); retrying on a new one",
-                               self.pool._label(), exc)
-                self._resolve_elsewhere(commit=True)
-        self._finish()
-
-    def _resolve_elsewhere(self, commit):
-        """Finish a prepared transaction from another connection."""
-        gid = self.xid
-        try:
-            resolve_prepared(self.pool, [gid], commit=commit)
-        except psycopg2.Error as exc:
-            logger.error("%s: could not %s prepared transaction %r (%s); "
-                         "run 'zpgpool recover' to resolve it",
-                         self.pool._label(),
-                         "commit" if commit else "roll back", gid, exc)
-
-    def tpc_abort(self, txn):
-        """Roll back, prepared or not; never fails."""
-        if self.finished:
-            return
-        self._rollback()
-        self._finish()
+        pass
 
     # -- savepoints and retry -----------------------------------------------------
 
@@ -649,8 +624,138 @@ class ConnectionDataManager:
             getattr(error, "pgcode", None) in RETRYABLE_SQLSTATES
 
     def __repr__(self):
-        return "<ConnectionDataManager pool=%r%s>" % (
-            self.pool.name, " finished" if self.finished else "")
+        return "<%s pool=%r%s>" % (type(self).__name__, self.pool.name,
+                                   " finished" if self.finished else "")
+
+
+class OnePhaseDataManager(_DataManager):
+    """COMMIT in the vote, which cannot be undone: so it votes last."""
+
+    def sortKey(self):
+        # After every other participant: those that can still say no
+        # have prepared before this irrevocable COMMIT.
+        return ONE_PHASE_SORT_KEY % self.pool.name
+
+    def commit(self, txn):
+        if self.pool.readonly or not self._pending():
+            return
+        others = _foreign_one_phase_votes(txn)
+        if others:
+            raise ConnectionMisuse(
+                "%s: cannot commit one-phase beside %s, which also commits "
+                "irrevocably in its vote: the two cannot be atomic; make one "
+                "of them two-phase (twophase=True here, or zope.sqlalchemy's "
+                "twophase=True)" % (self.pool._label(), ", ".join(sorted({
+                    type(o).__module__ + "." + type(o).__name__
+                    for o in others}))))
+
+    def tpc_vote(self, txn):
+        """COMMIT.
+
+        Done in the vote so that a failing COMMIT, such as a serialization
+        failure or a deferred constraint, still aborts the whole
+        transaction before other resources finish.
+        """
+        if not self._committable():
+            return
+        conn = self.conn
+        try:
+            if self.dirty:
+                _execute(conn, ONE_PHASE_SESSION_RESET)
+        except psycopg2.Error as exc:
+            self.broken = is_disconnect(exc, conn)
+            raise translate_error(exc, conn)
+        try:
+            _execute(conn, "COMMIT")
+        except psycopg2.Error as exc:
+            if not is_disconnect(exc, conn):
+                raise translate_error(exc)
+            self.broken = True
+            raise CommitUnknown(
+                "%s: the connection was lost while COMMIT was on its way, so "
+                "whether the transaction committed is unknown (%s); check "
+                "whether its work is in the database before doing it again"
+                " (transaction %r)" % (self.pool._label(),
+                                        " ".join(str(exc).split()),
+                                        txn.description or "")) from exc
+
+    def tpc_finish(self, txn):
+        if not self.finished:
+            self._finish()
+
+
+class TwoPhaseDataManager(_DataManager):
+    """PREPARE TRANSACTION in the vote, COMMIT PREPARED in tpc_finish."""
+
+    def __init__(self, state, conn, txn):
+        super().__init__(state, conn, txn)
+        # A plain string gid, so that recovery can find it by prefix.
+        self.xid = new_gid(self.pool)
+        self.prepared = False
+
+    def sortKey(self):
+        # After ZODB's (storage paths and names): "~" sorts after them, so
+        # PostgreSQL can still veto the whole transaction in its vote.
+        return TWO_PHASE_SORT_KEY % self.pool.name
+
+    def tpc_vote(self, txn):
+        """PREPARE TRANSACTION."""
+        if not self._committable():
+            return
+        conn = self.conn
+        try:
+            if self.dirty:
+                _execute(conn, SESSION_RESET)
+            _execute(conn, "PREPARE TRANSACTION %s", (self.xid,))
+        except psycopg2.Error as exc:
+            if is_disconnect(exc, conn):
+                self.broken = True
+                # Whether the PREPARE happened is unknown: abort rolls it
+                # back from another connection if it did.
+                self.prepared = True
+            raise translate_error(exc)
+        self.prepared = True
+
+    def tpc_finish(self, txn):
+        """COMMIT PREPARED; never fails because the connection died."""
+        if self.finished:
+            return
+        if self.prepared:
+            try:
+                _execute(self.conn, "COMMIT PREPARED %s", (self.xid,))
+            except psycopg2.Error as exc:
+                self.broken = True
+                logger.warning("%s: COMMIT PREPARED failed on its connection"
+                               " (%s); retrying on a new one",
+                               self.pool._label(), exc)
+                self._resolve_elsewhere(commit=True)
+        self._finish()
+
+    def _rollback(self):
+        if not self.prepared:
+            super()._rollback()
+            return
+        conn = self.conn
+        try:
+            if conn is None or conn.closed:
+                raise psycopg2.InterfaceError("connection already closed")
+            _execute(conn, "ROLLBACK PREPARED %s", (self.xid,))
+        except psycopg2.Error as exc:
+            self.broken = True
+            logger.warning("%s: ROLLBACK PREPARED failed (%s); retrying on a "
+                           "new connection", self.pool._label(), exc)
+            self._resolve_elsewhere(commit=False)
+
+    def _resolve_elsewhere(self, commit):
+        """Finish a prepared transaction from another connection."""
+        gid = self.xid
+        try:
+            resolve_prepared(self.pool, [gid], commit=commit)
+        except psycopg2.Error as exc:
+            logger.error("%s: could not %s prepared transaction %r (%s); "
+                         "run 'zpgpool recover' to resolve it",
+                         self.pool._label(),
+                         "commit" if commit else "roll back", gid, exc)
 
 
 _savepoint_counter = itertools.count(1)
@@ -679,92 +784,3 @@ class Savepoint:
             cur.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(self.name))
         finally:
             cur.close()
-
-
-# -- in-doubt recovery -------------------------------------------------------------
-
-def list_prepared(pool, older_than=0.0):
-    """Return the prepared transactions of ``pool`` older than ``older_than``
-    seconds, as (gid, prepared_at, owner, database) tuples, oldest first."""
-    with pool.checkout() as conn:
-        cur = conn.cursor()
-        cur.execute(
-            "SELECT gid, prepared, owner, database FROM pg_prepared_xacts"
-            " WHERE starts_with(gid, %s) AND prepared < now() - %s * interval"
-            " '1 second' AND database = current_database() ORDER BY prepared",
-            (gid_prefix(pool), float(older_than)))
-        return cur.fetchall()
-
-
-def resolve_prepared(pool, gids, commit):
-    """COMMIT PREPARED (or ROLLBACK PREPARED) each of ``gids``.
-
-    Returns the gids resolved; a gid that is already gone is skipped.
-    """
-    done = []
-    prefix = gid_prefix(pool)
-    conn = pool.getconn()
-    try:
-        conn.autocommit = True
-        cur = conn.cursor()
-        for gid in gids:
-            if not gid.startswith(prefix):
-                raise PoolError("%s: refusing to resolve %r: not one of this "
-                                "pool's transactions" % (pool._label(), gid))
-            cur.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s",
-                        (gid,))
-            if cur.fetchone() is None:
-                continue
-            # The gid is passed as a quoted literal, never pasted as text.
-            cur.execute(("COMMIT PREPARED %s" if commit
-                         else "ROLLBACK PREPARED %s"), (gid,))
-            done.append(gid)
-        conn.autocommit = False
-    finally:
-        pool.putconn(conn)
-    return done
-
-
-def recover(pool, older_than=60.0, commit=None, decide=None):
-    """Resolve this pool's in-doubt prepared transactions.
-
-    Lists those older than ``older_than`` seconds; commits them when
-    ``commit`` is True, rolls them back when False, or asks ``decide(gid)``
-    (True to commit) when given. With neither, only lists them. Returns a
-    list of (gid, action) pairs, action being "commit", "rollback" or
-    "listed".
-    """
-    result = []
-    for gid, _prepared, _owner, _db in list_prepared(pool, older_than):
-        if decide is not None:
-            do_commit = bool(decide(gid))
-        elif commit is None:
-            result.append((gid, "listed"))
-            continue
-        else:
-            do_commit = commit
-        if resolve_prepared(pool, [gid], do_commit):
-            result.append((gid, "commit" if do_commit else "rollback"))
-    return result
-
-
-def zodb_decider(storage, since=None):
-    """Return ``decide(gid)`` for ``recover()``, answering from ZODB.
-
-    A two-phase transaction that also wrote to ZODB carries its gid in
-    ZODB's transaction record. If ZODB committed it, the prepared
-    PostgreSQL transaction must commit too; if not, it must roll back.
-    ``since`` (a POSIX time) limits the scan to recent records.
-    """
-    from ZODB.TimeStamp import TimeStamp
-    start = None
-    if since is not None:
-        parts = time.gmtime(since)
-        start = TimeStamp(*parts[:5] + (parts[5] + since % 1,)).raw()
-    committed = set()
-    for record in storage.iterator(start):
-        for key, value in record.extension.items():
-            if isinstance(key, str) and key.startswith("zpgpool:") \
-                    and key.endswith(":gid"):
-                committed.add(value)
-    return committed.__contains__

@@ -3,6 +3,7 @@
 Every pool error is a ``psycopg2.pool.PoolError``, so code written for
 psycopg2's pools keeps catching what it caught before.
 """
+import psycopg2
 import psycopg2.pool
 from transaction.interfaces import TransientError
 
@@ -37,13 +38,13 @@ class ConnectionMisuse(PoolError):
 
 
 class SessionLost(TransientError):
-    """The connection died before the transaction had sent any statement.
+    """The connection died before the transaction's COMMIT was sent.
 
-    Nothing of the transaction reached the server, so running it again on
-    a new connection is safe; a disconnect raised by the first statement of
-    a transaction on a managed connection is an instance of this class and
-    of the psycopg2 error it was, so Zope's publisher retries the request
-    (for example after a server restart between requests).
+    The server rolls back a transaction whose session ends, so running it
+    again on a new connection is safe; a disconnect raised by a statement
+    on a managed connection is an instance of this class and of the
+    psycopg2 error it was, so Zope's publisher retries the request (for
+    example after a server restart or a failover).
     """
 
 
@@ -54,4 +55,17 @@ class ConflictError(TransientError):
     connection are instances of this class *and* of the psycopg2 error
     class they were, so both ``except ConflictError`` and
     ``except psycopg2.errors.SerializationFailure`` catch them.
+    """
+
+
+class CommitUnknown(PoolError, psycopg2.OperationalError):
+    """The session died while a one-phase COMMIT was on its way.
+
+    The server may or may not have committed the transaction, so running
+    it again could do its work twice: unlike ``SessionLost`` this is not
+    retryable. The message names the pool and the transaction; check
+    whether its work is in the database before doing it again. Two-phase
+    pools never raise it: their COMMIT PREPARED is resolved by recovery.
+    It is also a ``psycopg2.OperationalError``, which code written for
+    psycopg2 catches for a broken connection.
     """

@@ -208,6 +208,11 @@ class PooledConnection(_ext.connection):
 
     @property
     def autocommit(self):
+        # A managed connection runs in psycopg2's autocommit mode only so
+        # that the data manager can send BEGIN with the first statement;
+        # for its user every statement is part of a transaction.
+        if self._zp_managed is not None:
+            return False
         return _ext.connection.autocommit.__get__(self)
 
     @autocommit.setter
@@ -559,11 +564,12 @@ class ConnectionPool:
     def _ping(self, conn):
         """Run a trivial query; discard the connection if it fails."""
         try:
+            autocommit = _get_autocommit(conn)
             _set_autocommit(conn, True)
             cur = _ext.cursor(conn)
             cur.execute("SELECT 1")
             cur.close()
-            _set_autocommit(conn, False)
+            _set_autocommit(conn, autocommit)
         except psycopg2.Error:
             self._discard(conn, "broken")
             return False
@@ -600,7 +606,17 @@ class ConnectionPool:
             # A connection lent by an idle thread gets the same checks as
             # one taken from the idle stack (its session may have died
             # while it was parked); None makes the caller try again.
-            return conn if self._usable(conn) else None
+            if not self._usable(conn):
+                return None
+            if _get_autocommit(conn):
+                # Parked by the transaction integration, which runs it in
+                # autocommit mode; a getconn() caller expects psycopg2's.
+                try:
+                    _set_autocommit(conn, False)
+                except psycopg2.Error:
+                    self._discard(conn, "broken")
+                    return None
+            return conn
         self._ensure_maintainer()
         if waiter is None:
             return self._connect_for_caller()
@@ -828,7 +844,14 @@ class ConnectionPool:
             with self._lock:
                 self._counters["returned_bad"] += 1
             try:
-                _ext.connection.rollback(conn)
+                if _get_autocommit(conn):
+                    # psycopg2 began nothing, so its rollback() would send
+                    # nothing: the transaction integration's connection.
+                    cur = _ext.cursor(conn)
+                    cur.execute("ROLLBACK")
+                    cur.close()
+                else:
+                    _ext.connection.rollback(conn)
             except psycopg2.Error:
                 return "broken"
             if _get_autocommit(conn):

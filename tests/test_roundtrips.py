@@ -1,0 +1,378 @@
+"""What a managed transaction sends to the server, message by message.
+
+The transaction's BEGIN travels in the same message as its first
+statement; COMMIT, PREPARE TRANSACTION and COMMIT PREPARED are one message
+each. The server counts: every test reads the statements it logged
+(``log_statement = all``) for the pool's backend.
+"""
+import re
+import threading
+import unittest
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions as ext
+import psycopg2.extras
+from psycopg2 import sql
+import transaction
+
+from zpgpool.testing import PostgresLayer
+
+from tests.poolhelpers import WAIT
+
+
+STATEMENT_LOG_LAYER = PostgresLayer(
+    "STATEMENT_LOG_LAYER", private=True,
+    settings={"log_statement": "all", "log_min_messages": "log"},
+    module=__name__)
+
+_STATEMENT_LINE = re.compile(r"\[(\d+)\] \S*@\S* LOG:  statement: (.*)$")
+
+
+class _Base(unittest.TestCase):
+
+    layer = STATEMENT_LOG_LAYER
+
+    def setUp(self):
+        from zpgpool import ConnectionPool
+        transaction.abort()
+        self.dsn = self.layer.dsn
+        admin = psycopg2.connect(self.dsn)
+        admin.autocommit = True
+        with admin.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS rt_items")
+            cur.execute("CREATE TABLE rt_items (id serial PRIMARY KEY, "
+                        "value text)")
+        admin.close()
+        self.pool = ConnectionPool(self.dsn, name="rt", maxconn=2)
+        self.addCleanup(self.pool.closeall)
+        self.addCleanup(transaction.abort)
+
+    def _makeOne(self, **kw):
+        from zpgpool import ConnectionPool
+        kw.setdefault("name", "rt2")
+        pool = ConnectionPool(self.dsn, **kw)
+        self.addCleanup(pool.closeall)
+        return pool
+
+    def mark(self, pool=None):
+        """Start counting what ``pool``'s connection sends from now."""
+        conn = (pool or self.pool).connection()
+        transaction.abort()
+        self.pid = conn.get_backend_pid()
+        with open(self.layer.server.log_file, encoding="utf-8") as f:
+            f.seek(0, 2)
+            self.offset = f.tell()
+
+    def sent(self):
+        """The messages the marked backend sent since mark(), as logged."""
+        with open(self.layer.server.log_file, encoding="utf-8") as f:
+            f.seek(self.offset)
+            lines = f.read().splitlines()
+        found = []
+        for line in lines:
+            match = _STATEMENT_LINE.search(line)
+            if match and int(match.group(1)) == self.pid:
+                found.append(match.group(2))
+            elif found and not re.match(r"\d{4}-\d\d-\d\d ", line):
+                found[-1] += "\n" + line.strip()   # a statement's next line
+        return found
+
+
+class MessageCountTests(_Base):
+
+    def test_one_statement_is_two_messages(self):
+        self.mark()
+        cur = self.pool.connection().cursor()
+        cur.execute("INSERT INTO rt_items (value) VALUES ('a')")
+        transaction.commit()
+        self.assertEqual(self.sent(), [
+            "BEGIN; INSERT INTO rt_items (value) VALUES ('a')", "COMMIT"])
+
+    def test_k_statements_are_k_plus_one_messages(self):
+        self.mark()
+        cur = self.pool.connection().cursor()
+        for n in range(5):
+            cur.execute("INSERT INTO rt_items (value) VALUES (%s)", (str(n),))
+        transaction.commit()
+        sent = self.sent()
+        self.assertEqual(len(sent), 6, sent)
+        self.assertTrue(sent[0].startswith("BEGIN; INSERT"), sent)
+        self.assertEqual(sent[-1], "COMMIT")
+
+    def test_two_phase_is_three_messages(self):
+        pool = self._makeOne(twophase=True)
+        self.mark(pool)
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO rt_items (value) VALUES ('2pc')")
+        gid = pool._local.state.dm.xid
+        self.assertEqual(transaction.get().extension["zpgpool:rt2:gid"], gid)
+        transaction.commit()
+        self.assertEqual(self.sent(), [
+            "BEGIN; INSERT INTO rt_items (value) VALUES ('2pc')",
+            "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
+
+    def test_empty_transaction_sends_nothing(self):
+        self.mark()
+        self.pool.connection()
+        transaction.commit()
+        self.assertEqual(self.sent(), [])
+
+    def test_abort_is_one_rollback(self):
+        self.mark()
+        cur = self.pool.connection().cursor()
+        cur.execute("INSERT INTO rt_items (value) VALUES ('gone')")
+        transaction.abort()
+        self.assertEqual(self.sent(), [
+            "BEGIN; INSERT INTO rt_items (value) VALUES ('gone')",
+            "ROLLBACK"])
+
+    def test_transaction_options_travel_with_begin(self):
+        pool = self._makeOne(isolation_level="SERIALIZABLE", readonly=True,
+                             deferrable=True)
+        self.mark(pool)
+        cur = pool.connection().cursor()
+        cur.execute("SELECT current_setting('transaction_isolation'), "
+                    "current_setting('transaction_read_only'), "
+                    "current_setting('transaction_deferrable')")
+        self.assertEqual(cur.fetchone(), ("serializable", "on", "on"))
+        with self.assertRaises(psycopg2.errors.ReadOnlySqlTransaction):
+            cur.execute("INSERT INTO rt_items (value) VALUES ('no')")
+        transaction.abort()
+        sent = self.sent()
+        self.assertTrue(sent[0].startswith(
+            "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY DEFERRABLE; "
+            "SELECT current_setting"), sent)
+        # Never as session settings.
+        self.assertFalse([s for s in sent if s.startswith("SET")], sent)
+
+    def test_savepoint_as_first_statement(self):
+        self.mark()
+        conn = self.pool.connection()
+        savepoint = transaction.savepoint()
+        cur = conn.cursor()
+        cur.execute("INSERT INTO rt_items (value) VALUES ('undone')")
+        savepoint.rollback()
+        cur.execute("INSERT INTO rt_items (value) VALUES ('kept')")
+        transaction.commit()
+        sent = self.sent()
+        self.assertTrue(re.match(r"BEGIN; SAVEPOINT \"zpgpool_sp_\d+\"$",
+                                 sent[0]), sent)
+        self.assertEqual(len(sent), 5, sent)
+        cur = self.pool.connection().cursor()
+        cur.execute("SELECT value FROM rt_items")
+        self.assertEqual(cur.fetchall(), [("kept",)])
+
+
+class StatementKindTests(_Base):
+    """The caller sees its own statement's results, whatever its form."""
+
+    def _cursor(self, **kw):
+        self.mark()
+        return self.pool.connection().cursor(**kw)
+
+    def test_parameters(self):
+        cur = self._cursor()
+        cur.execute("SELECT %s::int + %s, %s", (1, 2, "x%s"))
+        self.assertEqual(cur.fetchone(), (3, "x%s"))
+        transaction.abort()
+        cur = self._cursor()
+        cur.execute("SELECT %(a)s::text || %(a)s", {"a": "ab"})
+        self.assertEqual(cur.fetchone(), ("abab",))
+        self.assertEqual(cur.rowcount, 1)
+        self.assertEqual(cur.statusmessage, "SELECT 1")
+        self.assertEqual([d.name for d in cur.description], ["?column?"])
+        self.assertEqual(len(self.sent()), 1)
+
+    def test_bytes_and_composable(self):
+        cur = self._cursor()
+        cur.execute(b"SELECT 'bytes'")
+        self.assertEqual(cur.fetchone(), ("bytes",))
+        transaction.abort()
+        cur = self._cursor()
+        cur.execute(sql.SQL("SELECT {} FROM {}").format(
+            sql.Literal("composed"), sql.Identifier("rt_items")))
+        self.assertEqual(cur.fetchall(), [])
+        self.assertEqual(cur.rowcount, 0)
+        transaction.abort()
+        self.assertEqual(self.sent()[0],
+                         "BEGIN; SELECT 'composed' FROM \"rt_items\"")
+
+    def test_rowcount_and_statusmessage_of_a_write(self):
+        cur = self._cursor()
+        cur.execute("INSERT INTO rt_items (value) SELECT g::text FROM "
+                    "generate_series(1, 3) g")
+        self.assertEqual(cur.rowcount, 3)
+        self.assertEqual(cur.statusmessage, "INSERT 0 3")
+        self.assertIsNone(cur.description)
+        transaction.commit()
+
+    def test_cursor_factories(self):
+        for factory, expected in (
+                (psycopg2.extras.DictCursor, lambda r: r["v"] == 7),
+                (psycopg2.extras.RealDictCursor, lambda r: r == {"v": 7}),
+                (psycopg2.extras.NamedTupleCursor, lambda r: r.v == 7)):
+            cur = self._cursor(cursor_factory=factory)
+            cur.execute("SELECT 7 AS v")
+            row = cur.fetchone()
+            self.assertTrue(expected(row), (factory, row))
+            self.assertIsInstance(cur, factory)
+            transaction.abort()
+            self.assertEqual(self.sent(), ["BEGIN; SELECT 7 AS v",
+                                           "ROLLBACK"])
+
+    def test_error_class_pgcode_and_diag_are_the_statements(self):
+        cur = self._cursor()
+        with self.assertRaises(psycopg2.errors.DivisionByZero) as caught:
+            cur.execute("SELECT 1 / 0")
+        self.assertEqual(caught.exception.pgcode, "22012")
+        self.assertEqual(caught.exception.diag.message_primary,
+                         "division by zero")
+        conn = self.pool.connection()
+        self.assertEqual(conn.get_transaction_status(),
+                         ext.TRANSACTION_STATUS_INERROR)
+        transaction.abort()
+
+    def test_syntax_error_in_the_first_statement(self):
+        cur = self._cursor()
+        with self.assertRaises(psycopg2.errors.SyntaxError):
+            cur.execute("SELEC 1")
+        # The message was refused whole, BEGIN with it.
+        transaction.abort()
+        cur = self.pool.connection().cursor()
+        cur.execute("SELECT 2")
+        self.assertEqual(cur.fetchone(), (2,))
+        transaction.commit()
+
+    def test_notices_reach_the_connection(self):
+        cur = self._cursor()
+        conn = self.pool.connection()
+        del conn.notices[:]
+        cur.execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
+        self.assertEqual(len(conn.notices), 1, conn.notices)
+        self.assertIn("hello", conn.notices[0])
+        transaction.abort()
+
+    def test_query_shows_the_begin(self):
+        cur = self._cursor()
+        cur.execute("SELECT 1")
+        self.assertEqual(cur.query, b"BEGIN; SELECT 1")
+        cur.execute("SELECT 2")
+        self.assertEqual(cur.query, b"SELECT 2")
+        transaction.abort()
+
+    def test_managed_connection_reads_as_not_autocommit(self):
+        conn = self.pool.connection()
+        self.assertFalse(conn.autocommit)
+        transaction.abort()
+
+
+class SeparateBeginTests(_Base):
+    """Where the statement cannot carry it, BEGIN goes alone first."""
+
+    def test_executemany(self):
+        self.mark()
+        cur = self.pool.connection().cursor()
+        cur.executemany("INSERT INTO rt_items (value) VALUES (%s)",
+                        [("a",), ("b",)])
+        transaction.commit()
+        self.assertEqual(self.sent(), [
+            "BEGIN", "INSERT INTO rt_items (value) VALUES ('a')",
+            "INSERT INTO rt_items (value) VALUES ('b')", "COMMIT"])
+
+    def test_callproc(self):
+        self.mark()
+        cur = self.pool.connection().cursor()
+        cur.callproc("upper", ("abc",))
+        self.assertEqual(cur.fetchone(), ("ABC",))
+        transaction.abort()
+        sent = self.sent()
+        self.assertEqual(sent[0], "BEGIN")
+        self.assertEqual(len(sent), 3, sent)
+
+    def test_copy(self):
+        import io
+        self.mark()
+        cur = self.pool.connection().cursor()
+        cur.copy_expert("COPY rt_items (value) FROM STDIN",
+                        io.StringIO("x\ny\n"))
+        out = io.StringIO()
+        cur.copy_to(out, "rt_items", columns=("value",))
+        transaction.commit()
+        self.assertEqual(out.getvalue(), "x\ny\n")
+        self.assertEqual(self.sent()[0], "BEGIN")
+
+    def test_named_cursor(self):
+        self.mark()
+        conn = self.pool.connection()
+        cur = conn.cursor("big")
+        cur.execute("SELECT g FROM generate_series(1, 10) g")
+        self.assertEqual(cur.fetchmany(3), [(1,), (2,), (3,)])
+        self.assertEqual(len(cur.fetchall()), 7)
+        transaction.commit()
+        sent = self.sent()
+        self.assertEqual(sent[0], "BEGIN")
+        self.assertTrue(sent[1].startswith('DECLARE "big" CURSOR WITH HOLD'),
+                        sent)
+        self.assertEqual(sent[-1], "COMMIT")
+        # Closed before COMMIT, as a cursor without hold would be by it.
+        cur = self.pool.connection().cursor()
+        cur.execute("SELECT count(*) FROM pg_cursors")
+        self.assertEqual(cur.fetchone(), (0,))
+
+    def test_statement_that_controls_the_transaction(self):
+        self.mark()
+        cur = self.pool.connection().cursor()
+        cur.execute("START TRANSACTION")
+        transaction.abort()
+        self.assertEqual(self.sent(), ["BEGIN", "START TRANSACTION",
+                                       "ROLLBACK"])
+
+
+class HandBackTests(_Base):
+    """A managed connection that leaves the transaction integration is a
+    plain psycopg2 connection again."""
+
+    def test_lent_parked_connection_is_transactional_for_getconn(self):
+        pool = self._makeOne(maxconn=1, timeout=5)
+        done = threading.Event()
+
+        def use():
+            cur = pool.connection().cursor()
+            cur.execute("SELECT 1")
+            transaction.commit()    # parked, bound to this thread
+            done.set()
+
+        thread = threading.Thread(target=use)
+        thread.start()
+        self.assertTrue(done.wait(WAIT))
+        conn = pool.getconn()       # lent by the parked thread
+        self.assertFalse(conn.autocommit)
+        cur = conn.cursor()
+        cur.execute("INSERT INTO rt_items (value) VALUES ('rolled back')")
+        conn.rollback()
+        cur.execute("SELECT count(*) FROM rt_items")
+        self.assertEqual(cur.fetchone(), (0,))
+        conn.rollback()
+        pool.putconn(conn)
+        thread.join(WAIT)
+
+    def test_thread_ending_mid_transaction_rolls_back(self):
+        pool = self._makeOne(maxconn=1, timeout=5)
+
+        def use():
+            cur = pool.connection().cursor()
+            cur.execute("INSERT INTO rt_items (value) VALUES ('never')")
+
+        thread = threading.Thread(target=use)
+        thread.start()
+        thread.join(WAIT)
+        conn = pool.getconn()
+        self.assertEqual(conn.get_transaction_status(),
+                         ext.TRANSACTION_STATUS_IDLE)
+        self.assertFalse(conn.autocommit)
+        cur = conn.cursor()
+        cur.execute("SELECT count(*) FROM rt_items")
+        self.assertEqual(cur.fetchone(), (0,))
+        conn.rollback()
+        pool.putconn(conn)
