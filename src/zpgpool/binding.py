@@ -10,7 +10,7 @@ connection back to the pool (rolled back first if a transaction was open).
 import weakref
 
 from zpgpool.errors import ConnectionMisuse
-from zpgpool.pool import USED
+from zpgpool.connection import USED
 
 
 class Holder:

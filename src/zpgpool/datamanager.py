@@ -34,7 +34,7 @@ from zpgpool.errors import ConflictError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import PoolError
 from zpgpool.errors import SessionLost
-from zpgpool.pool import is_disconnect
+from zpgpool.connection import is_disconnect
 
 
 logger = logging.getLogger("zpgpool")

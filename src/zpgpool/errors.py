@@ -3,6 +3,7 @@
 Every pool error is a ``psycopg2.pool.PoolError``, so code written for
 psycopg2's pools keeps catching what it caught before.
 """
+import psycopg2
 import psycopg2.pool
 from transaction.interfaces import TransientError
 
@@ -17,6 +18,14 @@ class PoolTimeout(PoolError):
 
 class PoolClosed(PoolError):
     """The pool was closed; it hands out no more connections."""
+
+
+class ConnectError(PoolError, psycopg2.OperationalError):
+    """The pool could not open a connection to the server.
+
+    It is also a ``psycopg2.OperationalError``, which is what code written
+    for psycopg2's pools expects from a failed connect.
+    """
 
 
 class InvalidOption(PoolError, TypeError, ValueError):

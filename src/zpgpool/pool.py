@@ -15,11 +15,9 @@ import contextlib
 import logging
 import os
 import random
-import re
 import threading
 import time
 import traceback
-import urllib.parse
 import weakref
 
 import psycopg2
@@ -28,12 +26,31 @@ import zope.event
 from zope.interface import implementer
 
 from zpgpool import events
+from zpgpool.connection import GONE
+from zpgpool.connection import IDLE
+from zpgpool.connection import PARKED
+from zpgpool.connection import PooledConnection  # noqa: F401 (re-export)
+from zpgpool.connection import RETURNING
+from zpgpool.connection import USED
+from zpgpool.connection import _connection_class
+from zpgpool.connection import close_quietly
+from zpgpool.connection import is_disconnect  # noqa: F401 (re-export)
+from zpgpool.connection import neutralize
+from zpgpool.conninfo import ConnInfo
+from zpgpool.conninfo import default_application_name
+from zpgpool.conninfo import hide_passwords  # noqa: F401 (re-export)
+from zpgpool.conninfo import mask_dsn  # noqa: F401 (re-export)
+from zpgpool.conninfo import scrub_password  # noqa: F401 (re-export)
+from zpgpool.errors import ConnectError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import InvalidOption
 from zpgpool.errors import PoolClosed
 from zpgpool.errors import PoolError
 from zpgpool.errors import PoolTimeout
 from zpgpool.interfaces import IConnectionPool
+from zpgpool.options import DEFAULTS
+from zpgpool.options import check_options
+from zpgpool.options import label as _pool_label
 
 
 logger = logging.getLogger("zpgpool")
@@ -44,212 +61,9 @@ _set_autocommit = _ext.connection.autocommit.__set__
 # the process, so an empty one costs a single truth test on the hot path.
 _subscribers = zope.event.subscribers
 
-# Where a connection is in its life; kept on the connection as _zp_state.
-IDLE = "idle"            # in the shared idle stack
-USED = "used"            # handed out to a caller
-PARKED = "parked"        # bound to a thread between transactions; stealable
-RETURNING = "returning"  # being handed back (rollback in progress)
-GONE = "gone"            # closed and forgotten by the pool
-
 _OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
 _ROLLBACK_STATUS = (_ext.TRANSACTION_STATUS_INTRANS,
                     _ext.TRANSACTION_STATUS_INERROR)
-
-# SQLSTATEs that mean the session is gone: the 08 class (connection
-# exception) and the server going away (admin, crash, cannot connect now).
-_DISCONNECT_SQLSTATES = frozenset(("57P01", "57P02", "57P03"))
-
-_ISOLATION_LEVELS = {
-    "READ COMMITTED": _ext.ISOLATION_LEVEL_READ_COMMITTED,
-    "REPEATABLE READ": _ext.ISOLATION_LEVEL_REPEATABLE_READ,
-    "SERIALIZABLE": _ext.ISOLATION_LEVEL_SERIALIZABLE,
-    "READ UNCOMMITTED": _ext.ISOLATION_LEVEL_READ_UNCOMMITTED,
-}
-
-# Each pool option with its default. The docstring of ConnectionPool says
-# what each means; zcml.py mirrors this list as a schema.
-DEFAULTS = {
-    "name": "",
-    "minconn": 1,
-    "maxconn": 10,
-    "timeout": 30.0,
-    "max_lifetime": 1800.0,
-    "max_idle": 600.0,
-    "health_check_after": 10.0,
-    "leak_threshold": None,
-    "connect_timeout": 10,
-    "reconnect_max_delay": 10.0,
-    "twophase": False,
-    "isolation_level": None,
-    "readonly": False,
-    "deferrable": False,
-    "transaction_manager": None,
-    "application_name": None,
-    "connect_kwargs": None,
-}
-
-
-def is_disconnect(exc, conn=None):
-    """Tell whether ``exc`` (raised by ``conn``) means the session is lost.
-
-    Decided by the connection's state and the SQLSTATE, not by the message,
-    which varies with libpq, SSL and the platform.
-    """
-    if conn is not None:
-        if conn.closed:
-            return True
-        if conn.get_transaction_status() == _ext.TRANSACTION_STATUS_UNKNOWN:
-            return True
-    code = getattr(exc, "pgcode", None)
-    if code:
-        return code.startswith("08") or code in _DISCONNECT_SQLSTATES
-    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) \
-        and conn is None
-
-
-# Where a password can sit in a connection string that libpq may have
-# refused: the userinfo of a URI, or a password=... or sslpassword=... pair
-# (quoted or not, or in a URI's query).
-_URI_PASSWORD = re.compile(r"^\s*postgres(?:ql)?://[^:@/?#]*:([^@/?#]+)@")
-_KEYWORD_PASSWORD = re.compile(
-    r"\b(?:ssl)?password\s*=\s*(?:'((?:[^'\\]|\\.)*)'?|(\S+))")
-
-
-def scrub_password(message, dsn):
-    """Return *message* with every password found in *dsn* replaced by
-    ``***``, for a *dsn* libpq may not be able to parse."""
-    secrets = []
-    match = _URI_PASSWORD.match(dsn)
-    if match:
-        secrets.append(match.group(1))
-        secrets.append(urllib.parse.unquote(match.group(1)))
-    for match in _KEYWORD_PASSWORD.finditer(dsn):
-        secret = match.group(1) or match.group(2) or ""
-        # In a URI's query (?password=...) the value ends at the next '&'.
-        secrets.extend((secret, secret.split("&")[0]))
-        secrets.append(urllib.parse.unquote(secret.split("&")[0]))
-    # Longest first, so that a password containing another is hidden whole.
-    for secret in sorted(filter(None, set(secrets)), key=len, reverse=True):
-        message = message.replace(secret, "***")
-    return message
-
-
-# Passwords in free text (ZCML source, an error quoting a DSN), where a
-# value may also end at a quote.
-_SOURCE_PASSWORDS = (
-    (re.compile(r"(postgres(?:ql)?://[^:@/?#\s\"']*:)[^@/?#\s\"']+@"),
-     r"\1***@"),
-    (re.compile(r"(\b(?:ssl)?password\s*=\s*)"
-                r"(?:'(?:[^'\\]|\\.)*'?|[^\s\"'&]+)"),
-     r"\1***"),
-)
-
-
-def hide_passwords(text):
-    """Return ``text`` with every password it shows replaced by ``***``."""
-    for pattern, replacement in _SOURCE_PASSWORDS:
-        text = pattern.sub(replacement, text)
-    return text
-
-
-def mask_dsn(dsn):
-    """Return ``dsn`` as ``key=value`` pairs with the password hidden."""
-    try:
-        params = _ext.parse_dsn(dsn)
-    except psycopg2.Error:
-        return "<unparsable dsn>"
-    for key in ("password", "sslpassword"):
-        if key in params:
-            params[key] = "***"
-    # make_dsn quotes values with spaces, so the result parses back.
-    return _ext.make_dsn(**dict(sorted(params.items())))
-
-
-class ConnectError(PoolError, psycopg2.OperationalError):
-    """The pool could not open a connection to the server.
-
-    It is also a ``psycopg2.OperationalError``, which is what code written
-    for psycopg2's pools expects from a failed connect.
-    """
-
-
-class PooledConnection(_ext.connection):
-    """A psycopg2 connection that knows its pool.
-
-    The pool keeps its bookkeeping in ``_zp_*`` attributes. When the
-    transaction integration manages the connection, ``_zp_managed`` holds
-    the object that guards it (see datamanager.py); then committing or
-    rolling back by hand is refused, because the transaction manager owns
-    the transaction.
-    """
-
-    _zp_pool = None
-    _zp_state = GONE
-    _zp_managed = None
-    _zp_key = None
-    _zp_stack = None
-    _zp_warned = False
-    _zp_owner = None
-
-    def commit(self):
-        if self._zp_managed is not None:
-            self._zp_managed.refuse("commit()")
-        return super().commit()
-
-    def rollback(self):
-        if self._zp_managed is not None:
-            self._zp_managed.refuse("rollback()")
-        return super().rollback()
-
-    def __enter__(self):
-        if self._zp_managed is not None:
-            self._zp_managed.refuse("'with connection:'")
-        return super().__enter__()
-
-    @property
-    def autocommit(self):
-        return _ext.connection.autocommit.__get__(self)
-
-    @autocommit.setter
-    def autocommit(self, value):
-        if value and self._zp_managed is not None:
-            self._zp_managed.refuse("autocommit")
-        _ext.connection.autocommit.__set__(self, value)
-
-    def tpc_begin(self, xid):
-        if self._zp_managed is not None:
-            self._zp_managed.refuse("tpc_begin()")
-        return super().tpc_begin(xid)
-
-    def cursor(self, *args, **kw):
-        managed = self._zp_managed
-        if managed is not None:
-            return managed.cursor(self, args, kw)
-        # super(), not psycopg2's connection: a connection_factory such as
-        # RealDictConnection or LoggingConnection overrides these too.
-        return super().cursor(*args, **kw)
-
-
-_connection_classes = {}
-
-
-def _connection_class(factory):
-    """Return a PooledConnection class that also derives from ``factory``.
-
-    Users may pass psycopg2's ``connection_factory`` (for example
-    LoggingConnection); the pool still needs its own behaviour on top.
-    """
-    if factory is None or issubclass(factory, PooledConnection):
-        return factory or PooledConnection
-    if not (isinstance(factory, type) and issubclass(factory, _ext.connection)):
-        raise TypeError("connection_factory must be a subclass of "
-                        "psycopg2.extensions.connection, got %r" % (factory,))
-    cls = _connection_classes.get(factory)
-    if cls is None:
-        cls = type("Pooled" + factory.__name__, (PooledConnection, factory), {})
-        _connection_classes[factory] = cls
-    return cls
-
 
 class _Waiter:
     """A caller waiting for a connection, served in arrival order.
@@ -317,64 +131,36 @@ class ConnectionPool:
     """
 
     def __init__(self, dsn="", **options):
-        unknown = sorted(set(options) - set(DEFAULTS))
-        name = options.get("name", "")
-        if not isinstance(name, str):
-            raise InvalidOption("zpgpool pool: option 'name' must be a string,"
-                                " got %r" % (name,))
-        self.name = name
-        if unknown:
-            raise InvalidOption(
-                "%s: unknown option%s %s; valid options are: %s" % (
-                    self._label(), "s" if len(unknown) > 1 else "",
-                    ", ".join(unknown), ", ".join(sorted(DEFAULTS))))
-        opts = dict(DEFAULTS, **options)
-        self.minconn = self._check_int("minconn", opts["minconn"], 0)
-        self.maxconn = self._check_int("maxconn", opts["maxconn"], 1)
-        if self.minconn > self.maxconn:
-            raise InvalidOption(
-                "%s: minconn (%d) must not be greater than maxconn (%d)"
-                % (self._label(), self.minconn, self.maxconn))
-        self.timeout = self._check_seconds("timeout", opts["timeout"])
-        self.max_lifetime = self._check_seconds(
-            "max_lifetime", opts["max_lifetime"], none_ok=True, positive=True)
-        self.max_idle = self._check_seconds(
-            "max_idle", opts["max_idle"], none_ok=True, positive=True)
-        self.health_check_after = self._check_seconds(
-            "health_check_after", opts["health_check_after"], none_ok=True)
+        opts = check_options(options)
+        self.name = opts["name"]
+        self.minconn = opts["minconn"]
+        self.maxconn = opts["maxconn"]
+        self.timeout = opts["timeout"]
+        self.max_lifetime = opts["max_lifetime"]
+        self.max_idle = opts["max_idle"]
+        self.health_check_after = opts["health_check_after"]
         self._check_after = float("inf") if self.health_check_after is None \
             else self.health_check_after
-        self.leak_threshold = self._check_seconds(
-            "leak_threshold", opts["leak_threshold"], none_ok=True,
-            positive=True)
-        self.connect_timeout = self._check_int(
-            "connect_timeout", opts["connect_timeout"], 0)
-        self.reconnect_max_delay = self._check_seconds(
-            "reconnect_max_delay", opts["reconnect_max_delay"], positive=True)
-        self.twophase = self._check_bool("twophase", opts["twophase"])
-        self.readonly = self._check_bool("readonly", opts["readonly"])
-        self.deferrable = self._check_bool("deferrable", opts["deferrable"])
-        self.isolation_level = self._check_isolation(opts["isolation_level"])
+        self.leak_threshold = opts["leak_threshold"]
+        self.connect_timeout = opts["connect_timeout"]
+        self.reconnect_max_delay = opts["reconnect_max_delay"]
+        self.twophase = opts["twophase"]
+        self.readonly = opts["readonly"]
+        self.deferrable = opts["deferrable"]
+        self.isolation_level = opts["isolation_level"]
         self._transaction_manager = opts["transaction_manager"]
+        kwargs = dict(opts["connect_kwargs"] or {})
+        factory = kwargs.pop("connection_factory", None)
+        self._cursor_factory = kwargs.pop("cursor_factory", None)
+        try:
+            self._factory = _connection_class(factory)
+        except TypeError as exc:
+            raise InvalidOption("%s: %s" % (self._label(), exc)) from None
         app_name = opts["application_name"]
         if app_name is None:
-            app_name = "zpgpool:%s" % name if name else "zpgpool"
-            # The server keeps 63 bytes and sends a NOTICE, which libpq
-            # prints, at every connect of a pool with a long name.
-            app_name = app_name.encode("utf-8")[:63].decode(
-                "utf-8", "ignore")
-        elif not isinstance(app_name, str):
-            raise InvalidOption("%s: option 'application_name' must be a "
-                                "string, got %r" % (self._label(), app_name))
-        self._conninfo, self._factory, self._cursor_factory = \
-            self._build_conninfo(dsn, opts["connect_kwargs"], app_name)
-        # How long one connect may take (libpq counts at least 2 s).
-        try:
-            limit = int(_ext.parse_dsn(self._conninfo).get(
-                "connect_timeout") or 0)
-        except ValueError:   # libpq will say so at the first connect
-            limit = 0
-        self._connect_limit = max(limit, 2) + 1.0 if limit > 0 else 30.0
+            app_name = default_application_name(self.name)
+        self._conninfo = ConnInfo(self._label(), dsn, kwargs,
+                                  self.connect_timeout, app_name)
 
         # _lock protects everything below until the end of __init__.
         self._lock = threading.Lock()
@@ -406,91 +192,12 @@ class ConnectionPool:
     # -- options ------------------------------------------------------------
 
     def _label(self):
-        return "zpgpool pool %r" % self.name
-
-    def _check_int(self, option, value, minimum):
-        if isinstance(value, bool) or not isinstance(value, int) \
-                or value < minimum:
-            raise InvalidOption("%s: option %r must be an integer >= %d, got %r"
-                                % (self._label(), option, minimum, value))
-        return value
-
-    def _check_seconds(self, option, value, none_ok=False, positive=False):
-        if value is None and none_ok:
-            return None
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-            and (value > 0 if positive else value >= 0) and value == value
-        if not ok:
-            allowed = "a number of seconds %s 0%s" % (
-                ">" if positive else ">=", " or None" if none_ok else "")
-            raise InvalidOption("%s: option %r must be %s, got %r"
-                                % (self._label(), option, allowed, value))
-        return float(value)
-
-    def _check_bool(self, option, value):
-        if not isinstance(value, bool):
-            raise InvalidOption("%s: option %r must be True or False, got %r"
-                                % (self._label(), option, value))
-        return value
-
-    def _check_isolation(self, value):
-        if value is None:
-            return None
-        if isinstance(value, str):
-            level = _ISOLATION_LEVELS.get(" ".join(value.upper().split()))
-            if level is not None:
-                return level
-        elif isinstance(value, int) and not isinstance(value, bool) \
-                and value in _ISOLATION_LEVELS.values():
-            return value
-        raise InvalidOption(
-            "%s: option 'isolation_level' must be None or one of %s, got %r"
-            % (self._label(), ", ".join(repr(k) for k in _ISOLATION_LEVELS),
-               value))
-
-    def _build_conninfo(self, dsn, connect_kwargs, app_name):
-        """Merge the DSN, extra parameters and safe defaults; check syntax."""
-        if not isinstance(dsn, str):
-            raise InvalidOption("%s: dsn must be a string, got %s"
-                                % (self._label(), type(dsn).__name__))
-        kwargs = dict(connect_kwargs or {})
-        factory = kwargs.pop("connection_factory", None)
-        cursor_factory = kwargs.pop("cursor_factory", None)
-        try:
-            factory = _connection_class(factory)
-        except TypeError as exc:
-            raise InvalidOption("%s: %s" % (self._label(), exc)) from None
-        try:
-            params = _ext.parse_dsn(dsn)
-            params.update((k, str(v)) for k, v in kwargs.items()
-                          if v is not None)
-            # Re-parse to let libpq reject unknown parameter names.
-            _ext.parse_dsn(_ext.make_dsn(**params))
-        except psycopg2.Error as exc:
-            # libpq's message names the bad part, which can be the password.
-            raise InvalidOption("%s: invalid connection string: %s" % (
-                self._label(), scrub_password(str(exc).strip(), dsn))
-            ) from None
-        defaults = {
-            "connect_timeout": str(self.connect_timeout),
-            "application_name": app_name,
-            "keepalives": "1",
-            "keepalives_idle": "30",
-            "keepalives_interval": "10",
-            "keepalives_count": "3",
-        }
-        if _ext.libpq_version() >= 120000:
-            defaults["tcp_user_timeout"] = "30000"
-        for key, value in defaults.items():
-            params.setdefault(key, value)
-        if params.get("connect_timeout") == "0":
-            del params["connect_timeout"]
-        return _ext.make_dsn(**params), factory, cursor_factory
+        return _pool_label(self.name)
 
     @property
     def dsn(self):
         """The connection string, with the password masked."""
-        return mask_dsn(self._conninfo)
+        return self._conninfo.masked
 
     @property
     def closed(self):
@@ -595,7 +302,7 @@ class ConnectionPool:
                 # go to this waiter: waiting for it is like connecting
                 # oneself, which even a caller with timeout 0 does.
                 if waiting <= self._warming:
-                    timeout = max(timeout, self._connect_limit)
+                    timeout = max(timeout, self._conninfo.connect_limit)
         if conn is not None:
             # A connection lent by an idle thread gets the same checks as
             # one taken from the idle stack (its session may have died
@@ -699,7 +406,7 @@ class ConnectionPool:
         """Connect (outside the lock) and register the new connection."""
         start = _monotonic()
         try:
-            conn = psycopg2.connect(self._conninfo,
+            conn = psycopg2.connect(self._conninfo.conninfo,
                                     connection_factory=self._factory)
         except psycopg2.Error as exc:
             message = " ".join(str(exc).split()) or type(exc).__name__
@@ -709,16 +416,11 @@ class ConnectionPool:
                 self._failures += 1
             logger.warning("%s: cannot connect: %s", self._label(), message)
             raise ConnectError("%s: cannot connect to %s: %s" % (
-                self._label(), self._target(), message)) from None
+                self._label(), self._conninfo.target, message)) from None
         now = _monotonic()
-        conn._zp_pool = self
-        conn._zp_created = now
-        conn._zp_last_used = now
-        conn._zp_taken = now
-        conn._zp_pid = os.getpid()
         lifetime = self.max_lifetime
-        conn._zp_expires = (now + lifetime * (1.0 - random.random() * 0.1)
-                            if lifetime is not None else float("inf"))
+        conn._zp_open(self, now, now + lifetime * (1.0 - random.random() * 0.1)
+                      if lifetime is not None else float("inf"))
         if self._cursor_factory is not None:
             conn.cursor_factory = self._cursor_factory
         if self.isolation_level is not None or self.readonly \
@@ -736,12 +438,6 @@ class ConnectionPool:
                      (now - start) * 1000)
         events.notify(events.ConnectionCreated, self, conn, now - start)
         return conn
-
-    def _target(self):
-        params = _ext.parse_dsn(self._conninfo)
-        return "host=%s port=%s dbname=%s user=%s" % (
-            params.get("host", "(default)"), params.get("port", "(default)"),
-            params.get("dbname", "(default)"), params.get("user", "(default)"))
 
     # -- return -----------------------------------------------------------------
 
@@ -908,17 +604,7 @@ class ConnectionPool:
         if refill:
             self._wakeup.set()
 
-    @staticmethod
-    def _close_quietly(conn):
-        if conn._zp_pid != os.getpid():
-            # A parent's connection: closing it would end the parent's
-            # session (libpq sends Terminate). Point the socket at /dev/null.
-            _neutralize(conn)
-            return
-        try:
-            conn.close()
-        except Exception:  # pragma: no cover - close() on a dead socket
-            pass
+    _close_quietly = staticmethod(close_quietly)
 
     # -- the psycopg2.pool contract ----------------------------------------------
 
@@ -1231,7 +917,7 @@ class ConnectionPool:
         # parent's transaction on its socket, unless they are gone already.
         for conn in inherited:
             conn._zp_state = GONE
-            _neutralize(conn)
+            neutralize(conn)
         self._lock = threading.Lock()
         self._idle = collections.deque()
         self._waiters = collections.deque()
@@ -1316,25 +1002,6 @@ def _maintain(pool_ref, wakeup):
         if delay is None:
             return
         del pool
-
-
-def _neutralize(conn):
-    """Detach a connection inherited across fork from its socket.
-
-    The socket is shared with the parent. Pointing the child's descriptor
-    at /dev/null means that closing or collecting the connection here
-    writes its goodbye into /dev/null instead of ending the parent's session.
-    """
-    try:
-        fd = conn.fileno()
-    except psycopg2.Error:
-        return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
-    conn._zp_pid = os.getpid()
 
 
 def _after_fork_in_child():
