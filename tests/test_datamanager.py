@@ -113,7 +113,7 @@ class OnePhaseTests(_Base):
     def test_data_manager_provides_its_interfaces(self):
         pool = self._makeOne()
         pool.connection()
-        dm = pool._local.state.dm
+        dm = pool.thread_local.state.dm
         verifyObject(transaction.interfaces.IDataManager, dm)
         verifyObject(transaction.interfaces.ISavepointDataManager, dm)
         self.assertIsInstance(dm.sortKey(), str)
@@ -214,7 +214,7 @@ class OnePhaseTests(_Base):
         conn = pool.connection()
         cur = conn.cursor()
         cur.execute("SET LOCAL statement_timeout = 1234")
-        self.assertFalse(pool._local.state.dm.dirty)
+        self.assertFalse(pool.thread_local.state.dm.dirty)
         transaction.commit()
         cur = pool.connection().cursor()
         cur.execute("SHOW statement_timeout")
@@ -262,7 +262,7 @@ class OnePhaseTests(_Base):
         self.sql("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
         with self.assertRaises(psycopg2.OperationalError):
             cur.execute("SELECT 1")
-        dm = pool._local.state.dm
+        dm = pool.thread_local.state.dm
         transaction.abort()          # must not raise
         dm.abort(None)               # again: still fine
         dm.tpc_abort(None)
@@ -432,8 +432,8 @@ class RetryTests(_Base):
         exc = caught.exception
         self.assertIsInstance(exc, transaction.interfaces.TransientError)
         self.assertEqual(exc.pgcode, "40001")
-        self.assertTrue(pool._local.state.dm.should_retry(exc))
-        self.assertFalse(pool._local.state.dm.should_retry(ValueError()))
+        self.assertTrue(pool.thread_local.state.dm.should_retry(exc))
+        self.assertFalse(pool.thread_local.state.dm.should_retry(ValueError()))
         transaction.abort()
 
     def test_session_lost_before_first_statement_is_retried(self):

@@ -227,7 +227,7 @@ class ThreadState:
             raise ConnectionMisuse(
                 "%s: no transaction is active: the transaction manager is in "
                 "explicit mode, so call its begin() before using the "
-                "connection" % self.pool._label()) from None
+                "connection" % self.pool.label) from None
 
     def _join(self, txn):
         dm = self.dm
@@ -240,7 +240,7 @@ class ThreadState:
         conn._zp_managed = self
         if conn.autocommit:
             _ext.connection.autocommit.__set__(conn, False)
-        if pool.twophase and not pool._twophase_checked:
+        if pool.twophase and not pool.twophase_checked:
             self._check_twophase(conn)
         dm = ConnectionDataManager(self, conn, txn)
         txn.join(dm)
@@ -272,8 +272,8 @@ class ThreadState:
                 "%s: twophase=True needs the server setting "
                 "max_prepared_transactions > 0, but it is %d; set it in "
                 "postgresql.conf and restart the server, or use "
-                "twophase=False" % (pool._label(), allowed))
-        pool._twophase_checked = True
+                "twophase=False" % (pool.label, allowed))
+        pool.twophase_checked = True
 
     def ended(self, dm):
         """The transaction of ``dm`` is over: park the connection."""
@@ -289,7 +289,7 @@ class ThreadState:
             conn._zp_managed = None
             binding.put(self.pool, self.holder)
         else:
-            self.pool._park(conn, self.holder)
+            self.pool.park(conn, self.holder)
 
     def _reset_session(self, conn):
         """DISCARD ALL, so no session state reaches the next transaction."""
@@ -301,7 +301,7 @@ class ThreadState:
             _ext.connection.autocommit.__set__(conn, False)
         except psycopg2.Error as exc:
             logger.warning("%s: could not reset the session (%s); the "
-                           "connection is discarded", self.pool._label(), exc)
+                           "connection is discarded", self.pool.label, exc)
             return False
         return True
 
@@ -321,7 +321,7 @@ class ThreadState:
             "%s: %s is not allowed on a connection from connection(): the "
             "transaction manager commits or aborts it (use "
             "transaction.commit() / transaction.abort(), or getconn() for a "
-            "connection you manage yourself)" % (self.pool._label(), what))
+            "connection you manage yourself)" % (self.pool.label, what))
 
     def before_statement(self, conn, query=None):
         """Make sure ``conn`` belongs to this thread's current transaction."""
@@ -330,7 +330,7 @@ class ThreadState:
                 "%s: this connection is no longer yours: it was kept from an "
                 "earlier transaction or another thread and has since gone "
                 "back to the pool; call pool.connection() again"
-                % self.pool._label())
+                % self.pool.label)
         txn = self._current_transaction()
         if txn is not self.txn:
             self._join(txn)
@@ -350,7 +350,7 @@ class ThreadState:
         raise ConnectionMisuse(
             "%s: the connection kept from an earlier transaction was lent to "
             "another thread while this one was idle; call pool.connection() "
-            "again" % self.pool._label())
+            "again" % self.pool.label)
 
     def cursor(self, conn, args, kw):
         """A cursor whose statements join the current transaction."""
@@ -423,7 +423,7 @@ class ConnectionDataManager:
         except psycopg2.Error as exc:
             self.broken = True
             logger.warning("%s: rollback failed (%s); the connection is "
-                           "discarded", self.pool._label(), exc)
+                           "discarded", self.pool.label, exc)
             if self.prepared:
                 self._resolve_elsewhere(commit=False)
 
@@ -449,7 +449,7 @@ class ConnectionDataManager:
         conn = self.conn
         if conn is None:
             raise ConnectionMisuse("%s: the connection of this transaction "
-                                   "was lost" % self.pool._label())
+                                   "was lost" % self.pool.label)
         if not self._pending() and not self.tpc_begun:
             return  # no statement ran: nothing to send
         if conn.get_transaction_status() == _ext.TRANSACTION_STATUS_INERROR:
@@ -457,7 +457,7 @@ class ConnectionDataManager:
             raise PoolError(
                 "%s: cannot commit: a statement failed earlier in this "
                 "transaction, so PostgreSQL has aborted it; the whole "
-                "transaction is rolled back" % self.pool._label())
+                "transaction is rolled back" % self.pool.label)
         try:
             if self.tpc_begun:
                 _ext.connection.tpc_prepare(conn)
@@ -480,7 +480,7 @@ class ConnectionDataManager:
                 self.broken = True
                 logger.warning("%s: COMMIT PREPARED failed on its connection"
                                " (%s); retrying on a new one",
-                               self.pool._label(), exc)
+                               self.pool.label, exc)
                 self._resolve_elsewhere(commit=True)
         self._finish()
 
@@ -492,7 +492,7 @@ class ConnectionDataManager:
         except psycopg2.Error as exc:
             logger.error("%s: could not %s prepared transaction %r (%s); "
                          "run 'zpgpool recover' to resolve it",
-                         self.pool._label(),
+                         self.pool.label,
                          "commit" if commit else "roll back", gid, exc)
 
     def tpc_abort(self, txn):
@@ -536,7 +536,7 @@ class Savepoint:
         dm = self.dm
         if dm.finished or dm.conn is None:
             raise ConnectionMisuse("%s: cannot roll back to a savepoint of a "
-                                   "finished transaction" % dm.pool._label())
+                                   "finished transaction" % dm.pool.label)
         cur = dm.conn.cursor()
         try:
             cur.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(self.name))
@@ -573,7 +573,7 @@ def resolve_prepared(pool, gids, commit):
         for gid in gids:
             if not gid.startswith(prefix):
                 raise PoolError("%s: refusing to resolve %r: not one of this "
-                                "pool's transactions" % (pool._label(), gid))
+                                "pool's transactions" % (pool.label, gid))
             cur.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s",
                         (gid,))
             if cur.fetchone() is None:
