@@ -1165,7 +1165,7 @@ class LeakTests(PoolTestBase):
         log = self.log
         pool = self._makeOne(maxconn=2)
         conn = pool.getconn()
-        pool._maintain_once()
+        pool._maintainer.run_once(pool)
         self.assertFalse(any("leak" in r.getMessage() for r in log.records))
         self.assertIsNone(conn._zp_stack)
         pool.putconn(conn)
@@ -1264,7 +1264,7 @@ class CloseTests(PoolTestBase):
     def test_maintenance_thread_ends(self):
         pool = self._makeOne(minconn=1)
         pool.open(wait=True, timeout=WAIT)
-        thread = pool._maintainer
+        thread = pool._maintainer.thread
         self.assertTrue(thread.is_alive())
         pool.close()
         thread.join(WAIT)

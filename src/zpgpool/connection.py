@@ -11,13 +11,15 @@ import psycopg2.extensions as _ext
 class State(enum.Enum):
     """Where a connection is in its life; kept as ``_zp_state``.
 
-    A new connection is USED (handed to the caller who opened it) or IDLE
-    (opened by the maintainer). USED goes to IDLE or to another caller when
+    A connection is NEW from its connect until the pool hands it to the
+    caller who opened it (USED) or, opened by the maintainer, to a waiter
+    or the idle stack (USED or IDLE). USED goes to IDLE or to another caller when
     it is returned sound, through RETURNING when it must be rolled back
     first, or to PARKED when a thread keeps it between transactions (USED
     again when that thread or a thread it is lent to takes it). Any state
     ends in GONE when the pool closes the connection.
     """
+    NEW = "new"              # just opened, not handed out yet
     IDLE = "idle"            # in the shared idle stack
     USED = "used"            # handed out to a caller
     PARKED = "parked"        # bound to a thread between transactions
@@ -25,6 +27,7 @@ class State(enum.Enum):
     GONE = "gone"            # closed and forgotten by the pool
 
 
+NEW = State.NEW
 IDLE = State.IDLE
 USED = State.USED
 PARKED = State.PARKED
@@ -82,6 +85,7 @@ class PooledConnection(_ext.connection):
     def _zp_open(self, pool, now, expires):
         """Start the pool's record of a connection it has just opened."""
         self._zp_pool = pool
+        self._zp_state = NEW
         self._zp_pid = os.getpid()
         self._zp_created = self._zp_last_used = self._zp_taken = now
         self._zp_expires = expires

@@ -14,7 +14,6 @@ package: ``pool.py`` builds ``ConnectionPool`` on ``CorePool``, and
 end of ``CorePool``, under "For zpgpool's own modules".
 """
 import collections
-import contextlib
 import logging
 import os
 import random
@@ -42,8 +41,10 @@ from zpgpool.errors import ConnectError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import InvalidOption
 from zpgpool.errors import PoolClosed
-from zpgpool.errors import PoolError
 from zpgpool.errors import PoolTimeout
+from zpgpool.maintenance import Backoff
+from zpgpool.maintenance import Maintainer
+from zpgpool.options import OPTIONS
 from zpgpool.options import check_options
 from zpgpool.options import label as _pool_label
 
@@ -59,6 +60,9 @@ _subscribers = zope.event.subscribers
 _OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
 _ROLLBACK_STATUS = (_ext.TRANSACTION_STATUS_INTRANS,
                     _ext.TRANSACTION_STATUS_INERROR)
+# A connection whose session is gone: the reason shown in events and logs,
+# and the flag that makes _discard retire every older connection.
+_LOST = ("broken", True)
 
 class _Waiter:
     """A caller waiting for a connection, served in arrival order.
@@ -86,23 +90,14 @@ class CorePool:
 
     def __init__(self, dsn="", **options):
         opts = check_options(options)
-        self.name = opts["name"]
-        self.minconn = opts["minconn"]
-        self.maxconn = opts["maxconn"]
-        self.timeout = opts["timeout"]
-        self.max_lifetime = opts["max_lifetime"]
-        self.max_idle = opts["max_idle"]
-        self.health_check_after = opts["health_check_after"]
+        # Each option is an attribute of the pool, as psycopg2's pools have
+        # minconn and maxconn; two are kept private.
+        for option in OPTIONS:
+            if option not in ("transaction_manager", "connect_kwargs"):
+                setattr(self, option, opts[option])
+        self._transaction_manager = opts["transaction_manager"]
         self._check_after = float("inf") if self.health_check_after is None \
             else self.health_check_after
-        self.leak_threshold = opts["leak_threshold"]
-        self.connect_timeout = opts["connect_timeout"]
-        self.reconnect_max_delay = opts["reconnect_max_delay"]
-        self.twophase = opts["twophase"]
-        self.readonly = opts["readonly"]
-        self.deferrable = opts["deferrable"]
-        self.isolation_level = opts["isolation_level"]
-        self._transaction_manager = opts["transaction_manager"]
         kwargs = dict(opts["connect_kwargs"] or {})
         factory = kwargs.pop("connection_factory", None)
         self._cursor_factory = kwargs.pop("cursor_factory", None)
@@ -116,8 +111,31 @@ class CorePool:
         self._conninfo = ConnInfo(self.label, dsn, kwargs,
                                   self.connect_timeout, app_name)
 
-        # _lock protects everything below until the end of __init__.
+        self._closed = False
+        self._retire_before = -1.0         # conns created earlier are stale
+        self._check_before = -1.0          # conns unused since are pinged
+        self._last_connect_error = None
+        self._backoff = Backoff(self.reconnect_max_delay)
+        self._counters = dict.fromkeys((
+            "checkouts", "waits", "wait_time", "timeouts",
+            "connections_opened", "connections_failed", "connections_lost",
+            "connections_discarded", "returned_bad"), 0)
+        self._counters["wait_time"] = 0.0
+        self._checkouts = 0    # the hot counter, kept out of the dict
+        # For datamanager.py: twophase=True was checked against the server.
+        self.twophase_checked = False
+        self._new_books()
+        _pools.add(self)
+
+    def _new_books(self):
+        """Start the pool's bookkeeping afresh (in a new pool, and in the
+        child after a fork)."""
+        # _lock protects the attributes above and below, the maintainer's
+        # Backoff and each connection's _zp_state; _changed is notified
+        # when a connection opens (for open(wait=True)), and when one is
+        # closed after the pool was (for close()).
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._idle = collections.deque()   # most recently used at the right
         self._waiters = collections.deque()
         self._parked = {}                  # conn -> thread binding, oldest first
@@ -125,25 +143,12 @@ class CorePool:
         self._conns = set()                # every open connection
         self._size = 0                     # open or being opened
         self._in_use = 0
-        self._closed = False
-        self._retire_before = -1.0         # conns created earlier are stale
-        self._check_before = -1.0          # conns unused since are pinged
-        self._last_connect_error = None
-        self._failures = 0                 # consecutive failed connects
+        self._closing = 0                  # being closed after close()
         self._warming = 0                  # places the maintainer fills
-        self._counters = dict.fromkeys((
-            "checkouts", "waits", "wait_time", "timeouts",
-            "connections_opened", "connections_failed", "connections_lost",
-            "connections_discarded", "returned_bad"), 0)
-        self._counters["wait_time"] = 0.0
-        self._checkouts = 0    # the hot counter, kept out of the dict
         self._maintainer = None
-        self._wakeup = threading.Event()
+        self._wakeup = threading.Event()   # runs the maintainer now
         # For binding.py: the calling thread's claim on a connection.
         self.thread_local = threading.local()
-        # For datamanager.py: twophase=True was checked against the server.
-        self.twophase_checked = False
-        _pools.add(self)
 
     # -- options ------------------------------------------------------------
 
@@ -180,6 +185,7 @@ class CorePool:
                 conn = self._acquire_slow(timeout)
                 if conn is None:
                     continue
+            # _usable's conditions, inlined: most checkouts need none.
             elif (conn._zp_expires < now
                   or conn._zp_created <= self._retire_before
                   or now - conn._zp_last_used >= self._check_after
@@ -195,18 +201,33 @@ class CorePool:
             return conn
 
     def _usable(self, conn):
-        """Check a connection taken from idle; discard it if it is not fit."""
+        """Check a connection about to be handed out; discard it if it is
+        not fit.
+
+        The one fitness test. The hot path in ``acquire`` calls it only
+        when the same conditions, inlined there, say it has work to do.
+        """
         now = _monotonic()
-        if conn._zp_expires < now:
-            self._discard(conn, "lifetime")
-            return False
-        if conn._zp_created <= self._retire_before:
-            self._discard(conn, "retired")
+        reason = self._stale(conn, now)
+        if reason is not None:
+            self._discard(conn, reason)
             return False
         if now - conn._zp_last_used >= self._check_after \
                 or conn._zp_last_used < self._check_before:
+            # Idle long enough for its session to have died (a server
+            # restart in the night), or unused since another connection
+            # was found dead.
             return self._ping(conn)
         return True
+
+    def _stale(self, conn, now):
+        """Why ``conn`` must not be used again, or None: its lifetime is
+        over, or it was opened before a connection found dead."""
+        if conn._zp_expires < now:
+            return "lifetime"
+        if conn._zp_created <= self._retire_before:
+            return "retired"
+        return None
 
     def _ping(self, conn):
         """Run a trivial query; discard the connection if it fails."""
@@ -217,7 +238,7 @@ class CorePool:
             cur.close()
             _set_autocommit(conn, False)
         except psycopg2.Error:
-            self._discard(conn, "broken")
+            self._discard(conn, "broken", lost=True)
             return False
         conn._zp_last_used = _monotonic()
         return True
@@ -314,12 +335,10 @@ class CorePool:
             self._release_place()
             raise
         with self._lock:
-            if self._closed:
-                closed = True
-                self._size -= 1
-                self._conns.discard(conn)
+            closed = self._closed
+            if closed:
+                self._forget(conn)
             else:
-                closed = False
                 conn._zp_state = USED
                 self._in_use += 1
                 self._checkouts += 1
@@ -358,7 +377,7 @@ class CorePool:
             with self._lock:
                 self._counters["connections_failed"] += 1
                 self._last_connect_error = message
-                self._failures += 1
+                self._backoff.failed()
             logger.warning("%s: cannot connect: %s", self.label, message)
             raise ConnectError("%s: cannot connect to %s: %s" % (
                 self.label, self._conninfo.target, message)) from None
@@ -378,7 +397,8 @@ class CorePool:
             self._conns.add(conn)
             self._counters["connections_opened"] += 1
             self._last_connect_error = None
-            self._failures = 0
+            self._backoff.succeeded()
+            self._changed.notify_all()   # open(wait=True) counts them
         logger.debug("%s: opened a connection in %.1f ms", self.label,
                      (now - start) * 1000)
         events.notify(events.ConnectionCreated, self, conn, now - start)
@@ -441,43 +461,38 @@ class CorePool:
                 return
         self._claim_return(conn)
         conn._zp_managed = None
-        reason = self._reset_for_reuse(conn, close)
+        reason, lost = self._reset_for_reuse(conn, close)
         if reason is None:
-            if self._closed:
-                reason = "pool closed"
-            elif conn._zp_expires < _monotonic():
-                reason = "lifetime"
-            elif conn._zp_created <= self._retire_before:
-                reason = "retired"
+            reason = "pool closed" if self._closed \
+                else self._stale(conn, _monotonic())
         if reason is not None:
-            self._discard(conn, reason)
+            self._discard(conn, reason, lost)
             return
         self._put_back(conn)
 
     def _reset_for_reuse(self, conn, close=False):
-        """Bring a connection back to idle; return why not, or None."""
+        """Bring a connection back to idle.
+
+        Returns ``(None, False)`` when done, else why not and whether the
+        session was found lost.
+        """
         if close:
-            return "closed by caller"
+            return "closed by caller", False
         if conn.closed:
-            return "broken"
+            return _LOST
         status = conn.get_transaction_status()
-        if status == _OK_STATUS:
-            if _get_autocommit(conn):
-                _set_autocommit(conn, False)
-            return None
-        if status in _ROLLBACK_STATUS:
+        if status != _OK_STATUS:
             with self._lock:
                 self._counters["returned_bad"] += 1
+            if status not in _ROLLBACK_STATUS:
+                return "status", False
             try:
                 _ext.connection.rollback(conn)
             except psycopg2.Error:
-                return "broken"
-            if _get_autocommit(conn):
-                _set_autocommit(conn, False)
-            return None
-        with self._lock:
-            self._counters["returned_bad"] += 1
-        return "status"
+                return _LOST
+        if _get_autocommit(conn):
+            _set_autocommit(conn, False)
+        return None, False
 
     def _put_back(self, conn):
         """Make a sound connection available: first waiter, else idle."""
@@ -504,52 +519,73 @@ class CorePool:
             conn._zp_state = IDLE
             self._idle.append(conn)
 
-    def _discard(self, conn, reason):
+    # -- leaving the pool ------------------------------------------------------
+
+    def _forget(self, conn):
+        """Take ``conn`` out of the pool's books, whatever its state.
+
+        Called with the lock held; False if it was gone already. Closing it
+        is the caller's job, outside the lock.
+        """
+        state = conn._zp_state
+        if state is GONE:
+            return False
+        if state is USED or state is RETURNING:
+            self._in_use -= 1
+        elif state is PARKED:
+            self._parked.pop(conn, None)
+        elif state is IDLE:
+            self._idle.remove(conn)
+        conn._zp_state = GONE
+        self._conns.discard(conn)
+        self._size -= 1
+        return True
+
+    def _discard(self, conn, reason, lost=False):
         """Close a connection the pool no longer wants, outside the lock.
 
-        Its place goes to the first waiter. A connection found broken also
-        retires every connection opened before it: after a server restart
-        they are all dead, and callers should not meet them one by one.
+        Its place goes to the first waiter. ``lost`` says its session was
+        found dead: then every connection opened before it retires too,
+        since after a server restart they are all dead, and callers should
+        not meet them one by one.
         """
-        stale = ()
         with self._lock:
-            if conn._zp_state in (USED, RETURNING):
-                self._in_use -= 1
-            elif conn._zp_state is PARKED:
-                self._parked.pop(conn, None)
-            if conn._zp_state is not GONE:
-                self._size -= 1
-                self._conns.discard(conn)
+            if self._forget(conn):
                 self._counters["connections_discarded"] += 1
-            conn._zp_state = GONE
-            if reason == "broken":
-                self._counters["connections_lost"] += 1
-                # Connections opened after this one may have died with it
-                # (a server restart): each is pinged before its next use.
-                self._check_before = _monotonic()
-                if conn._zp_created > self._retire_before:
-                    self._retire_before = conn._zp_created
-                    stale = [c for c in self._idle
-                             if c._zp_created <= self._retire_before]
-                    for c in stale:
-                        self._idle.remove(c)
-                        c._zp_state = GONE
-                        self._conns.discard(c)
-                    self._size -= len(stale)
-                    self._counters["connections_discarded"] += len(stale)
-            self._pass_place_on()
-            for _ in stale:
+            stale = self._retire_older(conn) if lost else []
+            for _ in range(1 + len(stale)):
                 self._pass_place_on()
-            refill = self._size < self.minconn and not self._closed
+            closing = self._closed
+            if closing:
+                self._closing += 1   # close() waits until it is closed
+            refill = self._size < self.minconn and not closing
         logger.debug("%s: discarded a connection (%s)", self.label, reason)
-        for c in (conn,) + tuple(stale):
-            self._close_quietly(c)
+        for c in [conn] + stale:
+            close_quietly(c)
             events.notify(events.ConnectionDiscarded, self, c,
                           reason if c is conn else "retired")
+        if closing:
+            with self._changed:
+                self._closing -= 1
+                self._changed.notify_all()
         if refill:
             self._wakeup.set()
 
-    _close_quietly = staticmethod(close_quietly)
+    def _retire_older(self, lost):
+        """Retire the idle connections opened before ``lost``, whose
+        session died; return them. Called with the lock held."""
+        self._counters["connections_lost"] += 1
+        # Connections opened after it may have died with it (a server
+        # restart): each is pinged before its next use.
+        self._check_before = _monotonic()
+        if lost._zp_created <= self._retire_before:
+            return []
+        self._retire_before = lost._zp_created
+        stale = [c for c in self._idle if c._zp_created <= self._retire_before]
+        for c in stale:
+            self._forget(c)
+        self._counters["connections_discarded"] += len(stale)
+        return stale
 
     # -- the psycopg2.pool contract ----------------------------------------------
 
@@ -613,12 +649,8 @@ class CorePool:
             already = self._closed
             self._closed = True
             idle = list(self._idle) + list(self._parked)
-            self._idle.clear()
-            self._parked.clear()
             for conn in idle:
-                conn._zp_state = GONE
-                self._conns.discard(conn)
-            self._size -= len(idle)
+                self._forget(conn)
             waiters = list(self._waiters)
             self._waiters.clear()
             for waiter in waiters:
@@ -628,49 +660,30 @@ class CorePool:
             in_use = list(self._conns) if force else []
         self._wakeup.set()
         maintainer = self._maintainer
-        if maintainer is not None and maintainer is not threading.current_thread():
+        if maintainer is not None \
+                and maintainer.thread is not threading.current_thread():
             # It ends at its next wake-up; don't leave it behind the caller.
-            maintainer.join(1.0)
+            maintainer.thread.join(1.0)
         for conn in idle:
-            self._close_quietly(conn)
+            close_quietly(conn)
             events.notify(events.ConnectionDiscarded, self, conn,
                           "pool closed")
         for conn in in_use:
             # psycopg2's closeall closes connections still in use.
             self._discard(conn, "pool closed")
-        deadline = _monotonic() + timeout
-        while not force and self._in_use and _monotonic() < deadline:
-            time.sleep(0.01)
+        if not force:
+            deadline = _monotonic() + timeout
+            with self._changed:
+                while self._in_use or self._closing:
+                    remaining = deadline - _monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
         if not already:
             logger.info("%s: closed", self.label)
             events.notify(events.PoolClosed, self)
 
     # -- plain use ----------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def checkout(self, timeout=None):
-        """Take a connection for a ``with`` block and return it afterwards.
-
-        The transaction is committed when the block ends normally and rolled
-        back when it raises. A block that ends normally after a statement
-        failed in it (the error caught) raises ``PoolError``: PostgreSQL
-        has aborted that transaction and would answer COMMIT with a silent
-        ROLLBACK. For work inside a Zope transaction use ``connection()``
-        instead.
-        """
-        conn = self.acquire(timeout)
-        try:
-            yield conn
-            status = None if conn.closed else conn.get_transaction_status()
-            if status == _ext.TRANSACTION_STATUS_INERROR:
-                raise PoolError(
-                    "%s: cannot commit the checkout() block: a statement "
-                    "failed in it, so PostgreSQL has aborted the "
-                    "transaction; it is rolled back" % self.label)
-            if status is not None and status != _OK_STATUS:
-                _ext.connection.commit(conn)
-        finally:
-            self.release(conn)
 
     def open(self, wait=False, timeout=30.0):
         """Start the pool's background work and warm ``minconn`` connections.
@@ -682,18 +695,19 @@ class CorePool:
             raise PoolClosed("%s is closed" % self.label)
         self._ensure_maintainer()
         self._wakeup.set()
-        if wait:
-            deadline = _monotonic() + timeout
+        if not wait:
+            return
+        deadline = _monotonic() + timeout
+        with self._changed:
             while len(self._conns) < self.minconn:
-                if _monotonic() > deadline:
-                    with self._lock:
-                        raise PoolTimeout(
-                            "%s: could not open %d connections within %.3g s"
-                            "%s" % (self.label, self.minconn, timeout,
-                                    "; last connect error: %s"
-                                    % self._last_connect_error
-                                    if self._last_connect_error else ""))
-                time.sleep(0.01)
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    raise PoolTimeout(
+                        "%s: could not open %d connections within %.3g s%s"
+                        % (self.label, self.minconn, timeout,
+                           "; last connect error: %s" % self._last_connect_error
+                           if self._last_connect_error else ""))
+                self._changed.wait(remaining)
 
     def stats(self):
         """Return a snapshot of the pool's gauges and counters."""
@@ -717,116 +731,47 @@ class CorePool:
     # -- background maintenance ---------------------------------------------------
 
     def _ensure_maintainer(self):
-        thread = self._maintainer
-        if thread is not None and thread.is_alive():
+        maintainer = self._maintainer
+        if maintainer is not None and maintainer.thread.is_alive():
             return
         with self._lock:
             current = self._maintainer
             # A thread created but not started yet counts as running: the
             # caller that created it is starting it, outside the lock.
             if self._closed or (current is not None and (
-                    current.ident is None or current.is_alive())):
+                    current.thread.ident is None
+                    or current.thread.is_alive())):
                 return
-            thread = threading.Thread(
-                target=_maintain, args=(weakref.ref(self), self._wakeup),
-                name="zpgpool-maintainer-%s" % self.name, daemon=True)
-            self._maintainer = thread
+            maintainer = self._maintainer = Maintainer(self, self._wakeup)
         try:
-            thread.start()
+            maintainer.thread.start()
         except BaseException:  # pragma: no cover (no new thread allowed)
             with self._lock:
-                if self._maintainer is thread:
+                if self._maintainer is maintainer:
                     self._maintainer = None
             raise
 
-    def _maintain_once(self):
-        """Refill to minconn, shed idle and old connections, report leaks.
-
-        Returns the seconds until it should run again.
-        """
-        now = _monotonic()
-        doomed = []
+    def _warmed(self, conn):
+        """Account for a place the maintainer filled with ``conn``, or gave
+        up on (``conn`` None: the connect failed)."""
         with self._lock:
-            if self._closed:
-                return None
-            surplus = self._size - self.minconn
-            # The idle stack's left end holds the longest unused.
-            for conn in list(self._idle):
-                expired = conn._zp_expires < now
-                idle_too_long = (self.max_idle is not None and surplus > 0
-                                 and now - conn._zp_last_used > self.max_idle)
-                if expired or idle_too_long:
-                    self._idle.remove(conn)
-                    conn._zp_state = GONE
-                    self._conns.discard(conn)
-                    self._size -= 1
-                    surplus -= 1
-                    self._counters["connections_discarded"] += 1
-                    doomed.append((conn, "lifetime" if expired else "idle"))
-            for conn in list(self._parked):
-                if self.max_idle is not None and surplus > 0 \
-                        and now - conn._zp_last_used > self.max_idle:
-                    del self._parked[conn]
-                    conn._zp_state = GONE
-                    self._conns.discard(conn)
-                    self._size -= 1
-                    surplus -= 1
-                    self._counters["connections_discarded"] += 1
-                    doomed.append((conn, "idle"))
-            missing = self.minconn - self._size
-            if missing > 0:
-                self._size += missing
-                self._warming += missing
-            leaks = []
-            if self.leak_threshold is not None:
-                for conn in self._conns:
-                    if conn._zp_state is USED and not conn._zp_warned \
-                            and now - conn._zp_taken > self.leak_threshold:
-                        conn._zp_warned = True
-                        leaks.append(conn)
-            failures = self._failures
-        for conn, reason in doomed:
-            self._close_quietly(conn)
-            events.notify(events.ConnectionDiscarded, self, conn, reason)
-        for conn in leaks:
-            logger.warning(
-                "%s: a connection has been checked out for %.1f s (leak "
-                "threshold %.3g s); it was taken at:\n%s", self.label,
-                now - conn._zp_taken, self.leak_threshold,
-                "".join(conn._zp_stack or ()))
-        for _ in range(max(missing, 0)):
-            try:
-                conn = self._open_connection()
-            except ConnectError:
-                with self._lock:
-                    self._size -= 1
-                    self._warming -= 1
-                    self._pass_place_on()
-                continue
-            with self._lock:
-                self._warming -= 1
-                if self._closed:
-                    self._size -= 1
-                    self._conns.discard(conn)
-                    conn._zp_state = GONE
-                    closed = True
-                else:
-                    # Under the same lock as _warming, so that no caller
-                    # sees the place neither warming nor filled.
-                    closed = False
-                    conn._zp_last_used = _monotonic()
-                    self._hand_over(conn)
+            self._warming -= 1
+            closed = self._closed
+            if conn is None:
+                self._size -= 1
+                self._pass_place_on()
+                return
             if closed:
-                conn.close()
-            elif _subscribers:
-                events.notify(events.ConnectionReturned, self, conn)
-        if missing > 0 and self._failures:
-            # Back off exponentially, with jitter, while the server is down.
-            delay = min(self.reconnect_max_delay,
-                        0.1 * 2 ** min(self._failures, 16))
-            return delay * random.uniform(0.5, 1.0)
-        interval = 1.0 if failures == 0 else 0.1
-        return interval
+                self._forget(conn)
+            else:
+                # Under the same lock as _warming, so that no caller sees
+                # the place neither warming nor filled.
+                conn._zp_last_used = _monotonic()
+                self._hand_over(conn)
+        if closed:
+            conn.close()
+        elif _subscribers:
+            events.notify(events.ConnectionReturned, self, conn)
 
     # -- fork ---------------------------------------------------------------------
 
@@ -840,18 +785,7 @@ class CorePool:
         for conn in inherited:
             conn._zp_state = GONE
             neutralize(conn)
-        self._lock = threading.Lock()
-        self._idle = collections.deque()
-        self._waiters = collections.deque()
-        self._parked = {}
-        self._keys = {}
-        self._conns = set()
-        self._size = 0
-        self._in_use = 0
-        self._warming = 0
-        self._maintainer = None
-        self._wakeup = threading.Event()
-        self.thread_local = threading.local()
+        self._new_books()
 
     # -- For zpgpool's own modules -------------------------------------------------
     #
@@ -884,20 +818,10 @@ class CorePool:
             conn._zp_state = USED
             self._in_use += 1
             self._checkouts += 1
-        now = _monotonic()
-        if conn._zp_created <= self._retire_before or \
-                conn._zp_expires < now:
-            self._discard(conn, "retired" if conn._zp_created
-                          <= self._retire_before else "lifetime")
-            return False
-        if now - conn._zp_last_used >= self._check_after \
-                or conn._zp_last_used < self._check_before:
-            # Idle long enough for its session to have died (a server
-            # restart in the night), or unused since another connection
-            # was found dead: pinged like a connection from the idle stack,
-            # so the thread's next request does not fail.
-            return self._ping(conn)
-        return True
+        # Its session may have died while it was parked; pinged like a
+        # connection from the idle stack, so the thread's next request
+        # does not fail.
+        return self._usable(conn)
 
     def park(self, conn, holder):
         """Keep a connection bound to its thread between transactions.
@@ -921,26 +845,6 @@ class CorePool:
         conn._zp_owner = None
         self.release(conn)
         return False
-
-
-
-def _maintain(pool_ref, wakeup):
-    """The body of a pool's maintenance thread; ends with the pool."""
-    delay = 0.0
-    while True:
-        wakeup.wait(delay)
-        wakeup.clear()
-        pool = pool_ref()
-        if pool is None or pool._closed:
-            return
-        try:
-            delay = pool._maintain_once()
-        except Exception:  # pragma: no cover - must never kill the thread
-            logger.exception("%s: maintenance failed", pool.label)
-            delay = 1.0
-        if delay is None:
-            return
-        del pool
 
 
 def _after_fork_in_child():

@@ -4,6 +4,9 @@ current transaction of the ``transaction`` package (datamanager.py).
 
 The names of zpgpool's first releases are kept importable from here.
 """
+import contextlib
+
+import psycopg2.extensions as _ext
 import transaction
 from zope.interface import implementer
 
@@ -11,6 +14,7 @@ from zpgpool.binding import holder_for
 from zpgpool.core import CorePool
 from zpgpool.datamanager import ThreadState
 from zpgpool.errors import PoolClosed
+from zpgpool.errors import PoolError
 from zpgpool.interfaces import IConnectionPool
 
 # Importable from here since the first release.
@@ -96,6 +100,34 @@ class ConnectionPool(CorePool):
             raise PoolClosed("%s is closed" % self.label)
         state = self.thread_local.state = ThreadState(self, holder_for(self))
         return state
+
+
+    # -- plain use --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def checkout(self, timeout=None):
+        """Take a connection for a ``with`` block and return it afterwards.
+
+        The transaction is committed when the block ends normally and rolled
+        back when it raises. A block that ends normally after a statement
+        failed in it (the error caught) raises ``PoolError``: PostgreSQL
+        has aborted that transaction and would answer COMMIT with a silent
+        ROLLBACK. For work inside a Zope transaction use ``connection()``
+        instead.
+        """
+        conn = self.acquire(timeout)
+        try:
+            yield conn
+            status = None if conn.closed else conn.get_transaction_status()
+            if status == _ext.TRANSACTION_STATUS_INERROR:
+                raise PoolError(
+                    "%s: cannot commit the checkout() block: a statement "
+                    "failed in it, so PostgreSQL has aborted the "
+                    "transaction; it is rolled back" % self.label)
+            if status is not None and status != _ext.TRANSACTION_STATUS_IDLE:
+                _ext.connection.commit(conn)
+        finally:
+            self.release(conn)
 
 
 # psycopg2's pool classes live in compat.py, which builds on this module;
