@@ -3,7 +3,8 @@ lifetime, closing, statistics and fork safety.
 
 Lock discipline: ``CorePool._lock`` protects the pool's bookkeeping (the
 idle stack, the waiters, the counters, the parked connections and each
-connection's ``_zp_state``). Nothing slow happens while it is held:
+connection's ``_zp_state``); the maintainer's jobs (maintenance.py) take
+it too to read and change them. Nothing slow happens while it is held:
 connecting, pinging, rolling back and closing all happen outside it, so a
 hanging server never stops other threads from returning or taking
 connections.
