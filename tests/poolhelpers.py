@@ -157,8 +157,9 @@ def close_pool(testcase, pool):
     """Close ``pool`` (in-use connections too) and check its maintenance
     thread ended."""
     pool.closeall()
-    thread = pool._maintainer
-    if thread is not None:
+    maintainer = pool._maintainer
+    if maintainer is not None:
+        thread = maintainer.thread
         thread.join(WAIT)
         testcase.assertFalse(thread.is_alive(),
                              "the maintenance thread of %r still runs" % pool)

@@ -307,7 +307,7 @@ class ParkingTests(BindingTestBase):
         holder = binding.holder_for(pool)
         conn = binding.take(pool, holder)
         self.assertIs(holder.conn, conn)
-        self.assertTrue(pool._park(conn, holder))
+        self.assertTrue(pool.park(conn, holder))
         stats = pool.stats()
         self.assertEqual((stats["bound_idle"], stats["in_use"],
                           stats["idle"]), (1, 0, 0))
@@ -326,7 +326,7 @@ class ParkingTests(BindingTestBase):
         holder = binding.holder_for(pool)
         conn = binding.take(pool, holder)
         conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
-        self.assertFalse(pool._park(conn, holder))
+        self.assertFalse(pool.park(conn, holder))
         self.assertEqual(conn.get_transaction_status(), IDLE)
         self.assertEqual(self.rows(table), [])
         stats = pool.stats()
@@ -336,7 +336,7 @@ class ParkingTests(BindingTestBase):
         pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT)
         holder = binding.holder_for(pool)
         conn = binding.take(pool, holder)
-        pool._park(conn, holder)
+        pool.park(conn, holder)
         # Another thread needs a connection and there is no room: it gets
         # the parked one at once instead of waiting.
         lent = start(self, pool.getconn).finish(self)
@@ -358,7 +358,7 @@ class ParkingTests(BindingTestBase):
         conn = binding.take(pool, holder)
         waiter = start(self, pool.getconn)
         wait_for(lambda: pool.stats()["waiting"] == 1, "a waiter")
-        self.assertFalse(pool._park(conn, holder))
+        self.assertFalse(pool.park(conn, holder))
         self.assertIs(waiter.finish(self), conn)
         pool.putconn(conn)
         # The holder's next take gets a connection the ordinary way.
@@ -371,7 +371,7 @@ class ParkingTests(BindingTestBase):
         def work():
             holder = binding.holder_for(pool)
             conn = binding.take(pool, holder)
-            pool._park(conn, holder)
+            pool.park(conn, holder)
             return conn
         conn = start(self, work).finish(self)
         wait_for(lambda: pool.stats()["bound_idle"] == 0, "the release")
@@ -387,7 +387,7 @@ class ParkingTests(BindingTestBase):
         def work():
             holder = binding.holder_for(pool)
             conn = binding.take(pool, holder)
-            pool._park(conn, holder)
+            pool.park(conn, holder)
             parked.set()
             release.wait(WAIT)
         worker = start(self, work)
@@ -405,7 +405,7 @@ class ParkingTests(BindingTestBase):
         pool = self._makePool(minconn=0, max_idle=0.1)
         holder = binding.holder_for(pool)
         conn = binding.take(pool, holder)
-        pool._park(conn, holder)
+        pool.park(conn, holder)
         wait_for(lambda: pool.stats()["size"] == 0, "the parked one to go")
         self.assertTrue(conn.closed)
         again = binding.take(pool, holder)
@@ -417,7 +417,7 @@ class ParkingTests(BindingTestBase):
         pool = self._makePool(max_lifetime=0.1)
         holder = binding.holder_for(pool)
         conn = binding.take(pool, holder)
-        pool._park(conn, holder)
+        pool.park(conn, holder)
         wait_for(lambda: conn._zp_expires < time.monotonic(),
                  "the lifetime to pass")
         again = binding.take(pool, holder)
@@ -430,7 +430,7 @@ class ParkingTests(BindingTestBase):
         pool = self._makePool()
         holder = binding.holder_for(pool)
         conn = binding.take(pool, holder)
-        pool._park(conn, holder)
+        pool.park(conn, holder)
         pool.close()
         self.assertTrue(conn.closed)
         binding.put(pool, holder)    # nothing to give back; no error

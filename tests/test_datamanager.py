@@ -114,7 +114,7 @@ class OnePhaseTests(_Base):
     def test_data_manager_provides_its_interfaces(self):
         pool = self._makeOne()
         pool.connection()
-        dm = pool._local.state.dm
+        dm = pool.thread_local.state.dm
         verifyObject(transaction.interfaces.IDataManager, dm)
         verifyObject(transaction.interfaces.ISavepointDataManager, dm)
         self.assertIsInstance(dm.sortKey(), str)
@@ -215,7 +215,7 @@ class OnePhaseTests(_Base):
         conn = pool.connection()
         cur = conn.cursor()
         cur.execute("SET LOCAL statement_timeout = 1234")
-        self.assertFalse(pool._local.state.dm.dirty)
+        self.assertFalse(pool.thread_local.state.dm.dirty)
         transaction.commit()
         cur = pool.connection().cursor()
         cur.execute("SHOW statement_timeout")
@@ -263,7 +263,7 @@ class OnePhaseTests(_Base):
         self.sql("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
         with self.assertRaises(psycopg2.OperationalError):
             cur.execute("SELECT 1")
-        dm = pool._local.state.dm
+        dm = pool.thread_local.state.dm
         transaction.abort()          # must not raise
         dm.abort(None)               # again: still fine
         dm.tpc_abort(None)
@@ -433,8 +433,8 @@ class RetryTests(_Base):
         exc = caught.exception
         self.assertIsInstance(exc, transaction.interfaces.TransientError)
         self.assertEqual(exc.pgcode, "40001")
-        self.assertTrue(pool._local.state.dm.should_retry(exc))
-        self.assertFalse(pool._local.state.dm.should_retry(ValueError()))
+        self.assertTrue(pool.thread_local.state.dm.should_retry(exc))
+        self.assertFalse(pool.thread_local.state.dm.should_retry(ValueError()))
         transaction.abort()
 
     def test_session_lost_before_first_statement_is_retried(self):
@@ -502,7 +502,7 @@ class RetryTests(_Base):
         self.assertIn("'dm'", message)
         self.assertIn("COMMIT", message)
         self.assertIn("the slow one", message)
-        self.assertFalse(pool._local.state.dm.should_retry(caught.exception))
+        self.assertFalse(pool.thread_local.state.dm.should_retry(caught.exception))
         transaction.abort()
         self.sql("DROP TRIGGER dm_slow ON dm_items")
         # The broken connection was discarded; the pool serves on.
@@ -900,8 +900,8 @@ class SeveralPoolsTests(_Base):
         self.insert(two, "y")
         transaction.get().join(_RecordingVote(transaction.manager, order,
                                               "\uffff late"))
-        one_key = one._local.state.dm.sortKey()
-        keys = sorted([one_key, two._local.state.dm.sortKey(), "~~~~ zzz",
+        one_key = one.thread_local.state.dm.sortKey()
+        keys = sorted([one_key, two.thread_local.state.dm.sortKey(), "~~~~ zzz",
                        "\uffff late", "/tmp/Data.fs:1", "~sqlalchemy:1"])
         self.assertEqual(keys[-1], one_key)
         transaction.commit()

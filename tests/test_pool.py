@@ -357,6 +357,52 @@ class ReturnTests(PoolTestBase):
         self.assertEqual(stats["returned_bad"], 0)
         pool.putconn(again)
 
+    def test_connection_closed_by_its_caller_is_just_dropped(self):
+        pool = self._makeOne(minconn=0, maxconn=4)
+        conns = [pool.getconn() for _ in range(4)]
+        for conn in conns[1:]:
+            pool.putconn(conn)
+        conns[0].close()            # closed == 1: closed on purpose
+        pool.putconn(conns[0])
+        stats = pool.stats()
+        # The other three are kept: a caller's close() is no sign that
+        # the server went away, so nothing older is retired.
+        self.assertEqual(stats["size"], 3)
+        self.assertEqual(stats["idle"], 3)
+        self.assertEqual(stats["connections_lost"], 0)
+        self.assertEqual(stats["connections_discarded"], 1)
+        again = pool.getconn()
+        self.assertIn(again, conns[1:])
+        pool.putconn(again)
+
+    def test_returned_session_characteristics_are_restored(self):
+        table = self.make_table()
+        pool = self._makeOne(maxconn=1, isolation_level="REPEATABLE READ")
+        conn = pool.getconn()
+        conn.set_session(readonly=True, isolation_level="SERIALIZABLE",
+                         deferrable=True)
+        conn.cursor().execute("SELECT 1")
+        conn.rollback()
+        pool.putconn(conn)
+        again = pool.getconn()
+        self.assertIs(again, conn)
+        cur = again.cursor()
+        cur.execute("SELECT current_setting('transaction_isolation'), "
+                    "current_setting('transaction_read_only'), "
+                    "current_setting('transaction_deferrable')")
+        self.assertEqual(cur.fetchone(), ("repeatable read", "off", "off"))
+        cur.execute("INSERT INTO %s VALUES (1)" % table)   # not read-only
+        again.rollback()
+        again.readonly = True
+        again.autocommit = True
+        pool.putconn(again)
+        third = pool.getconn()
+        self.assertFalse(third.autocommit)
+        self.assertFalse(third.readonly)
+        self.assertEqual(third.isolation_level,
+                         psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+        pool.putconn(third)
+
     def test_in_transaction_is_rolled_back(self):
         table = self.make_table()
         pool = self._makeOne()
@@ -1165,7 +1211,7 @@ class LeakTests(PoolTestBase):
         log = self.log
         pool = self._makeOne(maxconn=2)
         conn = pool.getconn()
-        pool._maintain_once()
+        pool._maintainer.run_once(pool)
         self.assertFalse(any("leak" in r.getMessage() for r in log.records))
         self.assertIsNone(conn._zp_stack)
         pool.putconn(conn)
@@ -1264,7 +1310,7 @@ class CloseTests(PoolTestBase):
     def test_maintenance_thread_ends(self):
         pool = self._makeOne(minconn=1)
         pool.open(wait=True, timeout=WAIT)
-        thread = pool._maintainer
+        thread = pool._maintainer.thread
         self.assertTrue(thread.is_alive())
         pool.close()
         thread.join(WAIT)

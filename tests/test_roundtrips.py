@@ -105,7 +105,7 @@ class MessageCountTests(_Base):
         self.mark(pool)
         cur = pool.connection().cursor()
         cur.execute("INSERT INTO rt_items (value) VALUES ('2pc')")
-        gid = pool._local.state.dm.xid
+        gid = pool.thread_local.state.dm.xid
         self.assertEqual(transaction.get().extension["zpgpool:rt2:gid"], gid)
         transaction.commit()
         self.assertEqual(self.sent(), [

@@ -10,7 +10,7 @@ connection back to the pool (rolled back first if a transaction was open).
 import weakref
 
 from zpgpool.errors import ConnectionMisuse
-from zpgpool.pool import USED
+from zpgpool.connection import USED
 
 
 class Holder:
@@ -39,7 +39,7 @@ class _Token:
 
 def holder_for(pool):
     """Return the calling thread's Holder for ``pool``, creating it."""
-    local = pool._local
+    local = pool.thread_local
     try:
         return local.token.holder
     except AttributeError:
@@ -56,10 +56,10 @@ def take(pool, holder):
     """Return the thread's connection, checked out, taking a new one if the
     thread has none or its parked connection was lent away."""
     conn = holder.conn
-    if conn is not None and pool._unpark(conn, holder):
+    if conn is not None and pool.unpark(conn, holder):
         return conn
     holder.conn = None
-    conn = pool._acquire()
+    conn = pool.acquire()
     conn._zp_owner = holder
     holder.conn = conn
     return conn
@@ -74,8 +74,8 @@ def put(pool, holder, close=False):
     # Only a parked connection can be taken by another thread, and _unpark
     # decides that under the pool's lock.
     if (conn._zp_state is USED and conn._zp_owner is holder) \
-            or pool._unpark(conn, holder):
-        pool._release(conn, close=close)
+            or pool.unpark(conn, holder):
+        pool.release(conn, close=close)
 
 
 def _thread_ended(pool_ref, holder):
@@ -97,7 +97,7 @@ def thread_connection(pool):
     if conn is not None and conn._zp_state is USED \
             and conn._zp_owner is holder:
         return conn
-    conn = pool._acquire()
+    conn = pool.acquire()
     conn._zp_owner = holder
     holder.conn = conn
     return conn
@@ -111,5 +111,5 @@ def release_thread_connection(pool, conn=None, close=False):
         holder.conn = None
         if conn is None:
             raise ConnectionMisuse("%s: this thread holds no connection"
-                                   % pool._label())
-    pool._release(conn, close=close)
+                                   % pool.label)
+    pool.release(conn, close=close)

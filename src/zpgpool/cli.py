@@ -32,7 +32,7 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.pool
 
-from zpgpool.pool import hide_passwords
+from zpgpool.conninfo import hide_passwords
 
 
 PROG = "zpgpool"

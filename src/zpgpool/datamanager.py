@@ -35,7 +35,7 @@ from zpgpool.errors import ConflictError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import PoolError
 from zpgpool.errors import SessionLost
-from zpgpool.pool import is_disconnect
+from zpgpool.connection import is_disconnect
 from zpgpool.twophase import gid_prefix
 from zpgpool.twophase import new_gid
 from zpgpool.twophase import resolve_prepared
@@ -302,7 +302,7 @@ def _refuse_second_one_phase_writer(pool, txn):
             "second failed, the first could not be undone); set "
             "twophase=True on all but one of the pools used in one "
             "transaction, or readonly=True on those that only read"
-            % (pool._label(), other.name))
+            % (pool.label, other.name))
 
 
 def _foreign_one_phase_votes(txn):
@@ -365,7 +365,7 @@ class ThreadState:
             raise ConnectionMisuse(
                 "%s: no transaction is active: the transaction manager is in "
                 "explicit mode, so call its begin() before using the "
-                "connection" % self.pool._label()) from None
+                "connection" % self.pool.label) from None
 
     def _join(self, txn):
         dm = self.dm
@@ -383,7 +383,7 @@ class ThreadState:
             # The data manager sends BEGIN, COMMIT and ROLLBACK itself;
             # psycopg2 must not send a BEGIN of its own.
             _set_autocommit(conn, True)
-        if self.twophase and not pool._twophase_checked:
+        if self.twophase and not pool.twophase_checked:
             self._check_twophase(conn)
         dm = self.data_manager(self, conn, txn)
         txn.join(dm)
@@ -416,8 +416,8 @@ class ThreadState:
                 "%s: twophase=True needs the server setting "
                 "max_prepared_transactions > 0, but it is %d; set it in "
                 "postgresql.conf and restart the server, or use "
-                "twophase=False" % (pool._label(), allowed))
-        pool._twophase_checked = True
+                "twophase=False" % (pool.label, allowed))
+        pool.twophase_checked = True
 
     def ended(self, dm):
         """The transaction of ``dm`` is over: park the connection."""
@@ -433,7 +433,7 @@ class ThreadState:
             conn._zp_managed = None
             binding.put(self.pool, self.holder)
         else:
-            self.pool._park(conn, self.holder)
+            self.pool.park(conn, self.holder)
 
     def _reset_session(self, conn):
         """DISCARD ALL after a failed transaction that changed the session,
@@ -442,7 +442,7 @@ class ThreadState:
             _execute(conn, "DISCARD ALL")
         except psycopg2.Error as exc:
             logger.warning("%s: could not reset the session (%s); the "
-                           "connection is discarded", self.pool._label(), exc)
+                           "connection is discarded", self.pool.label, exc)
             return False
         return True
 
@@ -462,7 +462,7 @@ class ThreadState:
             "%s: %s is not allowed on a connection from connection(): the "
             "transaction manager commits or aborts it (use "
             "transaction.commit() / transaction.abort(), or getconn() for a "
-            "connection you manage yourself)" % (self.pool._label(), what))
+            "connection you manage yourself)" % (self.pool.label, what))
 
     def before_statement(self, conn, effect, named=False):
         """Make sure ``conn`` belongs to this thread's current transaction,
@@ -477,7 +477,7 @@ class ThreadState:
                 "%s: this connection is no longer yours: it was kept from an "
                 "earlier transaction or another thread and has since gone "
                 "back to the pool; call pool.connection() again"
-                % self.pool._label())
+                % self.pool.label)
         txn = self._current_transaction()
         if txn is not self.txn:
             self._join(txn)
@@ -489,7 +489,7 @@ class ThreadState:
                     "%s: LISTEN cannot run in a two-phase transaction: "
                     "PostgreSQL refuses to PREPARE a transaction that ran "
                     "LISTEN; listen on a connection from a pool with "
-                    "twophase=False, or from getconn()" % self.pool._label())
+                    "twophase=False, or from getconn()" % self.pool.label)
             if effect & CHANGES_SESSION or named:
                 # A named cursor is declared WITH HOLD (see cursor()).
                 self.dm.dirty = True
@@ -501,7 +501,7 @@ class ThreadState:
         raise ConnectionMisuse(
             "%s: the connection kept from an earlier transaction was lent to "
             "another thread while this one was idle; call pool.connection() "
-            "again" % self.pool._label())
+            "again" % self.pool.label)
 
     def cursor(self, conn, args, kw):
         """A cursor whose statements join the current transaction."""
@@ -555,7 +555,7 @@ class _DataManager:
         """Whether there is anything to commit; raise if it cannot be."""
         if self.conn is None:
             raise ConnectionMisuse("%s: the connection of this transaction "
-                                   "was lost" % self.pool._label())
+                                   "was lost" % self.pool.label)
         if not self._pending():
             return False    # no statement ran: nothing to send
         if self.conn.get_transaction_status() == _INERROR:
@@ -563,7 +563,7 @@ class _DataManager:
             raise PoolError(
                 "%s: cannot commit: a statement failed earlier in this "
                 "transaction, so PostgreSQL has aborted it; the whole "
-                "transaction is rolled back" % self.pool._label())
+                "transaction is rolled back" % self.pool.label)
         return True
 
     # -- abort ------------------------------------------------------------------
@@ -587,7 +587,7 @@ class _DataManager:
         except psycopg2.Error as exc:
             self.broken = True
             logger.warning("%s: rollback failed (%s); the connection is "
-                           "discarded", self.pool._label(), exc)
+                           "discarded", self.pool.label, exc)
 
     def _send_rollback(self, conn):
         status = conn.get_transaction_status()
@@ -645,7 +645,7 @@ class OnePhaseDataManager(_DataManager):
                 "%s: cannot commit one-phase beside %s, which also commits "
                 "irrevocably in its vote: the two cannot be atomic; make one "
                 "of them two-phase (twophase=True here, or zope.sqlalchemy's "
-                "twophase=True)" % (self.pool._label(), ", ".join(sorted({
+                "twophase=True)" % (self.pool.label, ", ".join(sorted({
                     type(o).__module__ + "." + type(o).__name__
                     for o in others}))))
 
@@ -675,7 +675,7 @@ class OnePhaseDataManager(_DataManager):
                 "%s: the connection was lost while COMMIT was on its way, so "
                 "whether the transaction committed is unknown (%s); check "
                 "whether its work is in the database before doing it again"
-                " (transaction %r)" % (self.pool._label(),
+                " (transaction %r)" % (self.pool.label,
                                         " ".join(str(exc).split()),
                                         txn.description or "")) from exc
 
@@ -727,7 +727,7 @@ class TwoPhaseDataManager(_DataManager):
                 self.broken = True
                 logger.warning("%s: COMMIT PREPARED failed on its connection"
                                " (%s); retrying on a new one",
-                               self.pool._label(), exc)
+                               self.pool.label, exc)
                 self._resolve_elsewhere(commit=True)
         self._finish()
 
@@ -743,7 +743,7 @@ class TwoPhaseDataManager(_DataManager):
         except psycopg2.Error as exc:
             self.broken = True
             logger.warning("%s: ROLLBACK PREPARED failed (%s); retrying on a "
-                           "new connection", self.pool._label(), exc)
+                           "new connection", self.pool.label, exc)
             self._resolve_elsewhere(commit=False)
 
     def _resolve_elsewhere(self, commit):
@@ -754,7 +754,7 @@ class TwoPhaseDataManager(_DataManager):
         except psycopg2.Error as exc:
             logger.error("%s: could not %s prepared transaction %r (%s); "
                          "run 'zpgpool recover' to resolve it",
-                         self.pool._label(),
+                         self.pool.label,
                          "commit" if commit else "roll back", gid, exc)
 
 
@@ -778,7 +778,7 @@ class Savepoint:
         dm = self.dm
         if dm.finished or dm.conn is None:
             raise ConnectionMisuse("%s: cannot roll back to a savepoint of a "
-                                   "finished transaction" % dm.pool._label())
+                                   "finished transaction" % dm.pool.label)
         cur = dm.conn.cursor()
         try:
             cur.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(self.name))

@@ -20,6 +20,14 @@ class PoolClosed(PoolError):
     """The pool was closed; it hands out no more connections."""
 
 
+class ConnectError(PoolError, psycopg2.OperationalError):
+    """The pool could not open a connection to the server.
+
+    It is also a ``psycopg2.OperationalError``, which is what code written
+    for psycopg2's pools expects from a failed connect.
+    """
+
+
 class InvalidOption(PoolError, TypeError, ValueError):
     """A pool option has the wrong type or value, or is unknown.
 

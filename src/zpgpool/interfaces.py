@@ -19,9 +19,10 @@ class IConnectionPool(Interface):
     """A bounded set of PostgreSQL connections shared by the threads of a
     process.
 
-    A pool is created closed and lazy: building one connects to nothing and
-    starts no thread, so it can be built while configuration is read.  The
-    first request for a connection (or an explicit ``open()``) opens it.
+    A pool is created lazy, not closed (``closed`` is False): building one
+    connects to nothing and starts no thread, so it can be built while
+    configuration is read.  The first request for a connection (or an
+    explicit ``open()``) starts its background work and its connections.
 
     Every error the pool raises itself is a ``zpgpool.errors.PoolError``,
     which is a ``psycopg2.pool.PoolError``.  Errors from the server or from
@@ -63,7 +64,8 @@ class IConnectionPool(Interface):
 
     timeout = Attribute(
         """The default number of seconds a caller waits for a connection
-        before ``PoolTimeout`` is raised, a float greater than 0.""")
+        before ``PoolTimeout`` is raised, a float, 0 or more; with 0 a
+        caller that finds every connection busy fails at once.""")
 
     closed = Attribute(
         """True when the pool was closed and hands out no more connections.

@@ -76,7 +76,7 @@ def resolve_prepared(pool, gids, commit):
         for gid in gids:
             if not gid.startswith(prefix):
                 raise PoolError("%s: refusing to resolve %r: not one of this "
-                                "pool's transactions" % (pool._label(), gid))
+                                "pool's transactions" % (pool.label, gid))
             cur.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s",
                         (gid,))
             if cur.fetchone() is None:

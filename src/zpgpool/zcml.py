@@ -37,18 +37,18 @@ from zope.schema import TextLine
 from zope.schema import ValidationError
 from transaction.interfaces import ITransactionManager
 
+from zpgpool.conninfo import hide_passwords
+from zpgpool.conninfo import scrub_password
 from zpgpool.errors import InvalidOption
-from zpgpool.pool import hide_passwords
-from zpgpool.pool import scrub_password
 from zpgpool.interfaces import IConnectionPool
+from zpgpool.options import ISOLATION_LEVELS
+from zpgpool.options import OPTIONS
+from zpgpool.options import isolation_level_name
+from zpgpool.options import size_problem
+from zpgpool.pool import ConnectionPool
 
 
 logger = logging.getLogger("zpgpool")
-
-#: The isolation levels ``isolation_level`` accepts, as PostgreSQL spells
-#: them.  (READ UNCOMMITTED is left out: PostgreSQL runs it as READ
-#: COMMITTED, and accepting it would only mislead.)
-ISOLATION_LEVELS = ("READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE")
 
 # What the Seconds fields accept for "no limit".
 _OFF = ("off", "none")
@@ -71,11 +71,16 @@ class InvalidAttribute(ValidationError):
 # zope.schema's own errors ("TooSmall: (0, 1)") leave the reader guessing.
 
 class Size(Int):
-    """A whole number of connections, at least ``least``."""
+    """A whole number, at least the pool option's least value.
 
-    def __init__(self, least=0, **kw):
-        self.least = least
-        super().__init__(**kw)
+    ``option`` names the pool option (options.py); its default and lower
+    bound are the field's.
+    """
+
+    def __init__(self, option, **kw):
+        spec = OPTIONS[option]
+        self.least = spec.least
+        super().__init__(required=False, default=spec.default, **kw)
 
     def _explain(self, got):
         return InvalidAttribute(
@@ -99,13 +104,15 @@ class Size(Int):
 
 
 class Seconds(Float):
-    """A duration in seconds: a finite number greater than 0 (or 0 and more
-    with ``zero_ok``), or ``off`` for no limit when ``off_ok``."""
+    """A duration in seconds, in the range of the pool option ``option``
+    (options.py), whose default is the field's; ``off`` stands for no limit
+    where the option takes None.  Infinity is refused: 'off' says that."""
 
-    def __init__(self, zero_ok=False, off_ok=False, **kw):
-        self.zero_ok = zero_ok
-        self.off_ok = off_ok
-        super().__init__(**kw)
+    def __init__(self, option, **kw):
+        self.spec = spec = OPTIONS[option]
+        self.zero_ok = not spec.positive
+        self.off_ok = spec.none_ok
+        super().__init__(required=False, default=spec.default, **kw)
 
     def _explain(self, got):
         allowed = "0 or more" if self.zero_ok else "greater than 0"
@@ -130,7 +137,7 @@ class Seconds(Float):
     def _allowed(self, number):
         if not math.isfinite(number):
             return False
-        return number >= 0 if self.zero_ok else number > 0
+        return self.spec.allows(number)
 
     def _validate(self, value):
         if isinstance(value, (int, float)) and not self._allowed(value):
@@ -151,11 +158,12 @@ class Flag(Bool):
 
 
 class IsolationLevel(TextLine):
-    """One of ISOLATION_LEVELS, in any case, with spaces or underscores."""
+    """One of the pool's ISOLATION_LEVELS (options.py), in any case, with
+    spaces or underscores."""
 
     def fromUnicode(self, value):
-        level = " ".join(value.replace("_", " ").split()).upper()
-        if level not in ISOLATION_LEVELS:
+        level = isolation_level_name(value)
+        if level is None:
             raise InvalidAttribute(
                 "isolation_level must be one of %s (in any case); got %r"
                 % (", ".join(repr(x) for x in ISOLATION_LEVELS), value))
@@ -256,9 +264,9 @@ class DSN(Text):
 
 
 # ---------------------------------------------------------------------------
-# The directive.  Each field's default is the pool's own default (a test
-# keeps the two in step); a field left out of the ZCML is not passed to the
-# pool at all.
+# The directive.  Each field's default and range come from the pool's
+# option table (options.py); a field left out of the ZCML is not passed to
+# the pool at all.
 
 class IPoolDirective(Interface):
     """Declare a PostgreSQL connection pool, registered as a named
@@ -272,7 +280,7 @@ class IPoolDirective(Interface):
             " getUtility(IConnectionPool, name=...). Two pools with one name"
             " are a configuration conflict."),
         required=False,
-        default="",
+        default=OPTIONS["name"].default,
     )
 
     dsn = DSN(
@@ -289,95 +297,77 @@ class IPoolDirective(Interface):
     )
 
     minconn = Size(
+        "minconn",
         title="Minimum connections",
         description=(
             "How many idle connections the pool keeps open once it is in"
             " use. A whole number, 0 or more, not above maxconn."),
-        least=0,
-        required=False,
-        default=1,
     )
 
     maxconn = Size(
+        "maxconn",
         title="Maximum connections",
         description=(
             "The most connections the pool opens at once; callers beyond"
             " it wait up to 'timeout' seconds. A whole number, 1 or more."),
-        least=1,
-        required=False,
-        default=10,
     )
 
     timeout = Seconds(
+        "timeout",
         title="Wait time-out",
         description=(
             "Seconds a caller waits for a free connection before"
             " PoolTimeout is raised; 0 raises at once."),
-        zero_ok=True,
-        required=False,
-        default=30.0,
     )
 
     max_lifetime = Seconds(
+        "max_lifetime",
         title="Maximum connection lifetime",
         description=(
             "Seconds after which a connection is closed and replaced by a"
             " fresh one (one in use, when it comes back), or 'off'."),
-        off_ok=True,
-        required=False,
-        default=1800.0,
     )
 
     max_idle = Seconds(
+        "max_idle",
         title="Maximum idle time",
         description=(
             "Seconds a connection above minconn may sit unused before the"
             " pool closes it, or 'off'."),
-        off_ok=True,
-        required=False,
-        default=600.0,
     )
 
     health_check_after = Seconds(
+        "health_check_after",
         title="Health check after idle",
         description=(
             "A connection that was idle longer than this many seconds is"
             " checked with a round trip before it is handed out; 0 checks"
             " every time, 'off' never."),
-        zero_ok=True,
-        off_ok=True,
-        required=False,
-        default=10.0,
     )
 
     leak_threshold = Seconds(
+        "leak_threshold",
         title="Leak warning threshold",
         description=(
             "Log a warning, with where it was taken, for a connection"
             " checked out longer than this many seconds; 'off' (the"
             " default) never warns."),
-        off_ok=True,
-        required=False,
-        default=None,
     )
 
     connect_timeout = Size(
+        "connect_timeout",
         title="Connect time-out",
         description=(
             "Whole seconds libpq waits for a new connection to be made"
             " (libpq's connect_timeout); 0 waits for ever."),
-        least=0,
-        required=False,
-        default=10,
     )
 
     reconnect_max_delay = Seconds(
+        "reconnect_max_delay",
         title="Longest reconnect delay",
         description=(
             "While the server cannot be reached the pool retries with"
             " growing delays; this is the longest one, in seconds."),
-        required=False,
-        default=10.0,
     )
 
     twophase = Flag(
@@ -388,7 +378,7 @@ class IPoolDirective(Interface):
             " part in two-phase commit with other resource managers. The"
             " server needs max_prepared_transactions above 0."),
         required=False,
-        default=False,
+        default=OPTIONS["twophase"].default,
     )
 
     isolation_level = IsolationLevel(
@@ -398,7 +388,7 @@ class IPoolDirective(Interface):
             " 'REPEATABLE READ' or 'SERIALIZABLE' (in any case). Left out,"
             " the server's default applies."),
         required=False,
-        default=None,
+        default=OPTIONS["isolation_level"].default,
     )
 
     readonly = Flag(
@@ -407,7 +397,7 @@ class IPoolDirective(Interface):
             "Start every transaction READ ONLY, so PostgreSQL refuses"
             " writes."),
         required=False,
-        default=False,
+        default=OPTIONS["readonly"].default,
     )
 
     deferrable = Flag(
@@ -416,7 +406,7 @@ class IPoolDirective(Interface):
             "Start every transaction DEFERRABLE (meaningful with"
             " isolation_level SERIALIZABLE and readonly)."),
         required=False,
-        default=False,
+        default=OPTIONS["deferrable"].default,
     )
 
     transaction_manager = TransactionManagerName(
@@ -425,7 +415,7 @@ class IPoolDirective(Interface):
             "The dotted name of the transaction manager whose transactions"
             " connection() joins. Left out, transaction.manager."),
         required=False,
-        default=None,
+        default=OPTIONS["transaction_manager"].default,
     )
 
     application_name = TextLine(
@@ -435,7 +425,7 @@ class IPoolDirective(Interface):
             " pg_stat_activity and the server log, unless the DSN sets one."
             " Left out, 'zpgpool:NAME'."),
         required=False,
-        default=None,
+        default=OPTIONS["application_name"].default,
     )
 
 
@@ -469,18 +459,14 @@ def pool(_context, dsn, name="", **options):
     utility registration as an action.  Raises ``ConfigurationError`` for a
     combination of values the pool refuses.
     """
-    # Imported here: zpgpool.pool is the heavy half of the package, and the
-    # schema above is useful (for documentation tools) without it.
-    from zpgpool.pool import ConnectionPool
-
-    # Check minconn against maxconn here, with the schema's defaults for the
-    # one left out, so that the message speaks in attributes.
-    minconn = options.get("minconn", IPoolDirective["minconn"].default)
-    maxconn = options.get("maxconn", IPoolDirective["maxconn"].default)
-    if minconn > maxconn:
-        raise ConfigurationError(
-            "<zpgpool:pool name=%r>: minconn (%d) must not be greater than"
-            " maxconn (%d)" % (name, minconn, maxconn))
+    # Checked here too, with the schema's default for the one left out, so
+    # that the message names the directive rather than the pool.
+    problem = size_problem(
+        options.get("minconn", IPoolDirective["minconn"].default),
+        options.get("maxconn", IPoolDirective["maxconn"].default))
+    if problem:
+        raise ConfigurationError("<zpgpool:pool name=%r>: %s"
+                                 % (name, problem))
 
     try:
         component = ConnectionPool(dsn, name=name, **options)

@@ -1,0 +1,219 @@
+"""A pooled connection: the psycopg2 connection with the pool's record of
+it, the states it goes through, and how to tell that its session is lost.
+"""
+import enum
+import os
+
+import psycopg2
+import psycopg2.extensions as _ext
+
+
+class State(enum.Enum):
+    """Where a connection is in its life; kept as ``_zp_state``.
+
+    A connection is NEW from its connect until the pool hands it to the
+    caller who opened it (USED) or, opened by the maintainer, to a waiter
+    or the idle stack (USED or IDLE). USED goes to IDLE or to another caller when
+    it is returned sound, through RETURNING when it must be rolled back
+    first, or to PARKED when a thread keeps it between transactions (USED
+    again when that thread or a thread it is lent to takes it). Any state
+    ends in GONE when the pool closes the connection.
+    """
+    NEW = "new"              # just opened, not handed out yet
+    IDLE = "idle"            # in the shared idle stack
+    USED = "used"            # handed out to a caller
+    PARKED = "parked"        # bound to a thread between transactions
+    RETURNING = "returning"  # being handed back (rollback in progress)
+    GONE = "gone"            # closed and forgotten by the pool
+
+
+NEW = State.NEW
+IDLE = State.IDLE
+USED = State.USED
+PARKED = State.PARKED
+RETURNING = State.RETURNING
+GONE = State.GONE
+
+
+# SQLSTATEs that mean the session is gone: the 08 class (connection
+# exception) and the server going away (admin, crash, cannot connect now).
+_DISCONNECT_SQLSTATES = frozenset(("57P01", "57P02", "57P03"))
+
+
+def is_disconnect(exc, conn=None):
+    """Tell whether ``exc`` (raised by ``conn``) means the session is lost.
+
+    Decided by the connection's state and the SQLSTATE, not by the message,
+    which varies with libpq, SSL and the platform.
+    """
+    if conn is not None:
+        if conn.closed:
+            return True
+        if conn.get_transaction_status() == _ext.TRANSACTION_STATUS_UNKNOWN:
+            return True
+    code = getattr(exc, "pgcode", None)
+    if code:
+        return code.startswith("08") or code in _DISCONNECT_SQLSTATES
+    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)) \
+        and conn is None
+
+
+def _characteristic(name):
+    """A transaction characteristic of psycopg2's connection whose change
+    the pool notices (and undoes when the connection comes back)."""
+    base = getattr(_ext.connection, name)
+
+    def set_value(self, value):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse(name)
+        self._zp_session_changed = True
+        base.__set__(self, value)
+    return property(base.__get__, set_value, doc=base.__doc__)
+
+
+class PooledConnection(_ext.connection):
+    """A psycopg2 connection that knows its pool.
+
+    The pool keeps its record of the connection in the ``_zp_*``
+    attributes declared below, all set when the pool opens it. When the
+    transaction integration manages the connection, ``_zp_managed`` holds
+    the object that guards it (see datamanager.py); then committing or
+    rolling back by hand is refused, because the transaction manager owns
+    the transaction.
+    """
+
+    _zp_pool = None       # the pool that opened it
+    _zp_state = GONE      # a State; changed only under the pool's lock
+    _zp_pid = None        # the process that opened it (see fork in core.py)
+    _zp_created = 0.0     # time.monotonic() when opened
+    _zp_expires = 0.0     # when its lifetime ends (inf: never)
+    _zp_last_used = 0.0   # when it was last returned or checked
+    _zp_taken = 0.0       # when it was last checked out
+    _zp_stack = None      # where it was checked out, with leak_threshold
+    _zp_warned = False    # reported as a possible leak since that checkout
+    _zp_key = None        # the getconn() key it is held under
+    _zp_owner = None      # the thread binding (binding.Holder) it belongs to
+    _zp_managed = None    # the transaction integration's guard, when managed
+    # set_session() or a transaction characteristic changed by a borrower:
+    # the pool's own settings are restored when it comes back.
+    _zp_session_changed = False
+
+    def _zp_open(self, pool, now, expires):
+        """Start the pool's record of a connection it has just opened."""
+        self._zp_pool = pool
+        self._zp_state = NEW
+        self._zp_pid = os.getpid()
+        self._zp_created = self._zp_last_used = self._zp_taken = now
+        self._zp_expires = expires
+
+    def commit(self):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("commit()")
+        return super().commit()
+
+    def rollback(self):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("rollback()")
+        return super().rollback()
+
+    def __enter__(self):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("'with connection:'")
+        return super().__enter__()
+
+    @property
+    def autocommit(self):
+        # A managed connection runs in psycopg2's autocommit mode only so
+        # that the data manager can send BEGIN with the first statement;
+        # for its user every statement is part of a transaction.
+        if self._zp_managed is not None:
+            return False
+        return _ext.connection.autocommit.__get__(self)
+
+    @autocommit.setter
+    def autocommit(self, value):
+        if value and self._zp_managed is not None:
+            self._zp_managed.refuse("autocommit")
+        _ext.connection.autocommit.__set__(self, value)
+
+    def set_session(self, *args, **kw):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("set_session()")
+        self._zp_session_changed = True
+        return super().set_session(*args, **kw)
+
+    def set_isolation_level(self, level):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("set_isolation_level()")
+        self._zp_session_changed = True
+        return super().set_isolation_level(level)
+
+    isolation_level = _characteristic("isolation_level")
+    readonly = _characteristic("readonly")
+    deferrable = _characteristic("deferrable")
+
+    def tpc_begin(self, xid):
+        if self._zp_managed is not None:
+            self._zp_managed.refuse("tpc_begin()")
+        return super().tpc_begin(xid)
+
+    def cursor(self, *args, **kw):
+        managed = self._zp_managed
+        if managed is not None:
+            return managed.cursor(self, args, kw)
+        # super(), not psycopg2's connection: a connection_factory such as
+        # RealDictConnection or LoggingConnection overrides these too.
+        return super().cursor(*args, **kw)
+
+
+_connection_classes = {}
+
+
+def _connection_class(factory):
+    """Return a PooledConnection class that also derives from ``factory``.
+
+    Users may pass psycopg2's ``connection_factory`` (for example
+    LoggingConnection); the pool still needs its own behaviour on top.
+    """
+    if factory is None or issubclass(factory, PooledConnection):
+        return factory or PooledConnection
+    if not (isinstance(factory, type) and issubclass(factory, _ext.connection)):
+        raise TypeError("connection_factory must be a subclass of "
+                        "psycopg2.extensions.connection, got %r" % (factory,))
+    cls = _connection_classes.get(factory)
+    if cls is None:
+        cls = type("Pooled" + factory.__name__, (PooledConnection, factory), {})
+        _connection_classes[factory] = cls
+    return cls
+
+
+def neutralize(conn):
+    """Detach a connection inherited across fork from its socket.
+
+    The socket is shared with the parent. Pointing the child's descriptor
+    at /dev/null means that closing or collecting the connection here
+    writes its goodbye into /dev/null instead of ending the parent's session.
+    """
+    try:
+        fd = conn.fileno()
+    except psycopg2.Error:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+    conn._zp_pid = os.getpid()
+
+
+def close_quietly(conn):
+    """Close ``conn``; one inherited from a parent process is only
+    detached, since closing it would end the parent's session (libpq sends
+    Terminate)."""
+    if conn._zp_pid != os.getpid():
+        neutralize(conn)
+        return
+    try:
+        conn.close()
+    except Exception:  # pragma: no cover - close() on a dead socket
+        pass

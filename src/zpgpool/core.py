@@ -1,0 +1,894 @@
+"""The pool itself: sizing, waiting, checkout and return, health,
+lifetime, closing, statistics and fork safety.
+
+Lock discipline: ``CorePool._lock`` protects the pool's bookkeeping (the
+idle stack, the waiters, the counters, the parked connections and each
+connection's ``_zp_state``); the maintainer's jobs (maintenance.py) take
+it too to read and change them. Nothing slow happens while it is held:
+connecting, pinging, rolling back and closing all happen outside it, so a
+hanging server never stops other threads from returning or taking
+connections.
+
+This module knows nothing of threads' bindings or of the ``transaction``
+package: ``pool.py`` builds ``ConnectionPool`` on ``CorePool``, and
+``binding.py`` and ``datamanager.py`` use only the members listed at the
+end of ``CorePool``, under "For zpgpool's own modules".
+"""
+import collections
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+import weakref
+
+import psycopg2
+import psycopg2.extensions as _ext
+import zope.event
+
+from zpgpool import events
+from zpgpool.connection import GONE
+from zpgpool.connection import IDLE
+from zpgpool.connection import PARKED
+from zpgpool.connection import RETURNING
+from zpgpool.connection import USED
+from zpgpool.connection import _connection_class
+from zpgpool.connection import close_quietly
+from zpgpool.connection import neutralize
+from zpgpool.conninfo import ConnInfo
+from zpgpool.conninfo import default_application_name
+from zpgpool.errors import ConnectError
+from zpgpool.errors import ConnectionMisuse
+from zpgpool.errors import InvalidOption
+from zpgpool.errors import PoolClosed
+from zpgpool.errors import PoolTimeout
+from zpgpool.maintenance import Backoff
+from zpgpool.maintenance import Maintainer
+from zpgpool.options import OPTIONS
+from zpgpool.options import check_options
+from zpgpool.options import label as _pool_label
+
+
+logger = logging.getLogger("zpgpool")
+_monotonic = time.monotonic
+_get_autocommit = _ext.connection.autocommit.__get__
+_set_autocommit = _ext.connection.autocommit.__set__
+# zope.event's list of subscribers; the same list object for the life of
+# the process, so an empty one costs a single truth test on the hot path.
+_subscribers = zope.event.subscribers
+
+_OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
+_ROLLBACK_STATUS = (_ext.TRANSACTION_STATUS_INTRANS,
+                    _ext.TRANSACTION_STATUS_INERROR)
+# A connection whose session is gone: the reason shown in events and logs,
+# and the flag that makes _discard retire every older connection.
+_LOST = ("broken", True)
+
+class _Waiter:
+    """A caller waiting for a connection, served in arrival order.
+
+    The waiter's own lock is taken at creation; the caller blocks by taking
+    it again and is woken when another thread releases it after setting
+    ``conn`` (a connection handed over) or ``permit`` (room to connect).
+    """
+    __slots__ = ("lock", "conn", "permit", "error")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.conn = None
+        self.permit = False
+        self.error = None
+
+
+_pools = weakref.WeakSet()
+
+
+class CorePool:
+    """A thread-safe pool of PostgreSQL connections, without the Zope
+    integration; ``ConnectionPool`` (pool.py) documents the options."""
+
+    def __init__(self, dsn="", **options):
+        opts = check_options(options)
+        # Each option is an attribute of the pool, as psycopg2's pools have
+        # minconn and maxconn; two are kept private.
+        for option in OPTIONS:
+            if option not in ("transaction_manager", "connect_kwargs"):
+                setattr(self, option, opts[option])
+        self._transaction_manager = opts["transaction_manager"]
+        self._check_after = float("inf") if self.health_check_after is None \
+            else self.health_check_after
+        kwargs = dict(opts["connect_kwargs"] or {})
+        factory = kwargs.pop("connection_factory", None)
+        self._cursor_factory = kwargs.pop("cursor_factory", None)
+        try:
+            self._factory = _connection_class(factory)
+        except TypeError as exc:
+            raise InvalidOption("%s: %s" % (self.label, exc)) from None
+        app_name = opts["application_name"]
+        if app_name is None:
+            app_name = default_application_name(self.name)
+        self._conninfo = ConnInfo(self.label, dsn, kwargs,
+                                  self.connect_timeout, app_name)
+
+        self._closed = False
+        self._retire_before = -1.0         # conns created earlier are stale
+        self._check_before = -1.0          # conns unused since are pinged
+        self._last_connect_error = None
+        self._backoff = Backoff(self.reconnect_max_delay)
+        self._counters = dict.fromkeys((
+            "checkouts", "waits", "wait_time", "timeouts",
+            "connections_opened", "connections_failed", "connections_lost",
+            "connections_discarded", "returned_bad"), 0)
+        self._counters["wait_time"] = 0.0
+        self._checkouts = 0    # the hot counter, kept out of the dict
+        # For datamanager.py: twophase=True was checked against the server.
+        self.twophase_checked = False
+        self._new_books()
+        _pools.add(self)
+
+    def _new_books(self):
+        """Start the pool's bookkeeping afresh (in a new pool, and in the
+        child after a fork)."""
+        # _lock protects the attributes above and below, the maintainer's
+        # Backoff and each connection's _zp_state; _changed is notified
+        # when a connection opens (for open(wait=True)), and when one is
+        # closed after the pool was (for close()).
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._idle = collections.deque()   # most recently used at the right
+        self._waiters = collections.deque()
+        self._parked = {}                  # conn -> thread binding, oldest first
+        self._keys = {}                    # psycopg2-style key -> conn
+        self._conns = set()                # every open connection
+        self._size = 0                     # open or being opened
+        self._in_use = 0
+        self._closing = 0                  # being closed after close()
+        self._warming = 0                  # places the maintainer fills
+        self._maintainer = None
+        self._wakeup = threading.Event()   # runs the maintainer now
+        # For binding.py: the calling thread's claim on a connection.
+        self.thread_local = threading.local()
+
+    # -- options ------------------------------------------------------------
+
+    @property
+    def dsn(self):
+        """The connection string, with the password masked."""
+        return self._conninfo.masked
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def __repr__(self):
+        return "<%s %r dsn=%r size=%d maxconn=%d%s>" % (
+            type(self).__name__, self.name, self.dsn, self._size, self.maxconn,
+            " closed" if self._closed else "")
+
+    # -- checkout -------------------------------------------------------------
+
+    def acquire(self, timeout=None):
+        """Take a healthy connection, waiting up to ``timeout`` seconds."""
+        # The hot path: kept short on purpose (see benchmarks/).
+        while True:
+            with self._lock:
+                if self._idle and not self._closed:
+                    conn = self._idle.pop()
+                    conn._zp_state = USED
+                    self._in_use += 1
+                    self._checkouts += 1
+                else:
+                    conn = None
+            now = _monotonic()
+            if conn is None:
+                conn = self._acquire_slow(timeout)
+                if conn is None:
+                    continue
+            # _usable's conditions, inlined: most checkouts need none.
+            elif (conn._zp_expires < now
+                  or conn._zp_created <= self._retire_before
+                  or now - conn._zp_last_used >= self._check_after
+                  or conn._zp_last_used < self._check_before) \
+                    and not self._usable(conn):
+                continue
+            elif _subscribers:
+                events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
+            conn._zp_taken = now
+            if self.leak_threshold is not None:
+                conn._zp_stack = traceback.format_stack(limit=12)[:-2]
+                conn._zp_warned = False
+            return conn
+
+    def _usable(self, conn):
+        """Check a connection about to be handed out; discard it if it is
+        not fit.
+
+        The one fitness test. The hot path in ``acquire`` calls it only
+        when the same conditions, inlined there, say it has work to do.
+        """
+        now = _monotonic()
+        reason = self._stale(conn, now)
+        if reason is not None:
+            self._discard(conn, reason)
+            return False
+        if now - conn._zp_last_used >= self._check_after \
+                or conn._zp_last_used < self._check_before:
+            # Idle long enough for its session to have died (a server
+            # restart in the night), or unused since another connection
+            # was found dead.
+            return self._ping(conn)
+        return True
+
+    def _stale(self, conn, now):
+        """Why ``conn`` must not be used again, or None: its lifetime is
+        over, or it was opened before a connection found dead."""
+        if conn._zp_expires < now:
+            return "lifetime"
+        if conn._zp_created <= self._retire_before:
+            return "retired"
+        return None
+
+    def _ping(self, conn):
+        """Run a trivial query; discard the connection if it fails."""
+        try:
+            autocommit = _get_autocommit(conn)
+            _set_autocommit(conn, True)
+            cur = _ext.cursor(conn)
+            cur.execute("SELECT 1")
+            cur.close()
+            _set_autocommit(conn, autocommit)
+        except psycopg2.Error:
+            self._discard(conn, "broken", lost=True)
+            return False
+        conn._zp_last_used = _monotonic()
+        return True
+
+    def _acquire_slow(self, timeout):
+        if timeout is None:
+            timeout = self.timeout
+        start = _monotonic()
+        waiter = conn = None
+        with self._lock:
+            if self._closed:
+                raise PoolClosed("%s is closed" % self.label)
+            if self._idle:
+                # Raced with a return: take it through the fast path.
+                return None
+            if self._size < self.maxconn:
+                self._size += 1
+            elif self._parked:
+                conn = self._steal_parked()
+                self._checkouts += 1
+            else:
+                waiter = _Waiter()
+                self._waiters.append(waiter)
+                self._counters["waits"] += 1
+                waiting = len(self._waiters)
+                # The maintenance thread is opening a connection that will
+                # go to this waiter: waiting for it is like connecting
+                # oneself, which even a caller with timeout 0 does.
+                if waiting <= self._warming:
+                    timeout = max(timeout, self._conninfo.connect_limit)
+        if conn is not None:
+            # A connection lent by an idle thread gets the same checks as
+            # one taken from the idle stack (its session may have died
+            # while it was parked); None makes the caller try again.
+            if not self._usable(conn):
+                return None
+            if _get_autocommit(conn):
+                # Parked by the transaction integration, which runs it in
+                # autocommit mode; the caller expects psycopg2's default.
+                try:
+                    _set_autocommit(conn, False)
+                except psycopg2.Error:
+                    self._discard(conn, "broken", lost=True)
+                    return None
+            return conn
+        self._ensure_maintainer()
+        if waiter is None:
+            return self._connect_for_caller()
+        events.notify(events.PoolExhausted, self, waiting)
+        return self._wait(waiter, start, timeout)
+
+    def _steal_parked(self):
+        """Take the connection parked longest by an idle thread.
+
+        Called with the lock held. The thread that parked it notices at the
+        start of its next transaction and takes another.
+        """
+        conn = next(iter(self._parked))
+        del self._parked[conn]
+        conn._zp_owner = None
+        conn._zp_managed = None
+        conn._zp_state = USED
+        self._in_use += 1
+        return conn
+
+    def _wait(self, waiter, start, timeout):
+        got = waiter.lock.acquire(timeout=timeout) if timeout > 0 else False
+        with self._lock:
+            waited = _monotonic() - start
+            self._counters["wait_time"] += waited
+            if not got and waiter.conn is None and not waiter.permit \
+                    and waiter.error is None:
+                self._waiters.remove(waiter)
+                self._counters["timeouts"] += 1
+                raise PoolTimeout(self._timeout_message(waited))
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.permit:
+            return self._connect_for_caller()
+        conn = waiter.conn
+        if not self._usable(conn):
+            return self.acquire(max(0.0, timeout - waited))
+        events.notify(events.ConnectionCheckedOut, self, conn, waited)
+        return conn
+
+    def _timeout_message(self, waited):
+        """Explain a time-out; called with the lock held."""
+        # Places taken by connections still being opened count too.
+        connecting = self._size - len(self._conns)
+        msg = ("%s: connection pool exhausted: no connection became free "
+               "within %.3g s (maxconn=%d, in use=%d, %swaiting=%d)" % (
+                   self.label, waited, self.maxconn, self._in_use,
+                   "connecting=%d, " % connecting if connecting > 0 else "",
+                   len(self._waiters)))
+        if self._last_connect_error:
+            msg += "; last connect error: %s" % self._last_connect_error
+        return msg
+
+    def _connect_for_caller(self):
+        """Open a connection for a caller who holds a reserved place."""
+        try:
+            conn = self._open_connection()
+        except BaseException:
+            self._release_place()
+            raise
+        with self._lock:
+            closed = self._closed
+            if closed:
+                self._forget(conn)
+            else:
+                conn._zp_state = USED
+                self._in_use += 1
+                self._checkouts += 1
+        if closed:
+            conn.close()
+            raise PoolClosed("%s is closed" % self.label)
+        events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
+        return conn
+
+    def _release_place(self):
+        """Give back a reserved place after a failed connect."""
+        with self._lock:
+            self._size -= 1
+            self._pass_place_on()
+
+    def _pass_place_on(self):
+        """Offer a free place to the first waiter; called with the lock held.
+
+        The waiter connects in its own thread, so a failing server fails
+        each waiter fast instead of leaving it to time out.
+        """
+        if self._waiters and self._size < self.maxconn:
+            waiter = self._waiters.popleft()
+            self._size += 1
+            waiter.permit = True
+            waiter.lock.release()
+
+    def _open_connection(self):
+        """Connect (outside the lock) and register the new connection."""
+        start = _monotonic()
+        try:
+            conn = psycopg2.connect(self._conninfo.conninfo,
+                                    connection_factory=self._factory)
+        except psycopg2.Error as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            with self._lock:
+                self._counters["connections_failed"] += 1
+                self._last_connect_error = message
+                self._backoff.failed()
+            logger.warning("%s: cannot connect: %s", self.label, message)
+            raise ConnectError("%s: cannot connect to %s: %s" % (
+                self.label, self._conninfo.target, message)) from None
+        now = _monotonic()
+        lifetime = self.max_lifetime
+        conn._zp_open(self, now, now + lifetime * (1.0 - random.random() * 0.1)
+                      if lifetime is not None else float("inf"))
+        if self._cursor_factory is not None:
+            conn.cursor_factory = self._cursor_factory
+        if self.isolation_level is not None or self.readonly \
+                or self.deferrable:
+            # Kept by psycopg2 and sent with each BEGIN, never as SET.
+            self._restore_session(conn)
+        with self._lock:
+            self._conns.add(conn)
+            self._counters["connections_opened"] += 1
+            self._last_connect_error = None
+            self._backoff.succeeded()
+            self._changed.notify_all()   # open(wait=True) counts them
+        logger.debug("%s: opened a connection in %.1f ms", self.label,
+                     (now - start) * 1000)
+        events.notify(events.ConnectionCreated, self, conn, now - start)
+        return conn
+
+    # -- return -----------------------------------------------------------------
+
+    def _claim_return(self, conn):
+        """Check that ``conn`` is ours and out; mark it as coming back."""
+        if getattr(conn, "_zp_pool", None) is not self:
+            raise ConnectionMisuse(
+                "%s: cannot return %r: the connection does not belong to this"
+                " pool" % (self.label, conn))
+        with self._lock:
+            if conn._zp_state is not USED:
+                raise ConnectionMisuse(
+                    "%s: cannot return the connection: it is not checked out "
+                    "(it was %s)" % (self.label, {
+                        IDLE: "returned already", PARKED: "returned already",
+                        RETURNING: "being returned by another thread",
+                        GONE: "closed by the pool"}[conn._zp_state]))
+            conn._zp_state = RETURNING
+            conn._zp_owner = None
+            key = conn._zp_key
+            if key is not None:
+                conn._zp_key = None
+                if self._keys.get(key) is conn:
+                    del self._keys[key]
+
+    def release(self, conn, close=False):
+        """Handle a connection coming back, by its transaction status.
+
+        Idle is kept; in transaction or in error is rolled back; anything
+        else (active, unknown, closed) is discarded and replaced.
+        """
+        # The hot path: a sound, idle connection goes back under one lock.
+        now = _monotonic()
+        if getattr(conn, "_zp_pool", None) is self and not close \
+                and not conn.closed \
+                and conn.get_transaction_status() == _OK_STATUS \
+                and not _get_autocommit(conn) \
+                and not conn._zp_session_changed \
+                and conn._zp_expires >= now \
+                and conn._zp_created > self._retire_before:
+            with self._lock:
+                if conn._zp_state is USED and conn._zp_key is None \
+                        and not self._closed:
+                    conn._zp_managed = None
+                    conn._zp_owner = None
+                    conn._zp_last_used = now
+                    self._in_use -= 1
+                    if self._waiters:
+                        self._hand_over(conn)
+                    else:
+                        conn._zp_state = IDLE
+                        self._idle.append(conn)
+                    returned, conn = conn, None
+            if conn is None:
+                if _subscribers:
+                    events.notify(events.ConnectionReturned, self, returned)
+                return
+        self._claim_return(conn)
+        conn._zp_managed = None
+        reason, lost = self._reset_for_reuse(conn, close)
+        if reason is None:
+            reason = "pool closed" if self._closed \
+                else self._stale(conn, _monotonic())
+        if reason is not None:
+            self._discard(conn, reason, lost)
+            return
+        self._put_back(conn)
+
+    def _reset_for_reuse(self, conn, close=False):
+        """Bring a connection back to idle.
+
+        Returns ``(None, False)`` when done, else why not and whether the
+        session was found lost.
+        """
+        if close or conn.closed == 1:
+            # closed == 1: its caller closed it, as psycopg2's pools allow;
+            # only a broken one (closed == 2) says the server went away.
+            return "closed by caller", False
+        if conn.closed:
+            return _LOST
+        status = conn.get_transaction_status()
+        if status != _OK_STATUS:
+            with self._lock:
+                self._counters["returned_bad"] += 1
+            if status not in _ROLLBACK_STATUS:
+                return "status", False
+            try:
+                if _get_autocommit(conn):
+                    # Nothing that psycopg2 began: its rollback() would
+                    # send nothing (the transaction integration's BEGIN).
+                    cur = _ext.cursor(conn)
+                    cur.execute("ROLLBACK")
+                    cur.close()
+                else:
+                    _ext.connection.rollback(conn)
+            except psycopg2.Error:
+                return _LOST
+        try:
+            if _get_autocommit(conn):
+                _set_autocommit(conn, False)
+            if conn._zp_session_changed:
+                self._restore_session(conn)
+        except psycopg2.Error:
+            return _LOST
+        return None, False
+
+    def _restore_session(self, conn):
+        """Give a borrower's connection back the pool's transaction
+        characteristics (those sent with psycopg2's BEGIN)."""
+        _ext.connection.set_session(
+            conn,
+            isolation_level="DEFAULT" if self.isolation_level is None
+            else self.isolation_level,
+            readonly=self.readonly or "DEFAULT",
+            deferrable=self.deferrable or "DEFAULT")
+        conn._zp_session_changed = False
+
+    def _put_back(self, conn):
+        """Make a sound connection available: first waiter, else idle."""
+        conn._zp_last_used = _monotonic()
+        with self._lock:
+            self._in_use -= 1
+            self._hand_over(conn)
+        if _subscribers:
+            events.notify(events.ConnectionReturned, self, conn)
+
+    def _hand_over(self, conn):
+        """Give ``conn`` to the first waiter, else to the idle stack.
+
+        Called with the lock held; ``conn`` no longer counts as in use.
+        """
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            conn._zp_state = USED
+            self._in_use += 1
+            self._checkouts += 1
+            waiter.conn = conn
+            waiter.lock.release()
+        else:
+            conn._zp_state = IDLE
+            self._idle.append(conn)
+
+    # -- leaving the pool ------------------------------------------------------
+
+    def _forget(self, conn):
+        """Take ``conn`` out of the pool's books, whatever its state.
+
+        Called with the lock held; False if it was gone already. Closing it
+        is the caller's job, outside the lock.
+        """
+        state = conn._zp_state
+        if state is GONE:
+            return False
+        if state is USED or state is RETURNING:
+            self._in_use -= 1
+        elif state is PARKED:
+            self._parked.pop(conn, None)
+        elif state is IDLE:
+            self._idle.remove(conn)
+        conn._zp_state = GONE
+        self._conns.discard(conn)
+        self._size -= 1
+        return True
+
+    def _discard(self, conn, reason, lost=False):
+        """Close a connection the pool no longer wants, outside the lock.
+
+        Its place goes to the first waiter. ``lost`` says its session was
+        found dead: then every connection opened before it retires too,
+        since after a server restart they are all dead, and callers should
+        not meet them one by one.
+        """
+        with self._lock:
+            if self._forget(conn):
+                self._counters["connections_discarded"] += 1
+            stale = self._retire_older(conn) if lost else []
+            for _ in range(1 + len(stale)):
+                self._pass_place_on()
+            closing = self._closed
+            if closing:
+                self._closing += 1   # close() waits until it is closed
+            refill = self._size < self.minconn and not closing
+        logger.debug("%s: discarded a connection (%s)", self.label, reason)
+        for c in [conn] + stale:
+            close_quietly(c)
+            events.notify(events.ConnectionDiscarded, self, c,
+                          reason if c is conn else "retired")
+        if closing:
+            with self._changed:
+                self._closing -= 1
+                self._changed.notify_all()
+        if refill:
+            self._wakeup.set()
+
+    def _retire_older(self, lost):
+        """Retire the idle connections opened before ``lost``, whose
+        session died; return them. Called with the lock held."""
+        self._counters["connections_lost"] += 1
+        # Connections opened after it may have died with it (a server
+        # restart): each is pinged before its next use.
+        self._check_before = _monotonic()
+        if lost._zp_created <= self._retire_before:
+            return []
+        self._retire_before = lost._zp_created
+        stale = [c for c in self._idle if c._zp_created <= self._retire_before]
+        for c in stale:
+            self._forget(c)
+        self._counters["connections_discarded"] += len(stale)
+        return stale
+
+    # -- the psycopg2.pool contract ----------------------------------------------
+
+    def getconn(self, key=None):
+        """Take a connection; with a ``key``, the one held under that key."""
+        if key is None:
+            return self.acquire()
+        with self._lock:
+            # As psycopg2: a closed pool refuses keys it still remembers.
+            if self._closed:
+                raise PoolClosed("%s is closed" % self.label)
+            conn = self._keys.get(key)
+        if conn is not None:
+            return conn
+        conn = self.acquire()
+        with self._lock:
+            other = self._keys.get(key)
+            if other is None:
+                self._keys[key] = conn
+                conn._zp_key = key
+        if other is not None:
+            # Another thread took a connection for the same key meanwhile.
+            self.release(conn)
+            return other
+        return conn
+
+    def putconn(self, conn=None, key=None, close=False):
+        """Return a connection taken with ``getconn``."""
+        if conn is None:
+            if key is None:
+                raise ConnectionMisuse("%s: putconn() needs a connection or "
+                                       "a key" % self.label)
+            with self._lock:
+                conn = self._keys.get(key)
+            if conn is None:
+                raise ConnectionMisuse("%s: no connection is held under key"
+                                       " %r" % (self.label, key))
+        elif key is not None and getattr(conn, "_zp_key", None) != key:
+            raise ConnectionMisuse("%s: the connection is not held under key "
+                                   "%r" % (self.label, key))
+        self.release(conn, close=close)
+
+    def closeall(self):
+        """Close every connection, in use or not, and the pool itself.
+
+        As psycopg2's ``closeall``: connections still checked out are closed
+        too. Use ``close()`` to let them finish first.
+        """
+        self._shut(force=True, timeout=0)
+
+    def close(self, timeout=5.0):
+        """Close the pool: waiters get ``PoolClosed``, idle connections close.
+
+        Connections in use are closed when they come back; ``close`` waits
+        up to ``timeout`` seconds for them.
+        """
+        self._shut(force=False, timeout=timeout)
+
+    def _shut(self, force, timeout):
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            idle = list(self._idle) + list(self._parked)
+            for conn in idle:
+                self._forget(conn)
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for waiter in waiters:
+                waiter.error = PoolClosed("%s was closed while waiting for a"
+                                          " connection" % self.label)
+                waiter.lock.release()
+            in_use = list(self._conns) if force else []
+        self._wakeup.set()
+        maintainer = self._maintainer
+        if maintainer is not None \
+                and maintainer.thread is not threading.current_thread():
+            # It ends at its next wake-up; don't leave it behind the caller.
+            maintainer.thread.join(1.0)
+        for conn in idle:
+            close_quietly(conn)
+            events.notify(events.ConnectionDiscarded, self, conn,
+                          "pool closed")
+        for conn in in_use:
+            # psycopg2's closeall closes connections still in use.
+            self._discard(conn, "pool closed")
+        if not force:
+            deadline = _monotonic() + timeout
+            with self._changed:
+                while self._in_use or self._closing:
+                    remaining = deadline - _monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+        if not already:
+            logger.info("%s: closed", self.label)
+            events.notify(events.PoolClosed, self)
+
+    # -- plain use ----------------------------------------------------------------
+
+    def open(self, wait=False, timeout=30.0):
+        """Start the pool's background work and warm ``minconn`` connections.
+
+        With ``wait``, block until ``minconn`` connections are open (or
+        raise ``PoolTimeout`` after ``timeout`` seconds).
+        """
+        if self._closed:
+            raise PoolClosed("%s is closed" % self.label)
+        self._ensure_maintainer()
+        self._wakeup.set()
+        if not wait:
+            return
+        deadline = _monotonic() + timeout
+        with self._changed:
+            while len(self._conns) < self.minconn:
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    raise PoolTimeout(
+                        "%s: could not open %d connections within %.3g s%s"
+                        % (self.label, self.minconn, timeout,
+                           "; last connect error: %s" % self._last_connect_error
+                           if self._last_connect_error else ""))
+                self._changed.wait(remaining)
+
+    def stats(self):
+        """Return a snapshot of the pool's gauges and counters."""
+        with self._lock:
+            result = dict(self._counters, checkouts=self._checkouts)
+            result.update(
+                name=self.name,
+                size=len(self._conns),
+                idle=len(self._idle),
+                bound_idle=len(self._parked),
+                in_use=self._in_use,
+                waiting=len(self._waiters),
+                connecting=self._size - len(self._conns),
+                minconn=self.minconn,
+                maxconn=self.maxconn,
+                closed=self._closed,
+                last_connect_error=self._last_connect_error,
+            )
+        return result
+
+    # -- background maintenance ---------------------------------------------------
+
+    def _ensure_maintainer(self):
+        maintainer = self._maintainer
+        if maintainer is not None and maintainer.thread.is_alive():
+            return
+        with self._lock:
+            current = self._maintainer
+            # A thread created but not started yet counts as running: the
+            # caller that created it is starting it, outside the lock.
+            if self._closed or (current is not None and (
+                    current.thread.ident is None
+                    or current.thread.is_alive())):
+                return
+            maintainer = self._maintainer = Maintainer(self, self._wakeup)
+        try:
+            maintainer.thread.start()
+        except BaseException:  # pragma: no cover (no new thread allowed)
+            with self._lock:
+                if self._maintainer is maintainer:
+                    self._maintainer = None
+            raise
+
+    def _warmed(self, conn):
+        """Account for a place the maintainer filled with ``conn``, or gave
+        up on (``conn`` None: the connect failed)."""
+        with self._lock:
+            self._warming -= 1
+            closed = self._closed
+            if conn is None:
+                self._size -= 1
+                self._pass_place_on()
+                return
+            if closed:
+                self._forget(conn)
+            else:
+                # Under the same lock as _warming, so that no caller sees
+                # the place neither warming nor filled.
+                conn._zp_last_used = _monotonic()
+                self._hand_over(conn)
+        if closed:
+            conn.close()
+        elif _subscribers:
+            events.notify(events.ConnectionReturned, self, conn)
+
+    # -- fork ---------------------------------------------------------------------
+
+    def _after_fork_in_child(self):
+        """Forget the parent's connections without ending their sessions."""
+        inherited = list(self._conns)
+        # First, before anything below drops the old thread-local storage:
+        # that ends the forking thread's bindings at once (binding.py),
+        # which would hand their connections back, rolling back the
+        # parent's transaction on its socket, unless they are gone already.
+        for conn in inherited:
+            conn._zp_state = GONE
+            neutralize(conn)
+        self._new_books()
+
+    # -- For zpgpool's own modules -------------------------------------------------
+    #
+    # binding.py and datamanager.py use the pool through these members only:
+    #
+    #   acquire(timeout=None)   take a healthy connection (see "checkout")
+    #   release(conn, close=False)  hand one back (see "return")
+    #   park(conn, holder), unpark(conn, holder)  below
+    #   label                   how errors and logs name the pool
+    #   thread_local            a threading.local for binding.py
+    #   twophase_checked        set by datamanager.py once the server was
+    #                           found to allow PREPARE TRANSACTION
+    #
+    # They are not part of the public API (IConnectionPool).
+
+    @property
+    def label(self):
+        return _pool_label(self.name)
+
+    def unpark(self, conn, holder):
+        """Take back a connection parked by ``holder``'s thread.
+
+        False when another thread was lent it meanwhile, or the pool let it
+        go; the caller then takes a connection the usual way.
+        """
+        with self._lock:
+            if self._parked.get(conn) is not holder:
+                return False
+            del self._parked[conn]
+            conn._zp_state = USED
+            self._in_use += 1
+            self._checkouts += 1
+        # Its session may have died while it was parked; pinged like a
+        # connection from the idle stack, so the thread's next request
+        # does not fail.
+        return self._usable(conn)
+
+    def park(self, conn, holder):
+        """Keep a connection bound to its thread between transactions.
+
+        The connection must be idle (no open transaction). If another thread
+        is waiting, it gets the connection instead, and the owner takes
+        another at its next transaction. Returns True when parked.
+        """
+        if conn.closed or conn.get_transaction_status() != _OK_STATUS \
+                or self._closed:
+            conn._zp_owner = None
+            self.release(conn)
+            return False
+        conn._zp_last_used = _monotonic()
+        with self._lock:
+            if not self._waiters and conn._zp_state is USED:
+                self._in_use -= 1
+                conn._zp_state = PARKED
+                self._parked[conn] = holder
+                return True
+        conn._zp_owner = None
+        self.release(conn)
+        return False
+
+
+def _after_fork_in_child():
+    for pool in list(_pools):
+        pool._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
