@@ -595,5 +595,56 @@ class DemoProcessTests(unittest.TestCase):
         self.assertIn('removing the throwaway PostgreSQL server', proc.stdout)
 
 
+class DemoScriptTests(unittest.TestCase):
+    """``scripts/demo``: it says what it does, and makes its virtualenv
+    once."""
+
+    script = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), 'scripts', 'demo')
+
+    def run_script(self, venv, *args):
+        env = dict(os.environ, ZPGPOOL_VENV=venv, PYTHON=sys.executable)
+        env.pop('ZPGPOOL_FRESH_VENV', None)
+        proc = subprocess.run([self.script] + list(args), env=env,
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              timeout=600, check=False)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        return [line for line in proc.stdout.splitlines()
+                if line.startswith('scripts/demo: ')], proc.stdout
+
+    def test_installs_once(self):
+        if not os.path.exists(self.script):  # pragma: no cover
+            self.skipTest('no scripts/demo (not a source checkout)')
+        tmp = tempfile.mkdtemp(prefix='zpgpool-test-demo-script-')
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        venv = os.path.join(tmp, 'venv')
+        steps, out = self.run_script(venv, '--help')
+        self.assertEqual(steps[0], 'scripts/demo: creating a virtualenv in '
+                                   '%s with %s' % (venv, sys.executable))
+        self.assertRegex(steps[1], r"^scripts/demo: installing zpgpool from "
+                                   r".* into %s with the demo's requirements"
+                                   r" \(.*pyramid_tm.*\); this takes a "
+                                   r"minute the first time$" % venv)
+        self.assertEqual(steps[2:], ['scripts/demo: installed',
+                                     'scripts/demo: starting: zpgpool demo '
+                                     '--help'])
+        self.assertIn('usage: zpgpool demo', out)
+        # Nothing changed: no pip.
+        steps, out = self.run_script(venv, '--help')
+        self.assertEqual(steps, [
+            'scripts/demo: reusing %s: zpgpool and the demo\'s requirements'
+            ' are up to date' % venv,
+            'scripts/demo: starting: zpgpool demo --help'])
+        self.assertIn('usage: zpgpool demo', out)
+        # What it was installed from changed (as the recorded hash sees
+        # it): pip runs again, in the same virtualenv.
+        with open(os.path.join(venv, '.zpgpool-demo-installed'), 'w') as f:
+            f.write('an older setup.py\n')
+        steps, out = self.run_script(venv, '--help')
+        self.assertRegex(steps[0], r'^scripts/demo: installing zpgpool ')
+        self.assertEqual(len(steps), 3)
+
+
 def test_suite():
     return unittest.defaultTestLoader.loadTestsFromName(__name__)
