@@ -223,12 +223,16 @@ def resolve_dsn(option, value, args):
     try:
         return IPoolDirective["dsn"].fromUnicode(value)
     except ValidationError as exc:
-        message = "%s%s" % (option, str(exc)[len("dsn"):]) \
-            if str(exc).startswith("dsn") else "%s: %s" % (option, exc)
+        message = str(exc)
+        # The field speaks of its attribute, "dsn"; here it is the option.
+        if message.startswith("dsn"):
+            message = option + message[len("dsn"):]
+        else:  # pragma: no cover - every message of the field starts so
+            message = "%s: %s" % (option, message)
         text = value.strip()
-        if text.startswith("env:") and text[4:].strip() and \
-                text[4:].strip() not in os.environ:
-            message += "\n" + _missing_variable_hint(text[4:].strip(), args)
+        variable = text[4:].strip() if text.startswith("env:") else ""
+        if variable and variable not in os.environ:
+            message += "\n" + _missing_variable_hint(variable, args)
         raise CommandError(hide_passwords(message)) from None
 
 
