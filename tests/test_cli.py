@@ -7,6 +7,7 @@ user does.
 """
 import contextlib
 import datetime
+import importlib.metadata
 import io
 import os
 import secrets
@@ -23,12 +24,14 @@ import psycopg2.extensions
 import transaction
 import ZODB
 import zope.component.testing
+import zope.schema
 from ZODB.FileStorage import FileStorage
 
 from zpgpool import cli
 from zpgpool.datamanager import gid_prefix
 from zpgpool.pool import ConnectionPool
 from zpgpool.testing import POSTGRES_LAYER
+from zpgpool.zcml import IPoolDirective
 
 
 SITE = """\
@@ -38,6 +41,22 @@ SITE = """\
   <include package="zpgpool" />
 %s
 </configure>
+"""
+
+ZOPE_CONF = """\
+%%define INSTANCE %s
+instancehome $INSTANCE
+
+<zodb_db main>
+    <filestorage>
+      path $INSTANCE/var/Data.fs
+    </filestorage>
+    mount-point /
+</zodb_db>
+
+<environment>
+  # The site's database.
+%s</environment>
 """
 
 from tests.poolhelpers import NO_TWOPHASE_LAYER
@@ -88,6 +107,22 @@ class CommandTestCase(unittest.TestCase):
             f.write(text)
         return path
 
+    write_file = write_zcml
+
+    def unset_variable(self):
+        """The name of an environment variable that is not set, and is
+        unset again after the test."""
+        name = 'ZPGPOOL_TEST_CLI_%s' % secrets.token_hex(4).upper()
+        self.assertNotIn(name, os.environ)
+        self.addCleanup(os.environ.pop, name, None)
+        return name
+
+    def write_zope_conf(self, environment, name='zope.conf'):
+        """Write a zope.conf as mkwsgiinstance makes one, whose
+        <environment> section sets ``environment``; return its path."""
+        lines = ''.join('  %s %s\n' % item for item in environment.items())
+        return self.write_file(ZOPE_CONF % (self.tmp, lines), name)
+
 
 class CommandLineTests(CommandTestCase):
     """The command line itself; no server needed."""
@@ -103,6 +138,137 @@ class CommandLineTests(CommandTestCase):
         self.assertEqual(status, 0)
         for command in ('demo', 'check', 'recover'):
             self.assertIn(command, out)
+
+    def test_version(self):
+        status, out, err = run('--version')
+        self.assertEqual((status, err), (0, ''))
+        self.assertEqual(out, 'zpgpool %s\n'
+                         % importlib.metadata.version('zpgpool'))
+        self.assertRegex(out, r'^zpgpool \d+\.\d+\.\d+')
+
+    def test_unknown_pool_attribute(self):
+        path = self.write_site(('main', 'host=db password=sekrit',
+                                'maxconns="5"'))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn('File "%s", line 5' % path, err)
+        self.assertIn("<zpgpool:pool> has no attribute 'maxconns'. Did you "
+                      "mean 'maxconn'?", err)
+        # Every attribute the directive's schema has, in its order.
+        fields = zope.schema.getFieldNamesInOrder(IPoolDirective)
+        self.assertIn('health_check_after', fields)
+        self.assertIn('\nIts attributes are: %s.\n' % ', '.join(fields),
+                      err)
+        self.assertNotIn('sekrit', err + out)
+
+    def test_unknown_pool_attributes_in_an_included_file(self):
+        self.write_zcml(
+            '<configure xmlns:zpgpool="http://namespaces.zope.org/zpgpool">'
+            '\n\n  <zpgpool:pool name="a" dsn=""\n   frobnicate="1"'
+            ' twophse="yes" />\n</configure>\n', 'pools.zcml')
+        path = self.write_zcml(SITE % '  <include file="pools.zcml" />')
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn("<zpgpool:pool> has no attribute 'frobnicate'.\n", err)
+        self.assertIn("<zpgpool:pool> has no attribute 'twophse'. Did you "
+                      "mean 'twophase'?", err)
+        self.assertIn('File "%s", line 3.2' % os.path.join(
+            self.tmp, 'pools.zcml'), err)
+
+    def test_unknown_attribute_of_another_directive(self):
+        # Not zpgpool's: zope.configuration's text alone.
+        path = self.write_zcml(SITE % '  <include package="zpgpool" '
+                               'maxconns="1" />')
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn("('Unrecognized parameters:', 'maxconns')", err)
+        self.assertNotIn('Did you mean', err)
+        self.assertNotIn('Its attributes are', err)
+
+    def test_missing_include(self):
+        path = self.write_zcml(SITE.replace(
+            '  <include package="zpgpool" />\n', '') %
+            '  <zpgpool:pool name="main" dsn="" />')
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn("('Unknown directive', "
+                      "'http://namespaces.zope.org/zpgpool', 'pool')", err)
+        self.assertIn('<zpgpool:pool> is unknown because zpgpool\'s ZCML is '
+                      'not included: put <include package="zpgpool" /> (or '
+                      '<include package="zpgpool" file="meta.zcml" /> for the'
+                      ' directives alone) inside <configure>, before the '
+                      'first <zpgpool:...> directive in %s.' % path, err)
+
+    def test_unknown_directive(self):
+        path = self.write_zcml(SITE % '  <zpgpool:pools name="x" dsn="" />')
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn('zpgpool has no directive <zpgpool:pools>; it has '
+                      '<zpgpool:closePoolsAtExit>, <zpgpool:pool>. Did you '
+                      "mean 'pool'?", err)
+        self.assertNotIn('is not included', err)
+
+    def test_env_dsn_not_set(self):
+        variable = self.unset_variable()
+        path = self.write_site(('main', 'env:' + variable))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn("the environment variable '%s' is not set" % variable,
+                      err)
+        self.assertIn('%s is not set in this shell. When Zope gets it from '
+                      'the <environment> section of its zope.conf, pass that'
+                      ' file: --zope-conf ' % variable, err)
+        # A zope.conf that sets other variables only.
+        conf = self.write_zope_conf({'CHAMELEON_CACHE': '$INSTANCE/cache',
+                                     'OTHER_DSN': 'host=db'})
+        status, out, err = run('check', '--zope-conf', conf, path)
+        self.assertEqual(status, 1)
+        self.assertIn('--zope-conf %s does not set %s either (its '
+                      '<environment> section sets CHAMELEON_CACHE, OTHER_DSN)'
+                      % (conf, variable), err)
+        self.assertNotIn('OTHER_DSN', os.environ)
+
+    def test_zope_conf_missing(self):
+        path = self.write_site(('main', ''))
+        conf = os.path.join(self.tmp, 'nowhere.conf')
+        status, out, err = run('check', '--zope-conf', conf, path)
+        self.assertEqual(status, 1)
+        self.assertEqual(err, 'zpgpool check: error: --zope-conf %s: cannot '
+                              'read it: No such file or directory\n' % conf)
+
+    def test_recover_dsn_forms(self):
+        variable = self.unset_variable()
+        for dsn, message in [
+                ('env:', "--dsn='env:' must name an environment variable"),
+                ('env:' + variable, "--dsn: the environment variable '%s' "
+                                    "is not set" % variable),
+                ('file:', "--dsn='file:' must name a file"),
+                ('file:' + os.path.join(self.tmp, 'none'),
+                 "--dsn: cannot read the file '%s': No such file or "
+                 "directory" % os.path.join(self.tmp, 'none')),
+                ('host=db password=sekrit nonsense',
+                 '--dsn must be a connection string libpq can parse: ')]:
+            status, out, err = run('recover', '--dsn', dsn, '--pool-name',
+                                   'x')
+            self.assertEqual(status, 1, dsn)
+            self.assertTrue(err.startswith('zpgpool recover: error: %s'
+                                           % message), err)
+            self.assertNotIn('sekrit', err + out)
+        status, out, err = run('recover', '--dsn', 'env:' + variable,
+                               '--pool-name', 'x')
+        self.assertIn('--zope-conf', err)
+        empty = self.write_file('  \n', 'empty-dsn')
+        status, out, err = run('recover', '--dsn', 'file:' + empty,
+                               '--pool-name', 'x')
+        self.assertIn("--dsn: the file '%s' is empty" % empty, err)
+
+    def test_demo_dsn_forms(self):
+        variable = self.unset_variable()
+        status, out, err = run('demo', '--check', '--dsn', 'env:' + variable)
+        self.assertEqual(status, 1)
+        self.assertIn("zpgpool demo: error: --dsn: the environment variable "
+                      "'%s' is not set" % variable, err)
+        self.assertNotIn('throwaway', out)
 
     def test_unknown_command(self):
         status, out, err = run('frobnicate')
@@ -177,14 +343,6 @@ class CommandLineTests(CommandTestCase):
         self.assertEqual(status, 1)
         self.assertIn('--older-than must be 0 or more seconds, got -1', err)
 
-    def test_recover_bad_dsn(self):
-        status, out, err = run('recover', '--dsn', 'host=db password=sekrit '
-                               'nonsense', '--pool-name', 'x')
-        self.assertEqual(status, 1)
-        self.assertIn('zpgpool recover: error:', err)
-        self.assertIn('invalid connection string', err)
-        self.assertNotIn('sekrit', err + out)
-
     def test_recover_unknown_pool(self):
         path = self.write_site(('main', 'host=db'))
         status, out, err = run('recover', '--zcml', path, '--pool', 'other')
@@ -258,6 +416,78 @@ class CommandLineTests(CommandTestCase):
             "postgresql://me:***@host/db?sslpassword=***&x=1")
 
 
+class ZopeConfTests(CommandTestCase):
+    """Reading the <environment> section of a zope.conf."""
+
+    def read(self, text):
+        return cli.read_zope_environment(self.write_file(text, 'zope.conf'))
+
+    def assertRefused(self, text, message):
+        path = self.write_file(text, 'zope.conf')
+        with self.assertRaises(cli.CommandError) as caught:
+            cli.read_zope_environment(path)
+        self.assertEqual(str(caught.exception),
+                         '--zope-conf %s, %s' % (path, message))
+
+    def test_as_mkwsgiinstance_writes_it(self):
+        conf = self.write_zope_conf({'CHAMELEON_CACHE': '$INSTANCE/var/cache',
+                                     'APP_DSN': 'host=db password=a#b'})
+        self.assertEqual(cli.read_zope_environment(conf), {
+            'CHAMELEON_CACHE': self.tmp + '/var/cache',
+            'APP_DSN': 'host=db password=a#b'})
+
+    def test_no_environment_section(self):
+        self.assertEqual(self.read('instancehome /x\n'), {})
+
+    def test_substitutions(self):
+        os.environ['ZPGPOOL_TEST_CLI_HOST'] = 'db.example'
+        self.addCleanup(os.environ.pop, 'ZPGPOOL_TEST_CLI_HOST')
+        self.assertEqual(self.read(
+            '%define Port 6432\n'
+            '# <environment> in a comment does not count\n'
+            '<Environment>\n'
+            '\tA_DSN\thost=$(ZPGPOOL_TEST_CLI_HOST) port=${port}\n'
+            '  PRICE  costs $$5  \n'
+            '  EMPTY\n'
+            '  # B_DSN host=commented-out\n'
+            '</environment >\n'
+            'debug-mode on\n'), {
+                'A_DSN': 'host=db.example port=6432', 'PRICE': 'costs $5',
+                'EMPTY': ''})
+
+    def test_include(self):
+        self.write_file('<environment>\n  INNER 1\n</environment>\n',
+                        'inner.conf')
+        self.assertEqual(self.read(
+            '<environment>\n  OUTER 1\n</environment>\n'
+            '%include inner.conf\n'), {'OUTER': '1', 'INNER': '1'})
+        path = self.write_file('%include zope.conf\n', 'zope.conf')
+        with self.assertRaises(cli.CommandError) as caught:
+            cli.read_zope_environment(path)
+        self.assertEqual(str(caught.exception),
+                         '--zope-conf %s: it includes itself' % path)
+
+    def test_errors(self):
+        self.assertRefused('<environment>\n  A 1\n',
+                           'line 1: <environment> is never closed by '
+                           '</environment>')
+        self.assertRefused('\n<environment>\n  <environment>\n',
+                           'line 3: <environment> inside <environment> '
+                           '(line 2)')
+        self.assertRefused('<environment>\n <zodb_db main>\n',
+                           'line 2: <zodb_db main> inside <environment> '
+                           '(line 1), which holds only NAME value lines')
+        self.assertRefused('<environment>\n  A $nowhere\n</environment>\n',
+                           'line 2: $nowhere is not defined by a %define '
+                           'above it')
+        self.assertRefused('<environment>\n  A 5$\n</environment>\n',
+                           "line 2: a lone '$' (write $$ for a dollar sign)")
+        variable = self.unset_variable()
+        self.assertRefused('<environment>\n  A $(%s)\n</environment>\n'
+                           % variable, 'line 2: $(%s): the environment '
+                           'variable %s is not set' % (variable, variable))
+
+
 class CheckTests(CommandTestCase):
 
     layer = POSTGRES_LAYER
@@ -288,6 +518,33 @@ class CheckTests(CommandTestCase):
             self.assertRegex(line, r'yes \(max_prepared_transactions=\d+\) '
                                    r'+ok$')
         self.assertNotIn(password_of(dsn) or 'no password', out)
+
+    def test_dsn_from_zope_conf(self):
+        # What the README tells Zope users: the DSN in zope.conf's
+        # <environment>, the ZCML naming it with env:.
+        variable = self.unset_variable()
+        path = self.write_site(('main', 'env:' + variable))
+        conf = self.write_zope_conf({variable: self.layer.dsn,
+                                     'CHAMELEON_CACHE': '$INSTANCE/cache'})
+        status, out, err = run('check', '--zope-conf', conf, path)
+        self.assertEqual((status, err), (0, ''))
+        self.assertRegex(out.splitlines()[1], r'^main .* ok$')
+        self.assertNotIn(password_of(self.layer.dsn) or 'no password', out)
+        # Applied for the command only.
+        self.assertNotIn(variable, os.environ)
+        self.assertNotIn('CHAMELEON_CACHE', os.environ)
+
+    def test_zope_conf_wins_over_the_environment(self):
+        # As in Zope, which sets the variables of <environment> over what
+        # its process was started with.
+        variable = self.unset_variable()
+        os.environ[variable] = with_params(self.layer.dsn,
+                                           port=closed_port())
+        path = self.write_site(('main', 'env:' + variable))
+        conf = self.write_zope_conf({variable: self.layer.dsn})
+        status, out, err = run('check', '--zope-conf', conf, path)
+        self.assertEqual((status, err), (0, ''))
+        self.assertNotEqual(os.environ[variable], self.layer.dsn)
 
     def test_pools_are_closed_afterwards(self):
         path = self.write_site(('main', self.layer.dsn))
@@ -448,13 +705,71 @@ class RecoverTests(CommandTestCase):
         self.assertNotIn(password_of(self.dsn) or 'no password', out)
 
     def test_default_age_skips_recent_ones(self):
-        self.prepare('a')
+        gid = self.prepare('a')
+        self.prepare('b')
+        self.prepare('another pool', pool_name='invoices')
         status, out, err = run('recover', '--dsn', self.dsn, '--pool-name',
                                'orders', '--commit')
-        self.assertEqual(status, 0)
-        self.assertIn(': 0 in-doubt prepared transactions older than 60 s',
-                      out)
+        self.assertEqual((status, err), (0, ''))
+        lines = out.splitlines()
+        self.assertRegex(lines[0], r': 0 in-doubt prepared transactions '
+                                   r'older than 60 s with the prefix '
+                                   r"'zpgpool:orders:'$")
+        self.assertEqual(lines[1], '  and 2 younger than 60 s, left alone: '
+                                   'they may still be committing; to include'
+                                   ' them, run again with --older-than 0')
+        self.assertEqual(len(lines), 2)
         self.assertEqual(self.values(), [])
+        self.assertIn(gid, self.pending())
+        # Once they are older than --older-than, they are listed instead.
+        status, out, err = run('recover', '--dsn', self.dsn, '--pool-name',
+                               'orders', '--older-than', '0.001')
+        self.assertIn(': 2 in-doubt prepared transactions older than '
+                      '0.001 s', out)
+        self.assertNotIn('younger', out)
+
+    def test_dsn_from_the_environment_or_a_file(self):
+        gid = self.prepare('a')
+        variable = self.unset_variable()
+        os.environ[variable] = self.dsn
+        status, out, err = run('recover', '--dsn', 'env:' + variable,
+                               '--pool-name', 'orders', '--older-than', '0')
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('  %s  prepared ' % gid, out)
+        del os.environ[variable]
+        path = self.write_file('\n%s\n' % self.dsn, 'dsn.secret')
+        status, out, err = run('recover', '--dsn', 'file:' + path,
+                               '--pool-name', 'orders', '--older-than', '0',
+                               '--commit')
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('  committed %s\n' % gid, out)
+        self.assertEqual(self.values(), ['a'])
+        self.assertNotIn(password_of(self.dsn) or 'no password', out)
+
+    def test_zcml_with_zope_conf(self):
+        gid = self.prepare('a')
+        variable = self.unset_variable()
+        path = self.write_site(('orders', 'env:' + variable,
+                                'twophase="true"'))
+        status, out, err = run('recover', '--zcml', path, '--older-than',
+                               '0', '--rollback')
+        self.assertEqual(status, 1)
+        self.assertIn('--zope-conf', err)
+        conf = self.write_zope_conf({variable: self.dsn})
+        status, out, err = run('recover', '--zcml', path, '--zope-conf',
+                               conf, '--older-than', '0', '--rollback')
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('  rolled back %s\n' % gid, out)
+        self.assertEqual(self.pending(), [])
+        self.assertNotIn(variable, os.environ)
+        # And with --dsn env:NAME, which zope.conf sets.
+        gid = self.prepare('b')
+        status, out, err = run('recover', '--zope-conf', conf, '--dsn',
+                               'env:' + variable, '--pool-name', 'orders',
+                               '--older-than', '0', '--commit')
+        self.assertEqual((status, err), (0, ''))
+        self.assertIn('  committed %s\n' % gid, out)
+        self.assertEqual(self.values(), ['b'])
 
     def test_commit(self):
         gid = self.prepare('a')

@@ -8,13 +8,17 @@ with and without a throwaway server.
 import contextlib
 import io
 import json
+import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import unittest
 import unittest.mock
 import urllib.request
@@ -37,6 +41,17 @@ from zpgpool.testing import POSTGRES_LAYER
 
 from tests.poolhelpers import closed_port
 from tests.poolhelpers import run_cli as run
+
+
+def running(pid):
+    """Tell whether process ``pid`` runs: it exists and is no zombie (an
+    exited postmaster stays one until whoever inherited it reaps it)."""
+    try:
+        with open('/proc/%d/stat' % pid, encoding='ascii') as f:
+            state = f.read().rsplit(')', 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ('Z', 'X')
 
 
 def load_demo_zcml(dsn):
@@ -176,6 +191,8 @@ class DemoCheckTests(unittest.TestCase):
 
     def setUp(self):
         zope.component.testing.setUp()
+        self.tmp = tempfile.mkdtemp(prefix='zpgpool-test-demo-')
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
 
     def tearDown(self):
         zope.component.testing.tearDown()
@@ -203,7 +220,12 @@ class DemoCheckTests(unittest.TestCase):
         # the first, passes too; the environment is left as it was.
         os.environ[cli.DEMO_DSN_ENV] = 'as it was'
         try:
-            status, out, err = run('demo', '--check', '--dsn', dsn)
+            # The DSN read from a file, as --dsn file:PATH allows.
+            path = os.path.join(self.tmp, 'dsn')
+            with open(path, 'w') as f:
+                f.write(dsn + '\n')
+            status, out, err = run('demo', '--check', '--dsn',
+                                   'file:' + path)
             self.assertEqual(os.environ[cli.DEMO_DSN_ENV], 'as it was')
         finally:
             del os.environ[cli.DEMO_DSN_ENV]
@@ -234,21 +256,78 @@ class DemoCheckTests(unittest.TestCase):
         self.assertIn('the demo needs pyramid, pyramid_tm and waitress', err)
         self.assertIn("pip install 'zpgpool[demo]'", err)
 
-    def test_sigterm_handled_only_in_the_main_thread(self):
+    def test_signals_handled_only_in_the_main_thread(self):
+        self.assertEqual(set(cli.STOP_SIGNALS),
+                         {signal.SIGTERM, signal.SIGHUP})
         seen = []
 
         def in_thread():
-            with cli._stop_on_sigterm():
-                seen.append(signal.getsignal(signal.SIGTERM))
+            with cli._stop_on_signals():
+                seen.append([signal.getsignal(s) for s in cli.STOP_SIGNALS])
 
-        before = signal.getsignal(signal.SIGTERM)
+        before = [signal.getsignal(s) for s in cli.STOP_SIGNALS]
         thread = threading.Thread(target=in_thread)
         thread.start()
         thread.join()
         self.assertEqual(seen, [before])
-        with cli._stop_on_sigterm():
-            self.assertIsNot(signal.getsignal(signal.SIGTERM), before)
-        self.assertIs(signal.getsignal(signal.SIGTERM), before)
+        with cli._stop_on_signals():
+            during = [signal.getsignal(s) for s in cli.STOP_SIGNALS]
+            for handler, previous in zip(during, before):
+                self.assertIsNot(handler, previous)
+            with self.assertRaises(cli._Stop):
+                signal.raise_signal(signal.SIGHUP)
+        self.assertEqual([signal.getsignal(s) for s in cli.STOP_SIGNALS],
+                         before)
+
+    def test_stop_finishes_the_requests_in_progress(self):
+        # A request is running in a worker thread when stop() is called:
+        # it gets its whole answer, the server closes nothing under the
+        # worker's feet (once, EBADF came from a worker writing to the
+        # closed trigger), and waitress logs no error.
+        entered, release = threading.Event(), threading.Event()
+
+        def slow(environ, start_response):
+            entered.set()
+            release.wait(30)
+            start_response('200 OK', [('Content-Type', 'text/plain')])
+            return [b'answered after stop() began']
+
+        logged = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = logged.append
+        logger = logging.getLogger('waitress')
+        logger.addHandler(handler)
+        self.addCleanup(logger.removeHandler, handler)
+        web = cli._WebServer(slow, '127.0.0.1', 0, 2)
+        web.start()
+        answers = []
+        client = threading.Thread(target=lambda: answers.append(
+            urllib.request.urlopen(web.url, timeout=30).read()))
+        client.start()
+        self.assertTrue(entered.wait(30))
+        stopper = threading.Thread(target=web.stop)
+        stopper.start()
+        # stop() closes the listening socket first, and waits for the
+        # request.
+        host, port = web.url[len('http://'):-1].rsplit(':', 1)
+        for _ in range(300):
+            try:
+                socket.create_connection((host, int(port)), 1).close()
+            except (ConnectionRefusedError, ConnectionResetError):
+                # Reset: it was still waiting to be accepted when the
+                # listening socket was closed.
+                break
+            time.sleep(0.01)
+        else:  # pragma: no cover - only when it is broken
+            self.fail('stop() did not close the listening socket')
+        self.assertTrue(stopper.is_alive())
+        release.set()
+        stopper.join(30)
+        client.join(30)
+        self.assertFalse(stopper.is_alive())
+        self.assertEqual(answers, [b'answered after stop() began'])
+        self.assertFalse(web.thread.is_alive())
+        self.assertEqual([r.getMessage() for r in logged], [])
 
     def test_ipv6_url(self):
         try:
@@ -486,6 +565,26 @@ class DemoProcessTests(unittest.TestCase):
                       rest)
         self.assertFalse(os.path.exists(base_dir))
 
+    def test_throwaway_server_removed_on_sighup(self):
+        # Closing the terminal sends SIGHUP: the demo stops as on SIGTERM,
+        # and its PostgreSQL server goes with it.
+        proc, lines = self.start()
+        text = ''.join(lines)
+        base_dir = text.split(', in ')[1].split(' (removed')[0]
+        with open(os.path.join(base_dir, 'data', 'postmaster.pid')) as f:
+            postmaster = int(f.readline())
+        self.assertTrue(running(postmaster))
+        with urllib.request.urlopen(self.url(lines) + 'stats',
+                                    timeout=30) as response:
+            self.assertEqual(json.load(response)['name'], 'demo')
+        status, rest = self.stop(proc, signal.SIGHUP)
+        self.assertEqual(status, 0, rest)
+        self.assertIn('zpgpool demo: interrupted; stopping', rest)
+        self.assertIn('zpgpool demo: removing the throwaway PostgreSQL server',
+                      rest)
+        self.assertFalse(os.path.exists(base_dir))
+        self.assertFalse(running(postmaster))
+
     def test_check_with_a_throwaway_server(self):
         proc = subprocess.run(
             [sys.executable, '-m', 'zpgpool', 'demo', '--check'],
@@ -494,6 +593,57 @@ class DemoProcessTests(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stdout)
         self.assertIn('zpgpool demo: check passed', proc.stdout)
         self.assertIn('removing the throwaway PostgreSQL server', proc.stdout)
+
+
+class DemoScriptTests(unittest.TestCase):
+    """``scripts/demo``: it says what it does, and makes its virtualenv
+    once."""
+
+    script = os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), 'scripts', 'demo')
+
+    def run_script(self, venv, *args):
+        env = dict(os.environ, ZPGPOOL_VENV=venv, PYTHON=sys.executable)
+        env.pop('ZPGPOOL_FRESH_VENV', None)
+        proc = subprocess.run([self.script] + list(args), env=env,
+                              stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              timeout=600, check=False)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        return [line for line in proc.stdout.splitlines()
+                if line.startswith('scripts/demo: ')], proc.stdout
+
+    def test_installs_once(self):
+        if not os.path.exists(self.script):  # pragma: no cover
+            self.skipTest('no scripts/demo (not a source checkout)')
+        tmp = tempfile.mkdtemp(prefix='zpgpool-test-demo-script-')
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        venv = os.path.join(tmp, 'venv')
+        steps, out = self.run_script(venv, '--help')
+        self.assertEqual(steps[0], 'scripts/demo: creating a virtualenv in '
+                                   '%s with %s' % (venv, sys.executable))
+        self.assertRegex(steps[1], r"^scripts/demo: installing zpgpool from "
+                                   r".* into %s with the demo's requirements"
+                                   r" \(.*pyramid_tm.*\); this takes a "
+                                   r"minute the first time$" % venv)
+        self.assertEqual(steps[2:], ['scripts/demo: installed',
+                                     'scripts/demo: starting: zpgpool demo '
+                                     '--help'])
+        self.assertIn('usage: zpgpool demo', out)
+        # Nothing changed: no pip.
+        steps, out = self.run_script(venv, '--help')
+        self.assertEqual(steps, [
+            'scripts/demo: reusing %s: zpgpool and the demo\'s requirements'
+            ' are up to date' % venv,
+            'scripts/demo: starting: zpgpool demo --help'])
+        self.assertIn('usage: zpgpool demo', out)
+        # What it was installed from changed (as the recorded hash sees
+        # it): pip runs again, in the same virtualenv.
+        with open(os.path.join(venv, '.zpgpool-demo-installed'), 'w') as f:
+            f.write('an older setup.py\n')
+        steps, out = self.run_script(venv, '--help')
+        self.assertRegex(steps[0], r'^scripts/demo: installing zpgpool ')
+        self.assertEqual(len(steps), 3)
 
 
 def test_suite():

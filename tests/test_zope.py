@@ -249,6 +249,43 @@ class SerializableTests(ZopeTestCase):
         self.assertGreater(sum(retries), 0)
 
 
+class CounterTests(ZopeTestCase):
+    """``@@example-counter`` as a newcomer first calls it."""
+
+    def counter(self, name):
+        return self.sql('SELECT n FROM example_counter WHERE name = %s',
+                        (name,))
+
+    def test_a_missing_name_is_a_bad_request(self):
+        for params in ({}, {'name': ''}, {'name': '  '}):
+            result = self.zope.get('@@example-counter', **params)
+            self.assertEqual(result.status, 400, (params, result))
+            self.assertEqual(result.json, {
+                'error': "give the counter's name: "
+                         "@@example-counter?name=NAME"})
+
+    def test_a_bad_pause_is_a_bad_request(self):
+        name = self.key()
+        for pause in ('soon', '-1', '2', 'nan'):
+            result = self.zope.get('@@example-counter', name=name,
+                                   pause=pause)
+            self.assertEqual(result.status, 400, (pause, result))
+            self.assertEqual(result.json, {
+                'error': 'pause must be a number of seconds from 0 to 1,'
+                         ' got %r' % pause})
+        self.assertEqual(self.counter(name), [])
+
+    def test_a_new_counter_starts_at_zero(self):
+        name = self.key()
+        self.assertEqual(self.counter(name), [])
+        first = self.zope.get('@@example-counter', name=name)
+        self.assertEqual(first.status, 200, first)
+        self.assertEqual((first.json['name'], first.json['n']), (name, 1))
+        second = self.zope.get('@@example-counter', name=name)
+        self.assertEqual(second.json['n'], 2)
+        self.assertEqual(self.counter(name), [(2,)])
+
+
 class ThreadConnectionTests(ZopeTestCase):
 
     def backends(self, rounds, pool='example'):

@@ -11,6 +11,7 @@ serialization failure, which zpgpool raises as one).
 Every view answers with JSON, for the tests and for curl.
 """
 import json
+import math
 import threading
 import time
 
@@ -73,6 +74,12 @@ class JSONView(BrowserView):
         self.request.response.setHeader(
             'Content-Type', 'application/json; charset=utf-8')
         return json.dumps(data, default=str)
+
+    def bad_request(self, message):
+        """Answer 400 with ``message``, for a request the view cannot
+        serve as it was asked (nothing was written)."""
+        self.request.response.setStatus(400)
+        return self.json({'error': message})
 
 
 class Setup(JSONView):
@@ -230,16 +237,34 @@ class Counter(JSONView):
     serialization failure, which zpgpool raises as a TransientError, and
     the publisher retries the request.  ``?pause=`` (seconds, at most 1)
     waits between the read and the write to widen the window.  The answer
-    says how many retries this request needed.
+    says how many retries this request needed.  A counter that does not
+    exist yet starts at 0, so its first increment answers 1.  Without a
+    ``name``, or with a ``pause`` that is not a number, the answer is a
+    400 that says so.
     """
 
     default_pool = 'exampleserial'
     pools = ('exampleserial',)
 
     def __call__(self):
-        name = self.request.form['name']
-        pause = min(float(self.request.form.get('pause', 0)), 1.0)
+        name = self.request.form.get('name', '').strip()
+        if not name:
+            return self.bad_request(
+                "give the counter's name: @@example-counter?name=NAME")
+        try:
+            pause = float(self.request.form.get('pause', 0))
+        except ValueError:
+            pause = math.nan
+        if not 0 <= pause <= 1:
+            return self.bad_request(
+                'pause must be a number of seconds from 0 to 1, got %r'
+                % self.request.form['pause'])
         cursor = self.cursor()
+        # A new counter: its row is made here, in the same transaction.
+        # Two first increments at once collide like any other two (a
+        # unique violation or a serialization failure, both retried).
+        cursor.execute('INSERT INTO example_counter (name, n) VALUES'
+                       ' (%s, 0) ON CONFLICT (name) DO NOTHING', (name,))
         cursor.execute('SELECT n FROM example_counter WHERE name = %s',
                        (name,))
         (n,) = cursor.fetchone()
