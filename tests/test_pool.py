@@ -913,8 +913,10 @@ class ServerRestartTests(PoolTestBase):
     def test_reconnects_with_backoff_and_recovers_by_itself(self):
         server = self.layer.server
         log = self.log
+        # timeout=1: a caller waits through an outage up to its time-out.
         pool = self._makeOne(minconn=2, maxconn=4, health_check_after=0,
-                             reconnect_max_delay=0.2, connect_timeout=2)
+                             reconnect_max_delay=0.2, connect_timeout=2,
+                             timeout=1)
         pool.open(wait=True, timeout=WAIT)
         server.stop("fast")
         with self.assertRaises(ConnectError) as cm:
@@ -1130,6 +1132,7 @@ class StatsTests(PoolTestBase):
         pool = self._makeOne(minconn=0, maxconn=3)
         stats = pool.stats()
         self.assertEqual(set(stats), self.GAUGES | self.COUNTERS | {
+            "outage_seconds",
             "name", "closed", "last_connect_error"})
         for key in self.COUNTERS:
             self.assertEqual(stats[key], 0, key)
@@ -1527,7 +1530,8 @@ class PasswordTests(PoolTestBase):
 
     def test_wrong_port(self):
         dsn = self.layer.server.dsn(password=self.SECRET, port=closed_port())
-        pool = self._makeOne(dsn, minconn=1, reconnect_max_delay=0.1)
+        pool = self._makeOne(dsn, minconn=1, reconnect_max_delay=0.1,
+                             timeout=1)
         with self.assertRaises(ConnectError) as cm:
             pool.getconn()
         with self.assertRaises(PoolTimeout) as cm2:
@@ -1649,7 +1653,7 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
         dsn = self.layer.new_database()
         dbname = psycopg2.extensions.parse_dsn(dsn)["dbname"]
         pool = self._makeOne(dsn, minconn=0, maxconn=1,
-                             connect_timeout=int(WAIT))
+                             connect_timeout=int(WAIT), timeout=1)
         query(self.layer.dsn, "ALTER DATABASE %s ALLOW_CONNECTIONS false"
               % dbname)
         with self.assertRaises(ConnectError) as cm:

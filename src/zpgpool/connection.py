@@ -1,8 +1,10 @@
 """A pooled connection: the psycopg2 connection with the pool's record of
 it, the states it goes through, and how to tell that its session is lost.
 """
+import contextlib
 import enum
 import os
+import socket
 
 import psycopg2
 import psycopg2.extensions as _ext
@@ -217,3 +219,38 @@ def close_quietly(conn):
         conn.close()
     except Exception:  # pragma: no cover - close() on a dead socket
         pass
+
+
+@contextlib.contextmanager
+def unacknowledged_limit(conn, seconds):
+    """Within the block, make the kernel give up on ``conn``'s TCP socket
+    when data sent on it stays unacknowledged for ``seconds`` (the socket's
+    TCP_USER_TIMEOUT), so that a query on a silently dropped network fails
+    then instead of when the kernel's own, much longer, limits run out.
+    Nothing changes for a Unix socket or where the option is missing."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    try:
+        # A second descriptor of the same socket: closing it leaves libpq's.
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except (OSError, psycopg2.Error):
+        sock = None
+    if sock is None or option is None \
+            or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        if sock is not None:
+            sock.close()
+        yield
+        return
+    try:
+        before = sock.getsockopt(socket.IPPROTO_TCP, option)
+        sock.setsockopt(socket.IPPROTO_TCP, option,
+                        max(1, int(seconds * 1000)))
+        try:
+            yield
+        finally:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, before)
+            except OSError:
+                pass   # the connection died meanwhile
+    finally:
+        sock.close()
+

@@ -36,13 +36,16 @@ from zpgpool.connection import USED
 from zpgpool.connection import _connection_class
 from zpgpool.connection import close_quietly
 from zpgpool.connection import neutralize
+from zpgpool.connection import unacknowledged_limit
 from zpgpool.conninfo import ConnInfo
 from zpgpool.conninfo import default_application_name
+from zpgpool.connector import Connector
 from zpgpool.errors import ConnectError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import InvalidOption
 from zpgpool.errors import PoolClosed
 from zpgpool.errors import PoolTimeout
+from zpgpool.histogram import Histogram
 from zpgpool.maintenance import Backoff
 from zpgpool.maintenance import Maintainer
 from zpgpool.options import OPTIONS
@@ -111,12 +114,18 @@ class CorePool:
             app_name = default_application_name(self.name)
         self._conninfo = ConnInfo(self.label, dsn, kwargs,
                                   self.connect_timeout, app_name)
+        self._connector = Connector(self.label, self._conninfo,
+                                    self._factory, self._prepare_connection,
+                                    self.configure)
 
         self._closed = False
         self._retire_before = -1.0         # conns created earlier are stale
         self._check_before = -1.0          # conns unused since are pinged
-        self._last_connect_error = None
         self._backoff = Backoff(self.reconnect_max_delay)
+        # Wait times of callers that waited, always; hold times, from the
+        # first call of record_held_times() on (metrics.py).
+        self._wait_times = Histogram()
+        self._held_times = None
         self._counters = dict.fromkeys((
             "checkouts", "waits", "wait_time", "timeouts",
             "connections_opened", "connections_failed", "connections_lost",
@@ -191,7 +200,7 @@ class CorePool:
                   or conn._zp_created <= self._retire_before
                   or now - conn._zp_last_used >= self._check_after
                   or conn._zp_last_used < self._check_before) \
-                    and not self._usable(conn):
+                    and not self._usable(conn, timeout):
                 continue
             elif _subscribers:
                 events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
@@ -201,9 +210,10 @@ class CorePool:
                 conn._zp_warned = False
             return conn
 
-    def _usable(self, conn):
+    def _usable(self, conn, timeout=None):
         """Check a connection about to be handed out; discard it if it is
-        not fit.
+        not fit. A ping takes at most ``validation_timeout`` seconds, and at
+        most the caller's ``timeout`` when that is shorter.
 
         The one fitness test. The hot path in ``acquire`` calls it only
         when the same conditions, inlined there, say it has work to do.
@@ -218,7 +228,10 @@ class CorePool:
             # Idle long enough for its session to have died (a server
             # restart in the night), or unused since another connection
             # was found dead.
-            return self._ping(conn)
+            bound = self.validation_timeout
+            if timeout is not None and 0 < timeout < bound:
+                bound = timeout
+            return self._ping(conn, bound)
         return True
 
     def _stale(self, conn, now):
@@ -230,13 +243,15 @@ class CorePool:
             return "retired"
         return None
 
-    def _ping(self, conn):
-        """Run a trivial query; discard the connection if it fails."""
+    def _ping(self, conn, bound):
+        """Run a trivial query, for at most ``bound`` seconds on a silent
+        network; discard the connection if it fails."""
         try:
             autocommit = _get_autocommit(conn)
             _set_autocommit(conn, True)
             cur = _ext.cursor(conn)
-            cur.execute("SELECT 1")
+            with unacknowledged_limit(conn, bound):
+                cur.execute("SELECT 1")
             cur.close()
             _set_autocommit(conn, autocommit)
         except psycopg2.Error:
@@ -275,7 +290,7 @@ class CorePool:
             # A connection lent by an idle thread gets the same checks as
             # one taken from the idle stack (its session may have died
             # while it was parked); None makes the caller try again.
-            if not self._usable(conn):
+            if not self._usable(conn, timeout):
                 return None
             if _get_autocommit(conn):
                 # Parked by the transaction integration, which runs it in
@@ -288,7 +303,7 @@ class CorePool:
             return conn
         self._ensure_maintainer()
         if waiter is None:
-            return self._connect_for_caller()
+            return self._connect_for_caller(start + timeout)
         events.notify(events.PoolExhausted, self, waiting)
         return self._wait(waiter, start, timeout)
 
@@ -311,6 +326,7 @@ class CorePool:
         with self._lock:
             waited = _monotonic() - start
             self._counters["wait_time"] += waited
+            self._wait_times.record(waited)
             if not got and waiter.conn is None and not waiter.permit \
                     and waiter.error is None:
                 self._waiters.remove(waiter)
@@ -319,9 +335,12 @@ class CorePool:
         if waiter.error is not None:
             raise waiter.error
         if waiter.permit:
-            return self._connect_for_caller()
+            conn = self._connect_for_caller(start + timeout)
+            if conn is None:
+                return self.acquire(max(0.0, timeout - waited))
+            return conn
         conn = waiter.conn
-        if not self._usable(conn):
+        if not self._usable(conn, max(0.0, timeout - waited)):
             return self.acquire(max(0.0, timeout - waited))
         events.notify(events.ConnectionCheckedOut, self, conn, waited)
         return conn
@@ -335,17 +354,51 @@ class CorePool:
                    self.label, waited, self.maxconn, self._in_use,
                    "connecting=%d, " % connecting if connecting > 0 else "",
                    len(self._waiters)))
-        if self._last_connect_error:
-            msg += "; last connect error: %s" % self._last_connect_error
+        if self._connector.last_error:
+            msg += "; last connect error: %s" % self._connector.last_error
         return msg
 
-    def _connect_for_caller(self):
-        """Open a connection for a caller who holds a reserved place."""
+    def _connect_for_caller(self, deadline):
+        """Open a connection for a caller who holds a reserved place.
+
+        Through a transient outage (a restart, a failover) the caller keeps
+        trying, with back-off and jitter, until its ``deadline``; a
+        permanent failure, or an outage already longer than the pool's
+        ``timeout``, fails it at once. Returns None when a connection came
+        back to the idle stack meanwhile (the caller takes that one).
+        """
+        first = _monotonic()
+        attempts = 0
+        probe = self._start_probe()
         try:
-            conn = self._open_connection()
-        except BaseException:
-            self._release_place()
-            raise
+            while True:
+                attempts += 1
+                try:
+                    conn = self._open_connection()
+                    break
+                except ConnectError as exc:
+                    now = _monotonic()
+                    delay = min(self._backoff.delay(), 1.0)
+                    if exc.permanent or probe or now + delay >= deadline:
+                        self._release_place()
+                        if attempts > 1:
+                            exc.args = ("%s (tried for %.1f s, %d attempts)"
+                                        % (exc.args[0], now - first,
+                                           attempts),)
+                        raise
+                    time.sleep(delay)
+                    with self._lock:
+                        if self._idle and not self._closed:
+                            # Someone returned one: give the place back.
+                            self._size -= 1
+                            self._pass_place_on()
+                            return None
+                except BaseException:
+                    self._release_place()
+                    raise
+        finally:
+            if probe:
+                self._connector.probing = False
         with self._lock:
             closed = self._closed
             if closed:
@@ -359,6 +412,30 @@ class CorePool:
             raise PoolClosed("%s is closed" % self.label)
         events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
         return conn
+
+    def _start_probe(self):
+        """In an outage longer than the pool's ``timeout``, let one caller
+        at a time make a single attempt (True) and fail every other one at
+        once with the last error, instead of holding each for a whole
+        time-out; outside one, return False."""
+        connector = self._connector
+        outage = connector.outage()
+        if outage <= self.timeout:
+            return False
+        with self._lock:
+            if not connector.probing:
+                connector.probing = True
+                return True
+            self._size -= 1
+            self._pass_place_on()
+        error = ConnectError(
+            "%s: cannot connect to %s: the server has been unreachable for "
+            "%.1f s, longer than the pool's timeout (%.3g s), so callers "
+            "fail at once until a connection succeeds again; last error: %s"
+            % (self.label, self._conninfo.target, outage, self.timeout,
+               connector.last_error))
+        error.permanent = False
+        raise error
 
     def _release_place(self):
         """Give back a reserved place after a failed connect."""
@@ -378,39 +455,34 @@ class CorePool:
             waiter.permit = True
             waiter.lock.release()
 
-    def _open_connection(self):
-        """Connect (outside the lock) and register the new connection."""
-        start = _monotonic()
-        try:
-            conn = psycopg2.connect(self._conninfo.conninfo,
-                                    connection_factory=self._factory)
-        except psycopg2.Error as exc:
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            with self._lock:
-                self._counters["connections_failed"] += 1
-                self._last_connect_error = message
-                self._backoff.failed()
-            logger.warning("%s: cannot connect: %s", self.label, message)
-            raise ConnectError("%s: cannot connect to %s: %s" % (
-                self.label, self._conninfo.target, message)) from None
-        now = _monotonic()
-        lifetime = self.max_lifetime
-        conn._zp_open(self, now, now + lifetime * (1.0 - random.random() * 0.1)
-                      if lifetime is not None else float("inf"))
+    def _prepare_connection(self, conn):
+        """The pool's own setup of a new connection, before ``configure``."""
         if self._cursor_factory is not None:
             conn.cursor_factory = self._cursor_factory
         if self.isolation_level is not None or self.readonly \
                 or self.deferrable:
             # Kept by psycopg2 and sent with each BEGIN, never as SET.
             self._restore_session(conn)
+
+    def _open_connection(self):
+        """Connect (outside the lock) and register the new connection."""
+        start = _monotonic()
+        try:
+            conn = self._connector.open()
+        except ConnectError:
+            with self._lock:
+                self._counters["connections_failed"] += 1
+                self._backoff.failed()
+            raise
+        now = _monotonic()
+        lifetime = self.max_lifetime
+        conn._zp_open(self, now, now + lifetime * (1.0 - random.random() * 0.1)
+                      if lifetime is not None else float("inf"))
         with self._lock:
             self._conns.add(conn)
             self._counters["connections_opened"] += 1
-            self._last_connect_error = None
             self._backoff.succeeded()
             self._changed.notify_all()   # open(wait=True) counts them
-        logger.debug("%s: opened a connection in %.1f ms", self.label,
-                     (now - start) * 1000)
         events.notify(events.ConnectionCreated, self, conn, now - start)
         return conn
 
@@ -459,6 +531,8 @@ class CorePool:
                     conn._zp_managed = None
                     conn._zp_owner = None
                     conn._zp_last_used = now
+                    if self._held_times is not None:
+                        self._held_times.record(now - conn._zp_taken)
                     self._in_use -= 1
                     if self._waiters:
                         self._hand_over(conn)
@@ -532,8 +606,10 @@ class CorePool:
 
     def _put_back(self, conn):
         """Make a sound connection available: first waiter, else idle."""
-        conn._zp_last_used = _monotonic()
+        conn._zp_last_used = now = _monotonic()
         with self._lock:
+            if self._held_times is not None:
+                self._held_times.record(now - conn._zp_taken)
             self._in_use -= 1
             self._hand_over(conn)
         if _subscribers:
@@ -741,9 +817,28 @@ class CorePool:
                     raise PoolTimeout(
                         "%s: could not open %d connections within %.3g s%s"
                         % (self.label, self.minconn, timeout,
-                           "; last connect error: %s" % self._last_connect_error
-                           if self._last_connect_error else ""))
+                           "; last connect error: %s" % self._connector.last_error
+                           if self._connector.last_error else ""))
                 self._changed.wait(remaining)
+
+    def histograms(self):
+        """Return copies of the pool's time histograms (histogram.py):
+        ``wait``, how long callers that waited waited, and ``held``, how
+        long connections stayed checked out (empty until
+        ``record_held_times()`` was called)."""
+        with self._lock:
+            wait = self._wait_times.snapshot()
+            held = self._held_times.snapshot() if self._held_times \
+                is not None else Histogram()
+        return {"wait": wait, "held": held}
+
+    def record_held_times(self):
+        """From now on, record how long each connection is held (a little
+        work at every return, which a pool without metrics skips)."""
+        if self._held_times is None:
+            with self._lock:
+                if self._held_times is None:
+                    self._held_times = Histogram()
 
     def stats(self):
         """Return a snapshot of the pool's gauges and counters."""
@@ -760,7 +855,8 @@ class CorePool:
                 minconn=self.minconn,
                 maxconn=self.maxconn,
                 closed=self._closed,
-                last_connect_error=self._last_connect_error,
+                last_connect_error=self._connector.last_error,
+                outage_seconds=round(self._connector.outage(), 3),
             )
         return result
 
@@ -834,12 +930,25 @@ class CorePool:
     #   thread_local            a threading.local for binding.py
     #   twophase_checked        set by datamanager.py once the server was
     #                           found to allow PREPARE TRANSACTION
+    #   reconfigure(conn)       run ``configure`` again after a session
+    #                           reset undid what it set
     #
     # They are not part of the public API (IConnectionPool).
 
     @property
     def label(self):
         return _pool_label(self.name)
+
+    def reconfigure(self, conn):
+        """Run the pool's ``configure`` on ``conn`` again; False (and a
+        warning) when it fails, and the connection should be dropped."""
+        try:
+            self._connector.reconfigure(conn)
+        except Exception as exc:
+            logger.warning("%s: configure failed after a session reset (%s);"
+                           " the connection is discarded", self.label, exc)
+            return False
+        return True
 
     def unpark(self, conn, holder):
         """Take back a connection parked by ``holder``'s thread.
@@ -854,6 +963,8 @@ class CorePool:
             conn._zp_state = USED
             self._in_use += 1
             self._checkouts += 1
+        if self._held_times is not None:
+            conn._zp_taken = _monotonic()
         # Its session may have died while it was parked; pinged like a
         # connection from the idle stack, so the thread's next request
         # does not fail.
@@ -871,9 +982,11 @@ class CorePool:
             conn._zp_owner = None
             self.release(conn)
             return False
-        conn._zp_last_used = _monotonic()
+        conn._zp_last_used = now = _monotonic()
         with self._lock:
             if not self._waiters and conn._zp_state is USED:
+                if self._held_times is not None:
+                    self._held_times.record(now - conn._zp_taken)
                 self._in_use -= 1
                 conn._zp_state = PARKED
                 self._parked[conn] = holder

@@ -429,6 +429,13 @@ class ThreadState:
             return
         if dm.reset_after and not (conn.closed or dm.broken):
             dm.broken = not self._reset_session(conn)
+        if dm.dirty and self.pool.configure is not None \
+                and not (conn.closed or dm.broken):
+            # The reset undid what configure set on the session. It runs
+            # between transactions, on the plain connection.
+            conn._zp_managed = None
+            dm.broken = not self.pool.reconfigure(conn)
+            conn._zp_managed = self
         if conn.closed or dm.broken:
             conn._zp_managed = None
             binding.put(self.pool, self.holder)

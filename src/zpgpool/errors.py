@@ -24,8 +24,13 @@ class ConnectError(PoolError, psycopg2.OperationalError):
     """The pool could not open a connection to the server.
 
     It is also a ``psycopg2.OperationalError``, which is what code written
-    for psycopg2's pools expects from a failed connect.
+    for psycopg2's pools expects from a failed connect. ``permanent`` says
+    whether waiting could not help (a wrong password, a database that does
+    not exist); a transient failure was retried up to the caller's
+    time-out, and the message says for how long.
     """
+
+    permanent = False
 
 
 class InvalidOption(PoolError, TypeError, ValueError):

@@ -105,6 +105,15 @@ class Text(Option):
         return value
 
 
+class Callable(Option):
+    """None, or something to call."""
+
+    def check(self, value):
+        if value is not None and not callable(value):
+            raise _Bad("None or a callable taking the new connection")
+        return value
+
+
 class IsolationLevel(Option):
     """None (the server's default), a name from ISOLATION_LEVELS, or
     psycopg2's constant for one of them; kept as the constant."""
@@ -132,6 +141,7 @@ OPTIONS = {
     "max_lifetime": Seconds(1800.0, positive=True, none_ok=True),
     "max_idle": Seconds(600.0, positive=True, none_ok=True),
     "health_check_after": Seconds(10.0, none_ok=True),
+    "validation_timeout": Seconds(5.0, positive=True),
     "leak_threshold": Seconds(None, positive=True, none_ok=True),
     "connect_timeout": Count(10, least=0),
     "reconnect_max_delay": Seconds(10.0, positive=True),
@@ -142,6 +152,7 @@ OPTIONS = {
     "transaction_manager": Option(None),
     "application_name": Text(None, none_ok=True),
     "connect_kwargs": Option(None),
+    "configure": Callable(None),
 }
 
 #: Each option's default.

@@ -1,0 +1,249 @@
+"""A server that goes away and comes back: callers wait through a short
+outage, fail at once on a permanent refusal or in a long outage, health
+checks are bounded, and the log says it once, not per attempt.
+Also the per-connection ``configure`` callable, run on each new
+connection and after every session reset."""
+import threading
+import time
+import unittest
+
+import psycopg2
+import psycopg2.extras
+import transaction
+
+from zpgpool import ConnectError
+from zpgpool import ConnectionPool
+from zpgpool.testing import POSTGRES_LAYER
+from zpgpool.testing import PRIVATE_POSTGRES_LAYER
+
+from tests.poolhelpers import WAIT
+from tests.poolhelpers import LogCapture
+from tests.poolhelpers import close_pool
+from tests.poolhelpers import closed_port
+from tests.poolhelpers import start
+from tests.poolhelpers import unique_name
+from tests.poolhelpers import wait_for
+from tests.test_badinput import with_params
+
+
+class _Base(unittest.TestCase):
+
+    def setUp(self):
+        self.log = LogCapture().install(self)
+        self.name = unique_name()
+
+    def _makeOne(self, dsn=None, **kw):
+        kw.setdefault("name", self.name)
+        pool = ConnectionPool(self.layer.dsn if dsn is None else dsn, **kw)
+        self.addCleanup(close_pool, self, pool)
+        return pool
+
+    def warnings(self, text="cannot connect"):
+        return [r.getMessage() for r in self.log.records
+                if r.levelname == "WARNING" and text in r.getMessage()]
+
+
+class OutageTests(_Base):
+
+    layer = PRIVATE_POSTGRES_LAYER
+
+    def tearDown(self):
+        if not self.layer.server.is_running():
+            self.layer.server.start()
+
+    def test_caller_waits_through_a_restart(self):
+        server = self.layer.server
+        pool = self._makeOne(minconn=0, maxconn=2, timeout=WAIT,
+                             connect_timeout=2)
+        server.stop("immediate")
+        started = threading.Event()
+
+        def take():
+            started.set()
+            with pool.checkout() as conn:
+                cur = conn.cursor()
+                cur.execute("SELECT 42")
+                return cur.fetchone()[0]
+
+        taker = start(self, take)
+        started.wait(WAIT)
+        wait_for(lambda: pool.stats()["connections_failed"] >= 2,
+                 "the caller to try and fail twice")
+        self.assertTrue(taker.is_alive())   # still trying, not failed
+        server.start()
+        self.assertEqual(taker.finish(self), 42)
+        stats = pool.stats()
+        self.assertIsNone(stats["last_connect_error"])
+        self.assertEqual(stats["outage_seconds"], 0.0)
+
+    def test_error_after_the_time_out_says_how_long_it_tried(self):
+        pool = self._makeOne(with_params(self.layer.dsn, port=closed_port()),
+                             minconn=0, timeout=3.0)
+        begun = time.monotonic()
+        with self.assertRaises(ConnectError) as caught:
+            pool.getconn()
+        took = time.monotonic() - begun
+        message = str(caught.exception)
+        self.assertRegex(message, r"tried for [0-9.]+ s, \d+ attempts")
+        self.assertIn("Connection refused", message)
+        self.assertFalse(caught.exception.permanent)
+        # It kept trying (far longer than one refused connect), and gave
+        # up near its time-out, not after a multiple of it.
+        self.assertGreater(took, 1.5)
+        self.assertLess(took, 30)
+
+    def test_long_outage_fails_new_callers_at_once(self):
+        server = self.layer.server
+        pool = self._makeOne(minconn=0, maxconn=16, timeout=1.0,
+                             connect_timeout=2)
+        server.stop("fast")
+        with self.assertRaises(ConnectError):
+            pool.getconn()          # waited out its whole time-out
+        wait_for(lambda: pool.stats()["outage_seconds"] > 1.0,
+                 "the outage to outlast the pool's timeout")
+        durations = []
+        errors = []
+
+        def ask():
+            begun = time.monotonic()
+            try:
+                pool.getconn()
+            except ConnectError as exc:
+                errors.append(str(exc))
+            durations.append(time.monotonic() - begun)
+
+        workers = [start(self, ask) for _ in range(16)]
+        for worker in workers:
+            worker.finish(self)
+        self.assertEqual(len(errors), 16)
+        # One of them may probe the server once (a refused connect is
+        # quick); none waits a time-out.
+        self.assertLess(max(durations), 0.9, durations)
+        self.assertTrue(any("longer than the pool's timeout" in e
+                            for e in errors), errors)
+        server.start()
+        # The first request after the server is back succeeds.
+        conn = pool.getconn()
+        pool.putconn(conn)
+        self.assertEqual(pool.stats()["outage_seconds"], 0.0)
+
+    def test_warnings_are_rate_limited(self):
+        pool = self._makeOne(with_params(self.layer.dsn, port=closed_port()),
+                             minconn=0, maxconn=8, timeout=1.5)
+
+        def fail():
+            with self.assertRaises(ConnectError):
+                pool.getconn()
+
+        workers = [start(self, fail) for _ in range(4)]
+        for worker in workers:
+            worker.finish(self)
+        self.assertGreater(pool.stats()["connections_failed"], 8)
+        # One warning for the first failure; the others are counted into
+        # the next one, which is due only after ten seconds.
+        self.assertEqual(len(self.warnings()), 1, self.warnings())
+
+
+class PermanentFailureTests(_Base):
+
+    layer = POSTGRES_LAYER
+
+    def test_missing_database_fails_at_once(self):
+        pool = self._makeOne(with_params(self.layer.dsn, dbname="no_such_db"),
+                             minconn=0, timeout=WAIT)
+        begun = time.monotonic()
+        with self.assertRaises(ConnectError) as caught:
+            pool.getconn()
+        self.assertLess(time.monotonic() - begun, WAIT / 2)
+        self.assertTrue(caught.exception.permanent)
+        self.assertIn('database "no_such_db" does not exist',
+                      str(caught.exception))
+        self.assertEqual(pool.stats()["connections_failed"], 1)
+
+    def test_missing_role_fails_at_once(self):
+        pool = self._makeOne(with_params(self.layer.dsn, user="no_such_role"),
+                             minconn=0, timeout=WAIT)
+        begun = time.monotonic()
+        with self.assertRaises(ConnectError) as caught:
+            pool.getconn()
+        self.assertLess(time.monotonic() - begun, WAIT / 2)
+        self.assertTrue(caught.exception.permanent)
+
+
+def _search_path(conn):
+    cur = conn.cursor()
+    cur.execute("SET search_path TO zp_configured, public")
+    cur.close()
+
+
+def _failing(conn):
+    raise RuntimeError("no such role as the callable expects")
+
+
+class ConfigureTests(_Base):
+
+    layer = POSTGRES_LAYER
+
+    def setUp(self):
+        super().setUp()
+        transaction.abort()
+        self.addCleanup(transaction.abort)
+
+    def show(self, conn):
+        cur = conn.cursor()
+        cur.execute("SHOW search_path")
+        return cur.fetchone()[0]
+
+    def test_runs_on_every_new_connection_before_use(self):
+        calls = []
+
+        def configure(conn):
+            calls.append(conn)
+            _search_path(conn)
+            psycopg2.extras.register_uuid(conn_or_curs=conn)
+
+        pool = self._makeOne(minconn=0, maxconn=2, configure=configure)
+        first, second = pool.getconn(), pool.getconn()
+        self.assertEqual(calls, [first, second])
+        for conn in (first, second):
+            self.assertEqual(self.show(conn), "zp_configured, public")
+            conn.rollback()
+            pool.putconn(conn)
+        again = pool.getconn()
+        self.assertEqual(len(calls), 2)     # not again for a kept one
+        pool.putconn(again)
+
+    def test_runs_again_after_a_session_reset(self):
+        calls = []
+        pool = self._makeOne(minconn=0, maxconn=1,
+                             configure=lambda c: (calls.append(1),
+                                                  _search_path(c)))
+        cur = pool.connection().cursor()
+        cur.execute("SET work_mem = '8MB'")    # the session is reset
+        transaction.commit()
+        self.assertEqual(len(calls), 2)
+        conn = pool.connection()
+        self.assertEqual(self.show(conn), "zp_configured, public")
+        cur = conn.cursor()
+        cur.execute("SHOW work_mem")
+        self.assertNotEqual(cur.fetchone()[0], "8MB")
+        transaction.commit()
+        self.assertEqual(len(calls), 2)     # nothing to undo this time
+
+    def test_failing_configure_discards_and_names_the_callable(self):
+        pool = self._makeOne(minconn=0, maxconn=1, configure=_failing)
+        with self.assertRaises(ConnectError) as caught:
+            pool.getconn()
+        message = str(caught.exception)
+        self.assertIn("tests.test_outage._failing", message)
+        self.assertIn("no such role as the callable expects", message)
+        self.assertTrue(caught.exception.permanent)
+        stats = pool.stats()
+        self.assertEqual((stats["size"], stats["in_use"]), (0, 0))
+
+    def test_configure_must_be_callable(self):
+        from zpgpool import InvalidOption
+        with self.assertRaises(InvalidOption) as caught:
+            ConnectionPool(self.layer.dsn, name="x", configure="nope")
+        self.assertIn("option 'configure' must be None or a callable",
+                      str(caught.exception))
