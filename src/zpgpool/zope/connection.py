@@ -137,12 +137,14 @@ class ZpgpoolConnection(Connection):
                 logger.error("%s: cannot open its pool", self._label(),
                              exc_info=True)
 
-    def _label(self):
+    def _path(self):
         try:
-            path = "/".join(self.getPhysicalPath())
+            return "/".join(self.getPhysicalPath()) or self.id
         except Exception:   # not in a container yet
-            path = self.id
-        return "zpgpool database connection %r" % (path or self.id,)
+            return self.id
+
+    def _label(self):
+        return "zpgpool database connection %r" % self._path()
 
     # -- settings -------------------------------------------------------
 
@@ -218,7 +220,7 @@ class ZpgpoolConnection(Connection):
         if self._pool_key is None:
             self._pool_key = new_key()
         return owned_pool(self._pool_key, self._label(),
-                          "zsql:%s" % self.id, self._settings())
+                          "zsql:%s" % self._path(), self._settings())
 
     @security.protected(view_management_screens)
     def owns_pool(self):
@@ -291,15 +293,18 @@ class ZpgpoolConnection(Connection):
 
     security.declareProtected(view_management_screens,  # NOQA: D001
                               "manage_main")
-    manage_main = PageTemplateFile("www/status.pt", globals())
+    manage_main = PageTemplateFile("www/status.pt", globals(),
+                                 __name__="manage_main")
 
     security.declareProtected(change_database_connections,  # NOQA: D001
                               "manage_properties")
-    manage_properties = PageTemplateFile("www/properties.pt", globals())
+    manage_properties = PageTemplateFile("www/properties.pt", globals(),
+                                 __name__="manage_properties")
 
     security.declareProtected(view_management_screens,  # NOQA: D001
                               "manage_browse")
-    manage_browse = PageTemplateFile("www/browse.pt", globals())
+    manage_browse = PageTemplateFile("www/browse.pt", globals(),
+                                 __name__="manage_browse")
 
     @security.protected(view_management_screens)
     def browse_tables(self):
@@ -371,7 +376,9 @@ def _shown_error(exc):
 InitializeClass(ZpgpoolConnection)
 
 
-manage_addZpgpoolConnectionForm = PageTemplateFile("www/add.pt", globals())
+# Zope publishes an add form under its __name__.
+manage_addZpgpoolConnectionForm = PageTemplateFile(
+    "www/add.pt", globals(), __name__="manage_addZpgpoolConnectionForm")
 
 
 def manage_addZpgpoolConnection(self, id, title="", connection_string="",
