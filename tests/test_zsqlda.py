@@ -368,3 +368,290 @@ back = app.site.back.db
 print('|'.join(map(str, ('back', back.meta_type, back.tilevel,
                          back.connection_string))))
 """
+
+
+# ---------------------------------------------------------------------------
+# The adapter's pieces, in the test process, against a real server.
+
+from zpgpool import ConnectionPool  # noqa: E402
+from zpgpool.testing import POSTGRES_LAYER  # noqa: E402
+
+
+class InProcessTestCase(unittest.TestCase):
+
+    layer = POSTGRES_LAYER
+    _dsn = None
+
+    @property
+    def dsn(self):
+        # One database for the module's in-process tests.
+        cls = InProcessTestCase
+        if cls._dsn is None or cls._dsn[0] is not self.layer.server:
+            cls._dsn = (self.layer.server, self.layer.new_database('zsqlunit'))
+        return cls._dsn[1]
+
+
+class DBQueryTests(InProcessTestCase):
+    """``DB.query`` keeps the contract Shared.DC.ZRDB's DA expects."""
+
+    def setUp(self):
+        from zpgpool.zope.db import DB
+        self.pool = ConnectionPool(self.dsn, name='zsqlunit', minconn=0)
+        self.addCleanup(self.pool.closeall)
+        transaction.begin()
+        self.addCleanup(transaction.abort)
+        self.db = DB(self.pool)
+
+    def test_statements_run_in_order_and_the_last_result_comes_back(self):
+        items, rows = self.db.query(
+            'CREATE TEMP TABLE t (a int, b text, c varchar(7))\0'
+            "INSERT INTO t VALUES (1, 'x', 'p'), (2, 'y', NULL)\0\0 \0"
+            'SELECT a, b, c FROM t ORDER BY a')
+        self.assertEqual([(i['name'], i['type'], i['width']) for i in items],
+                         [('a', 'i', 4), ('b', 't', None), ('c', 's', 7)])
+        self.assertEqual(rows, [[1, 'x', 'p'], [2, 'y', None]])
+
+    def test_max_rows_and_query_data(self):
+        items, rows = self.db.query(
+            'SELECT n FROM generate_series(1, %s) AS n', max_rows=3,
+            query_data=(10,))
+        self.assertEqual(rows, [[1], [2], [3]])
+        self.assertEqual(self.db.query('SELECT 1 AS n')[1], [[1]])
+
+    def test_statements_without_rows_give_no_columns(self):
+        self.assertEqual(self.db.query('SELECT 1 WHERE false'),
+                         ([{'name': '?column?', 'type': 'i', 'width': 4,
+                            'null': None}], []))
+        self.assertEqual(self.db.query('SET LOCAL work_mem = 4096'),
+                         ([], []))
+
+    def test_two_different_result_sets_are_refused(self):
+        with self.assertRaises(psycopg2.ProgrammingError) as caught:
+            self.db.query('SELECT 1 AS a\0SELECT 2 AS b')
+        self.assertIn('one result set', str(caught.exception))
+        self.assertIn('(b)', str(caught.exception))
+
+    def test_the_transaction_commits_and_aborts_the_work(self):
+        table = 'zsql_%s' % uuid.uuid4().hex[:8]
+        query(self.dsn, 'CREATE TABLE %s (n int)' % table)
+        self.db.query('INSERT INTO %s VALUES (1)' % table)
+        transaction.abort()
+        self.assertEqual(query(self.dsn, 'SELECT n FROM %s' % table), [])
+        transaction.begin()
+        self.db.query('INSERT INTO %s VALUES (2)' % table)
+        # Nothing is committed by query() itself.
+        self.assertEqual(query(self.dsn, 'SELECT n FROM %s' % table), [])
+        transaction.commit()
+        self.assertEqual(query(self.dsn, 'SELECT n FROM %s' % table), [(2,)])
+
+    def test_zdatetime_casts_on_its_own_cursors_only(self):
+        from DateTime import DateTime
+        from zpgpool.zope.db import DB
+        items, rows = DB(self.pool, zdatetime=True).query(
+            "SELECT date '2024-01-02' AS d, timestamp 'infinity' AS i,"
+            " time '10:11:12' AS t, timestamptz '2024-05-06 07:08:09+00'"
+            " AS z")
+        d, i, t, z = rows[0]
+        self.assertIsInstance(d, DateTime)
+        self.assertEqual((d.year(), d.month(), d.day()), (2024, 1, 2))
+        self.assertEqual(i, 'infinity')
+        self.assertEqual((t.hour(), t.minute()), (10, 11))
+        self.assertEqual(z.toZone('UTC').hour(), 7)
+        # The same connection's other cursors keep psycopg2's types.
+        items, rows = self.db.query("SELECT date '2024-01-02' AS d")
+        self.assertEqual(repr(rows[0][0]), 'datetime.date(2024, 1, 2)')
+
+    def test_tables_and_columns(self):
+        table = 'zsql_%s' % uuid.uuid4().hex[:8]
+        query(self.dsn, 'CREATE TABLE %s (n int NOT NULL, s varchar(9))'
+              % table)
+        tables = self.db.tables()
+        self.assertIn({'table_schema': 'public', 'table_name': table,
+                       'table_type': 'TABLE'}, tables)
+        self.assertEqual(self.db.columns(table), [
+            {'name': 'n', 'type': 'integer', 'short_type': 'int4',
+             'nullable': False, 'width': None},
+            {'name': 's', 'type': 'character varying',
+             'short_type': 'varchar', 'nullable': True, 'width': 9}])
+        self.assertEqual(self.db.columns("x'; DROP TABLE %s; --" % table),
+                         [])
+
+
+class SettingsTests(InProcessTestCase):
+    """Bad settings are refused with the adapter, the setting and what is
+    allowed; passwords stay hidden."""
+
+    def make(self, **kw):
+        from zpgpool.zope.connection import ZpgpoolConnection
+        return ZpgpoolConnection('db', 'a title', **kw)
+
+    def assertRefused(self, expected, **kw):
+        from zpgpool.zope.pools import SettingsError
+        with self.assertRaises(SettingsError) as caught:
+            self.make(**kw)
+        message = str(caught.exception)
+        self.assertIn("zpgpool database connection 'db'", message)
+        for part in expected:
+            self.assertIn(part, message)
+        return message
+
+    def test_bad_settings(self):
+        self.assertRefused(['either', 'neither'])
+        self.assertRefused(['either', 'both'], pool_name='main',
+                           connection_string=self.dsn)
+        self.assertRefused(["no pool named 'nosuch'", 'declared pools'],
+                           pool_name='nosuch')
+        self.assertRefused(['isolation_level', "'SERIALIZABLE'", 'chaos'],
+                           connection_string=self.dsn,
+                           isolation_level='chaos')
+        self.assertRefused(['maxconn', '1 or more', '0'],
+                           connection_string=self.dsn, maxconn=0)
+        self.assertRefused(['timeout', 'soon'], connection_string=self.dsn,
+                           timeout='soon')
+        name = 'ZSQL_UNSET_%s' % uuid.uuid4().hex[:6].upper()
+        self.assertRefused([name, 'not set'],
+                           connection_string='ENV:%s' % name)
+        self.assertRefused(['/nonexistent/zsql.dsn', 'cannot read'],
+                           connection_string='file:/nonexistent/zsql.dsn')
+        message = self.assertRefused(
+            ['connection string'],
+            connection_string="host='x password=topsecret-zsql")
+        self.assertNotIn('topsecret-zsql', message)
+
+    def test_settings_kept_and_the_password_masked(self):
+        import psycopg2.extensions
+        from zpgpool.zope.pools import masked
+        connection = self.make(connection_string=self.dsn,
+                               isolation_level='repeatable_read',
+                               encoding='LATIN1', zdatetime='', maxconn='3')
+        self.assertEqual((connection.isolation_level, connection.encoding,
+                          connection.zdatetime, connection.maxconn),
+                         ('REPEATABLE READ', 'LATIN1', False, 3))
+        secret = psycopg2.extensions.parse_dsn(self.dsn)['password']
+        shown = connection.shown_connection_string()
+        self.assertNotIn(secret, shown)
+        self.assertIn('password=***', shown)
+        # The form sends back what it showed: the stored string stays.
+        connection.manage_edit(title='t2', connection_string=shown,
+                               isolation_level='SERIALIZABLE')
+        self.assertEqual(connection.connection_string, self.dsn)
+        self.assertEqual(connection.isolation_level, 'SERIALIZABLE')
+        self.assertEqual(masked('env:X'), 'env:X')
+        self.assertEqual(masked("host='x password=pw"),
+                         '(a connection string libpq cannot parse)')
+
+    def test_the_own_pool_runs_with_the_settings(self):
+        connection = self.make(connection_string=self.dsn,
+                               isolation_level='SERIALIZABLE',
+                               encoding='LATIN1', maxconn=2)
+        self.addCleanup(lambda: connection._current_pool().close())
+        transaction.begin()
+        try:
+            db = connection()
+            shown = [db.query('SHOW %s' % setting)[1]
+                     for setting in ('client_encoding',
+                                     'transaction_isolation')]
+        finally:
+            transaction.abort()
+        self.assertEqual(shown, [[['LATIN1']], [['serializable']]])
+        self.assertEqual(connection._current_pool().maxconn, 2)
+
+
+class OwnedPoolTests(InProcessTestCase):
+
+    def test_one_pool_per_key_replaced_when_the_settings_change(self):
+        from zpgpool.zope import pools
+        key = pools.new_key()
+        settings = (('dsn', self.dsn), ('encoding', ''),
+                    ('isolation_level', ''), ('maxconn', 2),
+                    ('timeout', 5.0), ('twophase', False))
+        first = pools.owned_pool(key, 'label', 'zsqlowned', settings)
+        self.assertIs(pools.owned_pool(key, 'label', 'zsqlowned', settings),
+                      first)
+        changed = settings[:3] + (('maxconn', 3),) + settings[4:]
+        second = pools.owned_pool(key, 'label', 'zsqlowned', changed)
+        self.assertIsNot(second, first)
+        self.assertTrue(first.closed)
+        self.assertIs(pools.peek_owned(key), second)
+        self.assertTrue(pools.drop_owned(key, 'test'))
+        self.assertTrue(second.closed)
+        self.assertIsNone(pools.peek_owned(key))
+        self.assertFalse(pools.drop_owned(key, 'test'))
+
+    def test_a_copy_gets_a_key_of_its_own(self):
+        from zpgpool.zope.connection import ZpgpoolConnection
+        from zpgpool.zope.subscribers import adapter_copied
+        connection = ZpgpoolConnection('db', connection_string=self.dsn)
+        key = connection._pool_key
+        adapter_copied(connection, None)
+        self.assertNotEqual(connection._pool_key, key)
+        self.assertTrue(connection._pool_key)
+
+
+class MigrationFunctionTests(InProcessTestCase):
+
+    def folder(self):
+        from OFS.Folder import Folder
+        return Folder('f')
+
+    def legacy(self, folder, tilevel=2):
+        from Products.ZPsycopgDA.DA import Connection
+        folder._setObject('db', Connection(
+            'db', 'old title', self.dsn, 'yes', tilevel=tilevel,
+            encoding='UTF-8'))
+        return folder.db
+
+    def test_replace_carries_settings_and_local_roles_and_back(self):
+        from zpgpool.zope.migrate import replace_zpsycopgda
+        from zpgpool.zope.migrate import restore_zpsycopgda
+        folder = self.folder()
+        old = self.legacy(folder, tilevel=4)
+        old.manage_setLocalRoles('bob', ['Editor'])
+        new = replace_zpsycopgda(folder, 'db')
+        self.assertIs(folder.db.aq_base, new.aq_base)
+        self.assertEqual(new.meta_type, 'Z zpgpool Database Connection')
+        self.assertEqual(
+            (new.title, new.connection_string, new.isolation_level,
+             new.encoding, new.zdatetime, new.autoopen),
+            ('old title', self.dsn, 'READ COMMITTED', 'UTF-8', True, True))
+        self.assertEqual(new.get_local_roles_for_userid('bob'), ('Editor',))
+        back = restore_zpsycopgda(folder, 'db')
+        self.assertEqual(back.meta_type, 'Z Psycopg 2 Database Connection')
+        self.assertEqual((back.title, back.connection_string, back.tilevel,
+                          back.encoding, bool(back.zdatetime)),
+                         ('old title', self.dsn, 1, 'UTF-8', True))
+        self.assertEqual(back.get_local_roles_for_userid('bob'), ('Editor',))
+
+    def test_what_cannot_be_migrated_is_refused_before_any_change(self):
+        from zpgpool.zope.connection import ZpgpoolConnection
+        from zpgpool.zope.migrate import replace_zpsycopgda
+        from zpgpool.zope.migrate import restore_zpsycopgda
+        from zpgpool.zope.pools import SettingsError
+        folder = self.folder()
+        old = self.legacy(folder, tilevel=0)
+        with self.assertRaises(SettingsError) as caught:
+            replace_zpsycopgda(folder, 'db')
+        self.assertIn('autocommit', str(caught.exception))
+        self.assertIs(folder.db.aq_base, old.aq_base)
+        with self.assertRaises(SettingsError) as caught:
+            restore_zpsycopgda(folder, 'db')
+        self.assertIn("is a 'Z Psycopg 2 Database Connection', not a",
+                      str(caught.exception))
+        with self.assertRaises(SettingsError) as caught:
+            replace_zpsycopgda(folder, 'nosuch')
+        self.assertIn("no object 'nosuch'", str(caught.exception))
+        folder._setObject('filed', ZpgpoolConnection(
+            'filed', connection_string=self.dsn))
+        # (Set directly: edit() would read the file.)
+        folder.filed.connection_string = 'file:/run/secrets/dsn'
+        with self.assertRaises(SettingsError) as caught:
+            restore_zpsycopgda(folder, 'filed')
+        self.assertIn('connection_string=', str(caught.exception))
+        self.assertEqual(folder.filed.meta_type,
+                         'Z zpgpool Database Connection')
+
+    def test_the_adapter_provides_its_interface(self):
+        from zpgpool.zope.connection import IZpgpoolConnection
+        from zpgpool.zope.connection import ZpgpoolConnection
+        self.assertTrue(verifyObject(IZpgpoolConnection, ZpgpoolConnection(
+            'db', connection_string=self.dsn)))
