@@ -9,6 +9,7 @@ checked with connections of the test's own.  The last tests run the
 adapter's pieces in the test process against the same server.
 """
 import concurrent.futures
+import re
 import unittest
 import uuid
 
@@ -290,7 +291,9 @@ class ZMITests(ZSQLTestCase):
         builder.adapter('site/' + folder, 'zpgpool.zope',
                         'manage_addZpgpoolConnection',
                         connection_string='env:' + DSN_ENV, check='yes')
-        app_name = 'zpgpool:zsql:/site/%s/db' % folder
+        status = self.zope.request('site/%s/db/manage_main' % folder).text
+        app_name = 'zpgpool:' + re.search(
+            r'<th>name</th>\s*<td>([^<]+)</td>', status).group(1)
         self.assertEqual(self.page(folder, 'page_list', kind='nut').status,
                          200)
         wait_for(lambda: backend_pids(self.dsn, app_name),

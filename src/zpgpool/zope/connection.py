@@ -181,7 +181,7 @@ class ZpgpoolConnection(Connection):
         else:
             # Made only to check the values; it connects to nothing.
             build_pool(label, "check", self._settings_for(
-                connection_string, settings))
+                connection_string, dict(settings, minconn=0)))
         self.title = title
         self.pool_name = pool_name
         self.connection_string = "" if pool_name else connection_string
@@ -205,10 +205,12 @@ class ZpgpoolConnection(Connection):
         return tuple(sorted(dict(settings, dsn=connection_string).items()))
 
     def _settings(self):
+        # With autoopen the pool keeps a connection open from the start,
+        # as ZPsycopgDA connected when it was loaded.
         return self._settings_for(self.connection_string, dict(
             isolation_level=self.isolation_level, encoding=self.encoding,
             maxconn=self.maxconn, timeout=self.timeout,
-            twophase=self.twophase))
+            twophase=self.twophase, minconn=1 if self.autoopen else 0))
 
     def _pool(self):
         """Return the pool: the named one, or the adapter's own."""
@@ -217,10 +219,10 @@ class ZpgpoolConnection(Connection):
         if not self.connection_string:
             raise SettingsError("%s has neither a pool name nor a connection"
                                 " string" % self._label())
-        if self._pool_key is None:
-            self._pool_key = new_key()
-        return owned_pool(self._pool_key, self._label(),
-                          "zsql:%s" % self._path(), self._settings())
+        # Named by id and key, not by path: an adapter loaded from the ZODB
+        # (where autoopen makes its pool) does not know its path yet.
+        return owned_pool(self._pool_key, self._label(), "zsql:%s:%s" % (
+            self.id, self._pool_key[:8]), self._settings())
 
     @security.protected(view_management_screens)
     def owns_pool(self):

@@ -123,8 +123,8 @@ def build_pool(label, name, settings):
     """Make (not open) the pool an adapter's *settings* describe.
 
     *settings* is a tuple of ``(option, value)`` pairs: ``dsn`` (as
-    entered), ``isolation_level``, ``encoding``, ``maxconn``, ``timeout``
-    and ``twophase``.  Bad values raise ``SettingsError``.
+    entered), ``isolation_level``, ``encoding``, ``minconn``, ``maxconn``,
+    ``timeout`` and ``twophase``.  Bad values raise ``SettingsError``.
     """
     options = dict(settings)
     dsn = resolve_dsn(label, options.pop("dsn"))
@@ -135,7 +135,7 @@ def build_pool(label, name, settings):
     level = options.pop("isolation_level")
     try:
         return ConnectionPool(
-            dsn, name=name, minconn=0, isolation_level=level or None,
+            dsn, name=name, isolation_level=level or None,
             connect_kwargs=extra, **options)
     except InvalidOption as e:
         raise SettingsError("%s: %s" % (label, e)) from None
