@@ -9,6 +9,7 @@ checked with connections of the test's own.  The last tests run the
 adapter's pieces in the test process against the same server.
 """
 import concurrent.futures
+import html
 import re
 import unittest
 import uuid
@@ -37,8 +38,6 @@ def python_rows(dsn, kind):
 
 def masked_of(properties_page):
     """The connection string the Properties form shows."""
-    import html
-    import re
     value = re.search(r'name="connection_string"[^>]*value="([^"]*)"',
                       properties_page, re.S).group(1)
     return html.unescape(value)
@@ -203,6 +202,23 @@ class ZMITests(ZSQLTestCase):
         self.assertEqual(result.status, 200, result)
         self.assertIn('action="manage_addZpgpoolConnection"', result.text)
         self.assertEqual(self.zope.request(path, auth=None).status, 401)
+
+    def test_the_add_form_explains_bad_settings(self):
+        folder = self.key()
+        SiteBuilder(self.zope).folder('site', folder)
+        factory = 'site/%s/manage_addProduct/zpgpool.zope/' \
+                  'manage_addZpgpoolConnection' % folder
+        result = self.zope.request(factory, {'id': 'db', 'pool_name': 'nope'})
+        self.assertEqual(result.status, 400, result)
+        self.assertIn('no pool named', text_of(result))
+        self.assertIn("'example2pc'", text_of(result))
+        result = self.zope.request(factory, {
+            'id': 'db', 'connection_string': 'env:' + DSN_ENV,
+            'maxconn': '0'})
+        self.assertEqual(result.status, 400, result)
+        self.assertIn('maxconn must be a number, 1 or more',
+                      text_of(result))
+        self.assertFalse(self.zodb_has(folder, 'db'))
 
     def test_the_zsql_method_add_form_offers_the_adapters(self):
         result = self.zope.request('site/named/manage_addProduct/'

@@ -25,7 +25,6 @@ import base64
 import html
 import json
 import os
-import re
 import subprocess
 import sys
 import urllib.error
@@ -346,7 +345,3 @@ class ZSQLLayer(ZopeLayer):
 #: The Zope site of this module, over zopehelpers' private PostgreSQL.
 ZSQL_LAYER = ZSQLLayer('ZSQL_LAYER', ZOPE_POSTGRES_LAYER)
 ZSQL_LAYER.__module__ = __name__
-
-
-def strip_tags(text):
-    return re.sub(r'<[^>]+>', ' ', text)

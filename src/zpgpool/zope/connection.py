@@ -23,6 +23,7 @@ from OFS.SimpleItem import Item
 from Persistence import Persistent
 from Products.PageTemplates.PageTemplateFile import PageTemplateFile
 from Shared.DC.ZRDB.Connection import Connection
+from zExceptions import BadRequest
 from zope.interface import Interface
 from zope.interface import implementer
 
@@ -394,11 +395,17 @@ def manage_addZpgpoolConnection(self, id, title="", connection_string="",
     ``ZpgpoolConnection.edit`` for the other settings.  With *check*, the
     pool is opened and tried at once.  Returns the new object's id.
     """
-    connection = ZpgpoolConnection(
-        id, title, connection_string=connection_string, pool_name=pool_name,
-        isolation_level=isolation_level, encoding=encoding,
-        zdatetime=zdatetime, autoopen=autoopen, maxconn=maxconn,
-        timeout=timeout, twophase=twophase)
+    try:
+        connection = ZpgpoolConnection(
+            id, title, connection_string=connection_string,
+            pool_name=pool_name, isolation_level=isolation_level,
+            encoding=encoding, zdatetime=zdatetime, autoopen=autoopen,
+            maxconn=maxconn, timeout=timeout, twophase=twophase)
+    except SettingsError as e:
+        if REQUEST is None:
+            raise
+        # The add form's user gets the reason, as a 400 page.
+        raise BadRequest(str(e)) from None
     id = self._setObject(id, connection)
     if _flag(check):
         self._getOb(id).connect()
