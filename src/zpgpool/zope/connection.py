@@ -265,11 +265,13 @@ class ZpgpoolConnection(Connection):
 
     @security.protected(use_database_methods)
     def __call__(self, v=None):
-        """Return the DB object ZSQL Methods run their queries on."""
+        # The DB object ZSQL Methods run their queries on.  (No docstring:
+        # it is not for publishing.)
         return DB(self._pool(), self.zdatetime)
 
     def connected(self):
-        """Tell whether the pool is there and open (not closed)."""
+        # Whether the pool is there and open.  (No docstring: not
+        # published, as in the base class.)
         pool = self._current_pool()
         return pool is not None and not pool.closed
 
