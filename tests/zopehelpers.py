@@ -128,6 +128,9 @@ class ZopeInstance:
     """A Zope 6 instance home in a temporary directory, served by waitress
     through ``runwsgi`` in a subprocess."""
 
+    #: More environment variables for the Zope process.
+    extra_environ = {}
+
     def __init__(self, dsn, threads=4, retries=3):
         self.dsn = dsn
         self.threads = threads
@@ -175,6 +178,7 @@ class ZopeInstance:
     def _start(self, timeout):
         env = dict(os.environ)
         env[DSN_ENV] = self.dsn
+        env.update(self.extra_environ)
         log = os.path.join(self.home, 'var', 'log', 'runwsgi.log')
         self.output = open(log, 'wb')
         self.process = subprocess.Popen(
