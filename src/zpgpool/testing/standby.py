@@ -35,17 +35,32 @@ def multihost_dsn(servers, dbname='postgres',
     return make_dsn(**params)
 
 
+def _synchronous_names(primary):
+    """Return the names of *primary*'s synchronous standbys, in the order
+    they were added."""
+    value = primary.settings.get('synchronous_standby_names') or ''
+    match = re.match(r'^FIRST 1 \((.*)\)$', value)
+    return [n.strip() for n in match.group(1).split(',')] if match else []
+
+
+def _set_synchronous_names(primary, names):
+    # FIRST 1: a commit waits for the first of the standbys that is
+    # connected, which is the earliest one added.
+    primary.configure(synchronous_standby_names=(
+        'FIRST 1 (%s)' % ', '.join(names) if names else None))
+
+
 class StandbyServer(PostgresServer):
     """A hot standby of *primary*, streaming its WAL.
 
     The first ``start()`` copies the running *primary* with
     ``pg_basebackup --write-recovery-conf`` and starts the copy as a
     standby, on a port of its own; it returns once the primary reports the
-    standby as streaming.  When *synchronous* (the default), the primary's
-    ``synchronous_standby_names`` is then set to the standby's *name*, so
-    that a COMMIT on the primary returns only once the standby has the
-    transaction (``synchronous_commit`` is on in every server this package
-    starts).
+    standby as streaming.  When *synchronous* (the default), the standby's
+    *name* is then added to the primary's ``synchronous_standby_names``
+    (``FIRST 1 (first, second, ...)``), so that a COMMIT on the primary
+    returns only once its first connected standby has the transaction
+    (``synchronous_commit`` is on in every server this package starts).
 
     ``promote()`` turns the standby into a primary.  A new standby can then
     be made of the promoted one: ``StandbyServer(promoted).start()``.
@@ -102,7 +117,8 @@ class StandbyServer(PostgresServer):
         if self.primary.is_running() and self.is_in_recovery():
             self.wait_streaming(timeout)
             if self.synchronous and not self._made_synchronous:
-                self.primary.configure(synchronous_standby_names=self.name)
+                names = _synchronous_names(self.primary)
+                _set_synchronous_names(self.primary, names + [self.name])
                 self._made_synchronous = True
         return self
 
@@ -149,10 +165,11 @@ class StandbyServer(PostgresServer):
         then stop it and remove everything it made."""
         if self._made_synchronous:
             self._made_synchronous = False
-            if (self.primary.settings.get('synchronous_standby_names')
-                    == self.name):
+            names = _synchronous_names(self.primary)
+            if self.name in names:
+                names.remove(self.name)
                 try:
-                    self.primary.configure(synchronous_standby_names=None)
+                    _set_synchronous_names(self.primary, names)
                 except Exception:  # pragma: no cover (primary just died)
                     pass
         super().cleanup()
