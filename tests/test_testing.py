@@ -4,12 +4,16 @@ Each test that needs a server of its own starts one (about a second); the
 rest share PRIVATE_POSTGRES_LAYER's server, which they may stop and restart.
 """
 import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import psycopg2
@@ -853,3 +857,128 @@ class LayerTests(unittest.TestCase):
         with environ(ZPGPOOL_TEST_DSN=None):
             self.assertRaises(PostgresServerError, layer.setUp)
         self.assertIsNone(layer.server)
+
+
+# A process that starts a server and a PgBouncer, says where they are, and
+# waits to be killed.
+_STARTER = r'''
+import json, os, sys, time
+from zpgpool.testing import PgBouncer, PostgresServer
+server = PostgresServer().start()
+info = {'base': server.base_dir, 'pid': server._postmaster_pid(),
+        'copy': server.exec_bindir if server.exec_bindir != server.bindir
+        else None}
+if sys.argv[1] == 'bouncer':
+    bouncer = PgBouncer(server).start()
+    info.update(bouncer_base=bouncer.base_dir, bouncer_pid=bouncer._proc.pid)
+if sys.argv[1] == 'fork':
+    child = os.fork()
+    if child == 0:
+        time.sleep(600)
+        os._exit(0)
+    info['child'] = child
+print(json.dumps(info), flush=True)
+time.sleep(600)
+'''
+
+
+class WatchdogTests(unittest.TestCase):
+    """Nothing a process started outlives it, however it ends."""
+
+    def start_and_kill(self, mode):
+        """Run _STARTER in *mode*, SIGKILL it once its servers run, and
+        return what it reported."""
+        proc = subprocess.Popen([sys.executable, '-c', _STARTER, mode],
+                                stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        info = json.loads(proc.stdout.readline())
+        proc.stdout.close()
+        for pid in (info['pid'], info.get('bouncer_pid')):
+            if pid is not None:
+                self.assertTrue(watchdog._process_alive(pid))
+        proc.kill()
+        proc.wait()
+        return info
+
+    def assertGoneWithin(self, seconds, pids, paths):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if (not any(watchdog._process_alive(p) for p in pids)
+                    and not any(os.path.exists(p) for p in paths)):
+                return
+            time.sleep(0.1)
+        self.fail('still there after %s seconds: processes %s, paths %s' % (
+            seconds, [p for p in pids if watchdog._process_alive(p)],
+            [p for p in paths if os.path.exists(p)]))
+
+    def test_sigkill_leaves_no_server_nor_bouncer(self):
+        info = self.start_and_kill('bouncer')
+        self.assertGoneWithin(
+            30, [info['pid'], info['bouncer_pid']],
+            [p for p in (info['base'], info['bouncer_base'], info['copy'])
+             if p])
+
+    def test_a_forked_child_does_not_keep_the_server(self):
+        info = self.start_and_kill('fork')
+        self.addCleanup(os.kill, info['child'], signal.SIGKILL)
+        self.assertTrue(watchdog._process_alive(info['child']))
+        self.assertGoneWithin(30, [info['pid']], [info['base']])
+
+    def test_read_orders(self):
+        orders = [{'op': 'watch', 'id': 1, 'remove': ['/a']},
+                  {'op': 'watch', 'id': 2, 'remove': ['/b']},
+                  {'op': 'forget', 'id': 1},
+                  {'op': 'forget', 'id': 9}]
+        lines = [json.dumps(o) + '\n' for o in orders]
+        lines.append('{"op": "watch", "id": 3, "rem')   # cut short
+        self.assertEqual(watchdog.read_orders(lines), [orders[1]])
+
+    def test_clean_up_stops_a_server_and_removes_its_folder(self):
+        server = PostgresServer().start()
+        self.addCleanup(server.cleanup)
+        pid, base = server._postmaster_pid(), server.base_dir
+        watchdog.clean_up([{
+            'remove': [base], 'program': 'postgres',
+            'pidfile': os.path.join(server.data_dir, 'postmaster.pid'),
+            'signal': int(signal.SIGQUIT)}])
+        self.assertFalse(watchdog._process_alive(pid))
+        self.assertFalse(os.path.exists(base))
+        server.cleanup()    # after the watchdog: no error
+
+    def test_a_stale_pid_file_harms_nobody(self):
+        # The pid file names a process that runs another program (this
+        # one), as when a pid was handed out again.
+        folder = tempfile.mkdtemp(prefix='zpgpool-test-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        pidfile = os.path.join(folder, 'postmaster.pid')
+        with open(pidfile, 'w') as f:
+            f.write('%d\n' % os.getpid())
+        order = {'pidfile': pidfile, 'program': 'postgres',
+                 'signal': int(signal.SIGKILL)}
+        self.assertFalse(watchdog.stop_process(order))
+        order['pidfile'] = os.path.join(folder, 'missing.pid')
+        self.assertFalse(watchdog.stop_process(order))
+
+    def test_a_process_that_ignores_its_signal_is_killed(self):
+        # sleep carries on after SIGCONT; the watchdog kills it after the
+        # grace period.
+        sleeper = subprocess.Popen(['sleep', '600'])
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(sleeper.kill)
+        folder = tempfile.mkdtemp(prefix='zpgpool-test-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        pidfile = os.path.join(folder, 'sleep.pid')
+        with open(pidfile, 'w') as f:
+            f.write('%d\n' % sleeper.pid)
+        self.assertTrue(watchdog.stop_process(
+            {'pidfile': pidfile, 'program': 'sleep',
+             'signal': int(signal.SIGCONT)}, grace=0.5))
+        self.assertEqual(sleeper.wait(30), -signal.SIGKILL)
+
+    def test_forget_what_was_never_watched(self):
+        watchdog.forget(None)
+        watchdog.forget(10 ** 9)    # unknown: nothing happens
+        order = watchdog.watch(remove=[])
+        watchdog.forget(order)
+        watchdog.forget(order)      # twice: nothing happens
