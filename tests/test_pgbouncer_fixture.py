@@ -1,6 +1,7 @@
 """Tests for zpgpool.testing's PgBouncer fixture, against the real
 pgbouncer program and a real PostgreSQL server."""
 import os
+import socket
 import threading
 import time
 import unittest
@@ -202,6 +203,36 @@ class BouncerTests(unittest.TestCase):
         self.assertIn('auth_type', str(cm.exception))
         self.assertFalse(bouncer.is_running())
 
+
+    def test_taken_port_on_first_start_picks_another(self):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(('127.0.0.1', 0))
+            s.listen()
+            taken = s.getsockname()[1]
+            ports = iter([taken])
+            real_free_port = pgbouncer_module._free_port
+            pgbouncer_module._free_port = (
+                lambda host: next(ports, None) or real_free_port(host))
+            try:
+                bouncer = self.bouncer()
+            finally:
+                pgbouncer_module._free_port = real_free_port
+            self.assertNotEqual(bouncer.port, taken)
+            self.assertEqual(fetch(bouncer.dsn(), 'SELECT 1'), [(1,)])
+
+    def test_a_taken_fixed_port_is_an_error(self):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(('127.0.0.1', 0))
+            s.listen()
+            taken = s.getsockname()[1]
+            bouncer = PgBouncer(self.layer.server or self.layer.dsn,
+                                port=taken)
+            self.addCleanup(bouncer.cleanup)
+            with self.assertRaises(PgBouncerError) as cm:
+                bouncer.start(timeout=20)
+        self.assertIn(':%d' % taken, str(cm.exception))
 
 class PgBouncerLayerTests(unittest.TestCase):
 

@@ -198,7 +198,8 @@ class PgBouncerLayer:
         tear-down); return a DSN of it through PgBouncer."""
         import psycopg2.extensions
         direct = self.postgres_layer.new_database(prefix)
-        return self.bouncer.dsn(psycopg2.extensions.parse_dsn(direct)['dbname'])
+        dbname = psycopg2.extensions.parse_dsn(direct)['dbname']
+        return self.bouncer.dsn(dbname)
 
 
 class StandbyLayer:

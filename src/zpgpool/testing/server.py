@@ -1,4 +1,5 @@
-"""``PostgresServer``: a throwaway PostgreSQL server in a temporary directory."""
+"""``PostgresServer``: a throwaway PostgreSQL server in a temporary
+directory."""
 import atexit
 import itertools
 import os

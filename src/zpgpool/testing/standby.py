@@ -76,8 +76,9 @@ class StandbyServer(PostgresServer):
                  settings=None, port=None, os_user=None):
         if not _STANDBY_NAME.match(name or ''):
             raise ValueError(
-                'StandbyServer: name must be a lower-case identifier (letters, '
-                'digits, underscores, at most 63), not %r' % (name,))
+                'StandbyServer: name must be a lower-case identifier '
+                '(letters, digits, underscores, at most 63), not %r'
+                % (name,))
         merged = dict(primary.settings)
         # A standby made primary must not wait for standbys of its own
         # until it has one.
