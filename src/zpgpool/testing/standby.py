@@ -121,6 +121,9 @@ class StandbyServer(PostgresServer):
                 names = _synchronous_names(self.primary)
                 _set_synchronous_names(self.primary, names + [self.name])
                 self._made_synchronous = True
+                # The walsender picks the new setting up at its own pace,
+                # after the sessions do.
+                self._wait_replication(('sync', 'potential'), timeout)
         return self
 
     def is_in_recovery(self):
@@ -129,20 +132,27 @@ class StandbyServer(PostgresServer):
 
     def wait_streaming(self, timeout=60):
         """Wait until the primary reports this standby as streaming."""
+        self._wait_replication(None, timeout)
+
+    def _wait_replication(self, sync_states, timeout):
+        """Wait until the primary reports this standby as streaming, in one
+        of *sync_states* unless that is None."""
         deadline = time.monotonic() + timeout
         while True:
             rows = self.primary.execute(
-                'SELECT state FROM pg_stat_replication '
-                'WHERE application_name = %s', (self.name,))
-            if ('streaming',) in rows:
+                'SELECT sync_state FROM pg_stat_replication '
+                "WHERE application_name = %s AND state = 'streaming'",
+                (self.name,))
+            if rows and (sync_states is None or rows[0][0] in sync_states):
                 return
             if time.monotonic() > deadline:
                 raise PostgresServerError(
                     'The standby %s on port %s does not stream from the '
-                    'primary on port %s after %s seconds.\n'
+                    'primary on port %s (%s) after %s seconds.\n'
                     'End of its log %s:\n%s' % (
-                        self.name, self.port, self.primary.port, timeout,
-                        self.log_file, self.log_tail()))
+                        self.name, self.port, self.primary.port,
+                        'synchronously' if sync_states else 'at all',
+                        timeout, self.log_file, self.log_tail()))
             time.sleep(0.05)
 
     def promote(self, timeout=60):
