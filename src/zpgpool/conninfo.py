@@ -101,6 +101,8 @@ class ConnInfo:
     ``target``
         host, port, database and user, for an error that says where the
         pool could not connect;
+    ``target_session_attrs``
+        the kind of server asked for (``any`` unless the DSN says);
     ``connect_limit``
         seconds one connect may take: libpq's ``connect_timeout`` (which
         libpq counts as 2 at least) and a second more, or 30 without one.
@@ -141,6 +143,10 @@ class ConnInfo:
             del merged["connect_timeout"]
         self.conninfo = _ext.make_dsn(**merged)
         self.masked = _masked(merged)
+        # The kind of server the pool asks libpq for (any, read-write,
+        # read-only, primary, standby, prefer-standby).
+        self.target_session_attrs = merged.get("target_session_attrs",
+                                               "any")
         self.target = "host=%s port=%s dbname=%s user=%s" % tuple(
             merged.get(key, "(default)")
             for key in ("host", "port", "dbname", "user"))

@@ -62,6 +62,16 @@ _set_autocommit = _ext.connection.autocommit.__set__
 _subscribers = zope.event.subscribers
 
 _OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
+# A health check's query, by the kind of server the pool asks for: it
+# answers whether the server still is that kind (a standby promoted, a
+# primary turned standby); any other pool just needs an answer.
+_FITS = {
+    "read-write": "SELECT current_setting('transaction_read_only') = 'off'",
+    "primary": "SELECT NOT pg_is_in_recovery()",
+    "read-only": "SELECT current_setting('transaction_read_only') = 'on'",
+    "standby": "SELECT pg_is_in_recovery()",
+    "prefer-standby": "SELECT pg_is_in_recovery()",
+}
 _ROLLBACK_STATUS = (_ext.TRANSACTION_STATUS_INTRANS,
                     _ext.TRANSACTION_STATUS_INERROR)
 # A connection whose session is gone: the reason shown in events and logs,
@@ -122,6 +132,9 @@ class CorePool:
         self._retire_before = -1.0         # conns created earlier are stale
         self._check_before = -1.0          # conns unused since are pinged
         self._backoff = Backoff(self.reconnect_max_delay)
+        # prefer-standby: when a standby was last looked for, and found.
+        self._standby_asked = -1e9
+        self._standby_seen = False
         # Wait times of callers that waited, always; hold times, from the
         # first call of record_held_times() on (metrics.py).
         self._wait_times = Histogram()
@@ -244,21 +257,54 @@ class CorePool:
         return None
 
     def _ping(self, conn, bound):
-        """Run a trivial query, for at most ``bound`` seconds on a silent
-        network; discard the connection if it fails."""
+        """Ask the server whether it is still the kind the pool wants, for
+        at most ``bound`` seconds on a silent network; discard the
+        connection if it fails, or if its server no longer fits."""
         try:
             autocommit = _get_autocommit(conn)
             _set_autocommit(conn, True)
             cur = _ext.cursor(conn)
             with unacknowledged_limit(conn, bound):
-                cur.execute("SELECT 1")
+                cur.execute(_FITS.get(self._conninfo.target_session_attrs,
+                                      "SELECT 1"))
+                fits = cur.fetchone()[0]
             cur.close()
             _set_autocommit(conn, autocommit)
         except psycopg2.Error:
             self._discard(conn, "broken", lost=True)
             return False
         conn._zp_last_used = _monotonic()
-        return True
+        if fits or self._no_better_server():
+            return True
+        self._discard(conn, "server no longer %s"
+                      % self._conninfo.target_session_attrs)
+        return False
+
+    def _no_better_server(self):
+        """For a pool that prefers standbys and holds a connection to a
+        primary: tell whether no standby can be reached now, so keeping
+        the connection is best. Asks a standby at most once per health
+        check period (a connect of its own, outside the lock)."""
+        if self._conninfo.target_session_attrs != "prefer-standby":
+            return False
+        now = _monotonic()
+        with self._lock:
+            if now - self._standby_asked < max(self._check_after, 1.0):
+                return not self._standby_seen
+            self._standby_asked = now
+        try:
+            probe = psycopg2.connect(self._conninfo.conninfo)
+            try:
+                cur = probe.cursor()
+                cur.execute("SELECT pg_is_in_recovery()")
+                seen = cur.fetchone()[0]
+            finally:
+                probe.close()
+        except psycopg2.Error:
+            seen = False
+        with self._lock:
+            self._standby_seen = seen
+        return not seen
 
     def _acquire_slow(self, timeout):
         if timeout is None:
