@@ -241,6 +241,37 @@ class ConfigureTests(_Base):
         stats = pool.stats()
         self.assertEqual((stats["size"], stats["in_use"]), (0, 0))
 
+    def test_configure_through_zcml(self):
+        import zope.component
+        import zope.component.testing
+        from zope.configuration import xmlconfig
+        from zope.configuration.exceptions import ConfigurationError
+        from zpgpool.interfaces import IConnectionPool
+        from zpgpool.zcml import close_registered_pools
+        zope.component.testing.setUp(self)
+        self.addCleanup(zope.component.testing.tearDown, self)
+        self.addCleanup(close_registered_pools)
+        template = """
+            <configure xmlns="http://namespaces.zope.org/zope"
+                       xmlns:zpgpool="http://namespaces.zope.org/zpgpool">
+              <include package="zpgpool" />
+              <zpgpool:pool name="%s" dsn="%s" configure="%s"
+                            validation_timeout="2" />
+            </configure>"""
+        xmlconfig.string(template % ("configured", self.layer.dsn,
+                                     "tests.test_outage._search_path"))
+        pool = zope.component.getUtility(IConnectionPool, name="configured")
+        self.assertEqual(pool.validation_timeout, 2.0)
+        conn = pool.getconn()
+        self.assertEqual(self.show(conn), "zp_configured, public")
+        conn.rollback()
+        pool.putconn(conn)
+        with self.assertRaises(ConfigurationError) as caught:
+            xmlconfig.string(template % ("bad", self.layer.dsn,
+                                         "tests.test_outage.no_such_thing"))
+        self.assertIn("configure must be the dotted name of a callable",
+                      str(caught.exception))
+
     def test_configure_must_be_callable(self):
         from zpgpool import InvalidOption
         with self.assertRaises(InvalidOption) as caught:

@@ -99,6 +99,8 @@ class PooledConnection(_ext.connection):
     # set_session() or a transaction characteristic changed by a borrower:
     # the pool's own settings are restored when it comes back.
     _zp_session_changed = False
+    # A plain cursor the data manager sends COMMIT and the like on.
+    _zp_cursor = None
 
     def _zp_open(self, pool, now, expires):
         """Start the pool's record of a connection it has just opened."""

@@ -1009,12 +1009,17 @@ class CorePool:
             conn._zp_state = USED
             self._in_use += 1
             self._checkouts += 1
+        now = _monotonic()
         if self._held_times is not None:
-            conn._zp_taken = _monotonic()
+            conn._zp_taken = now
         # Its session may have died while it was parked; pinged like a
         # connection from the idle stack, so the thread's next request
-        # does not fail.
-        return self._usable(conn)
+        # does not fail. (_usable's conditions, inlined as in acquire.)
+        if conn._zp_expires < now or conn._zp_created <= self._retire_before \
+                or now - conn._zp_last_used >= self._check_after \
+                or conn._zp_last_used < self._check_before:
+            return self._usable(conn)
+        return True
 
     def park(self, conn, holder):
         """Keep a connection bound to its thread between transactions.

@@ -93,12 +93,13 @@ def translate_error(exc, conn=None):
 
 
 def _execute(conn, statement, params=None):
-    """Run ``statement`` on ``conn`` past the managed cursor's guards."""
-    cur = _ext.cursor(conn)
-    try:
-        cur.execute(statement, params)
-    finally:
-        cur.close()
+    """Run ``statement`` on ``conn`` past the managed cursor's guards, on
+    a plain cursor kept with the connection for the purpose (making one
+    per COMMIT would cost more than the rest of the vote)."""
+    cur = conn._zp_cursor
+    if cur is None or cur.closed:
+        cur = conn._zp_cursor = _ext.cursor(conn)
+    cur.execute(statement, params)
 
 
 # -- what a statement does ----------------------------------------------------------
@@ -283,17 +284,21 @@ def _managed_cursor_class(factory):
 ONE_PHASE_SORT_KEY = "\U0010ffffzpgpool:%s"
 TWO_PHASE_SORT_KEY = "~zpgpool:%s"
 
-# The key under which a transaction records its writable one-phase pool.
-_ONE_PHASE_WRITER = object()
+# The writable one-phase pool of each thread's latest transaction, as
+# (transaction, pool): a transaction runs in one thread, and a thread
+# runs one transaction at a time.
+_writers = threading.local()
 
 
 def _refuse_second_one_phase_writer(pool, txn):
     """Refuse ``pool`` if ``txn`` already writes through another writable
-    one-phase pool; before ``pool`` sends anything."""
-    try:
-        other = txn.data(_ONE_PHASE_WRITER)
-    except KeyError:
+    one-phase pool; before ``pool`` sends anything. Otherwise record
+    ``pool`` as the one."""
+    entry = getattr(_writers, "entry", None)
+    if entry is None or entry[0] is not txn:
+        _writers.entry = (txn, pool)
         return
+    other = entry[1]
     if other is not pool:
         raise ConnectionMisuse(
             "%s cannot join a transaction that already writes through "
@@ -347,6 +352,10 @@ class ThreadState:
         self.data_manager = TwoPhaseDataManager if pool.twophase \
             else OnePhaseDataManager
         self.begin = begin_statement(pool)
+        self.sort_key = (TWO_PHASE_SORT_KEY if pool.twophase
+                         else ONE_PHASE_SORT_KEY) % pool.name
+        # The managed cursor class of the connection's cursor_factory.
+        self._factory = self._cursor_class = None
         holder.manager = self
 
     def connection(self):
@@ -387,8 +396,6 @@ class ThreadState:
             self._check_twophase(conn)
         dm = self.data_manager(self, conn, txn)
         txn.join(dm)
-        if writer:
-            txn.set_data(_ONE_PHASE_WRITER, pool)
         if self.twophase:
             # Recorded with the other resources' commit (ZODB keeps it in
             # its transaction record), so that recovery can later tell
@@ -512,6 +519,15 @@ class ThreadState:
 
     def cursor(self, conn, args, kw):
         """A cursor whose statements join the current transaction."""
+        if not args and not kw:
+            # The usual conn.cursor(): one class per connection factory.
+            factory = conn.cursor_factory
+            if factory is not self._factory or self._cursor_class is None:
+                self._cursor_class = _managed_cursor_class(
+                    factory or _ext.cursor)
+                self._factory = factory
+            return _ext.connection.cursor(conn,
+                                          cursor_factory=self._cursor_class)
         factory = kw.pop("cursor_factory", None) or conn.cursor_factory \
             or _ext.cursor
         if (args[0] if args else kw.get("name")) is not None:
@@ -641,7 +657,7 @@ class OnePhaseDataManager(_DataManager):
     def sortKey(self):
         # After every other participant: those that can still say no
         # have prepared before this irrevocable COMMIT.
-        return ONE_PHASE_SORT_KEY % self.pool.name
+        return self.state.sort_key
 
     def commit(self, txn):
         if self.pool.readonly or not self._pending():
@@ -703,7 +719,7 @@ class TwoPhaseDataManager(_DataManager):
     def sortKey(self):
         # After ZODB's (storage paths and names): "~" sorts after them, so
         # PostgreSQL can still veto the whole transaction in its vote.
-        return TWO_PHASE_SORT_KEY % self.pool.name
+        return self.state.sort_key
 
     def tpc_vote(self, txn):
         """PREPARE TRANSACTION."""

@@ -190,6 +190,24 @@ class TransactionManagerName(GlobalObject):
         return manager
 
 
+class ConfigureName(GlobalObject):
+    """The dotted name of a callable run on every new connection."""
+
+    def fromUnicode(self, value):
+        try:
+            found = super().fromUnicode(value)
+        except ValidationError:
+            raise InvalidAttribute(
+                "configure must be the dotted name of a callable that takes"
+                " the new connection, such as 'myapp.db.setup'; %r cannot be"
+                " imported" % (value,)) from None
+        if not callable(found):
+            raise InvalidAttribute(
+                "configure must be the dotted name of a callable; %r is a %s"
+                % (value, type(found).__name__))
+        return found
+
+
 class DSN(Text):
     """A libpq connection string, or where to find one.
 
@@ -345,6 +363,16 @@ class IPoolDirective(Interface):
             " every time, 'off' never."),
     )
 
+    validation_timeout = Seconds(
+        "validation_timeout",
+        title="Health check time limit",
+        description=(
+            "The longest a health check may take, in seconds (less when the"
+            " caller's own timeout is shorter): on a silently dropped"
+            " network the check fails then, and the caller gets a new"
+            " connection or an error, instead of waiting for the kernel."),
+    )
+
     leak_threshold = Seconds(
         "leak_threshold",
         title="Leak warning threshold",
@@ -416,6 +444,18 @@ class IPoolDirective(Interface):
             " connection() joins. Left out, transaction.manager."),
         required=False,
         default=OPTIONS["transaction_manager"].default,
+    )
+
+    configure = ConfigureName(
+        title="Per-connection setup",
+        description=(
+            "The dotted name of a callable run with every new connection"
+            " before its first use (register adapters, SET search_path or a"
+            " role), and again after a transaction's session reset undid"
+            " what it set. If it fails, the connection is discarded and the"
+            " checkout fails with an error naming it."),
+        required=False,
+        default=OPTIONS["configure"].default,
     )
 
     application_name = TextLine(
