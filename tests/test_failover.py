@@ -249,3 +249,50 @@ class FailoverTests(unittest.TestCase):
                       time.monotonic() - attached,
                       seen[-1][0] if seen else None,
                       seen[-1][1] if seen else None))
+
+
+class OutageTests(unittest.TestCase):
+    """No standby promoted in time: callers wait up to the pool's
+    ``timeout``, then fail at once until a server takes writes again."""
+
+    layer = STANDBY_LAYER
+
+    def test_long_outage_fails_fast_then_recovers(self):
+        self.layer.primary.stop("immediate")
+        pool = ConnectionPool(self.layer.dsn, name=unique_name("fo"),
+                              minconn=0, maxconn=4, timeout=1.0,
+                              connect_timeout=2)
+        self.addCleanup(close_pool, self, pool)
+
+        def request():
+            start = time.monotonic()
+            try:
+                with pool.checkout() as conn:
+                    conn.cursor().execute("SELECT 1")
+            except psycopg2.Error as exc:
+                return time.monotonic() - start, exc
+            return time.monotonic() - start, None
+
+        waited, first_error = request()
+        self.assertIsNotNone(first_error)
+        time.sleep(0.2)
+        later = [request() for _ in range(5)]
+        self.assertTrue(all(error is not None for _, error in later))
+        self.layer.standby.promote()
+        promoted = time.monotonic()
+        wait_for(lambda: request()[1] is None, "a request on the new primary",
+                 timeout=10)
+        resumed = time.monotonic() - promoted
+        report("outage longer than timeout=1: the first caller failed after "
+               "%.2f s (%s), the next %d at most %.3f s each; after the "
+               "promotion a request succeeded within %.2f s"
+               % (waited, type(first_error).__name__, len(later),
+                  max(t for t, _ in later), resumed))
+        # It kept trying while another attempt fitted in its timeout.
+        self.assertIn("attempts)", str(first_error))
+        self.assertLess(waited, 1 + 2 + 1, "waited past its timeout")
+        # At most one connect attempt each (a probe), never a wait up to
+        # the timeout.
+        self.assertLess(max(t for t, _ in later), 1.0,
+                        "a long outage should fail callers at once")
+        self.assertLess(resumed, 5.0)
