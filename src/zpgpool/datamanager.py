@@ -622,7 +622,15 @@ class _DataManager:
                 # ROLLBACK (behind PgBouncer it may be another's after).
                 _execute(conn, ROLLBACK_SESSION_RESET)
             else:
+                # A failed transaction refuses every statement but
+                # ROLLBACK. Sent in the ROLLBACK's own message, the reset
+                # runs right after it on the same server connection,
+                # before a transaction-mode PgBouncer can hand that to
+                # another client (which the DISCARD ALL that follows, a
+                # message of its own, would be too late for).
+                _execute(conn, "ROLLBACK; " + ROLLBACK_SESSION_RESET)
                 self.reset_after = True
+                return
         _execute(conn, "ROLLBACK")
 
     def _finish(self):
