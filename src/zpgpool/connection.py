@@ -90,6 +90,7 @@ class PooledConnection(_ext.connection):
     _zp_created = 0.0     # time.monotonic() when opened
     _zp_expires = 0.0     # when its lifetime ends (inf: never)
     _zp_last_used = 0.0   # when it was last returned or checked
+    _zp_checked = 0.0     # when a health check last succeeded
     _zp_taken = 0.0       # when it was last checked out
     _zp_stack = None      # where it was checked out, with leak_threshold
     _zp_warned = False    # reported as a possible leak since that checkout
@@ -108,6 +109,7 @@ class PooledConnection(_ext.connection):
         self._zp_state = NEW
         self._zp_pid = os.getpid()
         self._zp_created = self._zp_last_used = self._zp_taken = now
+        self._zp_checked = now
         self._zp_expires = expires
 
     def commit(self):

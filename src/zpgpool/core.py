@@ -124,6 +124,11 @@ class CorePool:
             app_name = default_application_name(self.name)
         self._conninfo = ConnInfo(self.label, dsn, kwargs,
                                   self.connect_timeout, app_name)
+        # A pool that asks for a kind of server also checks a busy
+        # connection that often, since its server may change kind (a
+        # failover) while it is in use.
+        self._recheck_after = self._check_after \
+            if self._conninfo.target_session_attrs in _FITS else float("inf")
         self._connector = Connector(self.label, self._conninfo,
                                     self._factory, self._prepare_connection,
                                     self.configure)
@@ -212,7 +217,8 @@ class CorePool:
             elif (conn._zp_expires < now
                   or conn._zp_created <= self._retire_before
                   or now - conn._zp_last_used >= self._check_after
-                  or conn._zp_last_used < self._check_before) \
+                  or conn._zp_last_used < self._check_before
+                  or now - conn._zp_checked >= self._recheck_after) \
                     and not self._usable(conn, timeout):
                 continue
             elif _subscribers:
@@ -237,7 +243,8 @@ class CorePool:
             self._discard(conn, reason)
             return False
         if now - conn._zp_last_used >= self._check_after \
-                or conn._zp_last_used < self._check_before:
+                or conn._zp_last_used < self._check_before \
+                or now - conn._zp_checked >= self._recheck_after:
             # Idle long enough for its session to have died (a server
             # restart in the night), or unused since another connection
             # was found dead.
@@ -273,7 +280,7 @@ class CorePool:
         except psycopg2.Error:
             self._discard(conn, "broken", lost=True)
             return False
-        conn._zp_last_used = _monotonic()
+        conn._zp_last_used = conn._zp_checked = _monotonic()
         if fits or self._no_better_server():
             return True
         self._discard(conn, "server no longer %s"
@@ -1017,7 +1024,8 @@ class CorePool:
         # does not fail. (_usable's conditions, inlined as in acquire.)
         if conn._zp_expires < now or conn._zp_created <= self._retire_before \
                 or now - conn._zp_last_used >= self._check_after \
-                or conn._zp_last_used < self._check_before:
+                or conn._zp_last_used < self._check_before \
+                or now - conn._zp_checked >= self._recheck_after:
             return self._usable(conn)
         return True
 
