@@ -1137,6 +1137,24 @@ class SessionResetTests(_Base):
         self.assertEqual(self._last_statement(pool), "DISCARD ALL")
         self.assertClean(pool)
 
+    def test_failed_transaction_keeps_its_reset_connection(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        conn.cursor().execute("SELECT pg_advisory_lock(4714)")
+        with self.assertRaises(psycopg2.errors.DivisionByZero):
+            conn.cursor().execute("SELECT 1 / 0")
+        transaction.abort()
+        # Reset after ROLLBACK, and still this thread's.
+        stats = pool.stats()
+        self.assertEqual((stats["bound_idle"], stats["in_use"]), (1, 0))
+        self.assertEqual(stats["connections_discarded"], 0)
+        self.assertIs(pool.connection(), conn)
+        cur = conn.cursor()
+        cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = "
+                    "'advisory' AND pid = pg_backend_pid()")
+        self.assertEqual(cur.fetchone()[0], 0)
+        transaction.abort()
+
     def test_untouched_session_sends_no_reset(self):
         pool = self._makeOne(maxconn=1)
         self.insert(pool, "plain")
@@ -1389,6 +1407,8 @@ class SessionResetFailureTests(_Base):
         state.ended(dm)
         self.assertTrue(any("could not reset the session" in r.getMessage()
                             for r in log.records), log.records)
+        # Marked as not to be parked or reused by this thread.
+        self.assertTrue(dm.broken)
         return conn
 
     def test_connection_is_no_longer_bound_to_the_thread(self):
