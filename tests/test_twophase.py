@@ -113,11 +113,12 @@ class GidTests(TwoPhaseTestBase):
 class RecoveryTests(TwoPhaseTestBase):
 
     def test_pools_with_similar_names_keep_apart(self):
-        # "a b" and "a_b" differ only in a replaced character; "dm" is a
-        # prefix of "dm2". Each pool lists and resolves only its own.
-        pools = [self._makeOne(n) for n in ("a b", "a_b", "dm", "dm2")]
+        # "a b", "a_b" and "a:b" differ only in a replaced character; "dm"
+        # is a prefix of "dm2". Each pool lists and resolves only its own.
+        pools = [self._makeOne(n) for n in ("a b", "a_b", "dm", "dm2",
+                                            "a:b")]
         gids = {pool.name: self.prepare(pool, pool.name) for pool in pools}
-        self.assertEqual(len({gid_prefix(p) for p in pools}), 4)
+        self.assertEqual(len({gid_prefix(p) for p in pools}), 5)
         for pool in pools:
             self.assertEqual([row[0] for row in list_prepared(pool, 0)],
                              [gids[pool.name]])
@@ -125,7 +126,8 @@ class RecoveryTests(TwoPhaseTestBase):
         self.assertEqual(done, [(gids["a b"], "rollback")])
         done = recover(pools[2], older_than=0, commit=True)
         self.assertEqual(done, [(gids["dm"], "commit")])
-        self.assertEqual(self.prepared(), {gids["a_b"], gids["dm2"]})
+        self.assertEqual(self.prepared(),
+                         {gids["a_b"], gids["dm2"], gids["a:b"]})
         self.assertEqual(self.values(), ["dm"])
 
     def test_oldest_first_and_only_older_than_asked(self):
