@@ -435,3 +435,52 @@ class ParkingTests(BindingTestBase):
         self.assertTrue(conn.closed)
         binding.put(pool, holder)    # nothing to give back; no error
         self.assertEqual(pool.stats()["size"], 0)
+
+
+class ThreadEndTests(BindingTestBase):
+    """What a thread's end does to the transaction integration's state."""
+
+    def test_dead_threads_transaction_no_longer_reaches_the_connection(self):
+        import transaction
+        table = self.make_table()
+        pool = self._makePool(maxconn=1, timeout=WAIT)
+
+        def work():
+            conn = pool.connection()
+            conn.cursor().execute("INSERT INTO %s VALUES (1)" % table)
+            # The thread ends in its transaction; someone keeps it.
+            return transaction.get(), conn
+        txn, conn = start(self, work).finish(self)
+        self.released(pool)
+        self.assertEqual(self.rows(table), [])
+        # The one connection now serves this thread's transaction.
+        mine = pool.connection()
+        self.assertIs(mine, conn)
+        mine.cursor().execute("INSERT INTO %s VALUES (2)" % table)
+        # Aborting the dead thread's transaction must not touch it.
+        txn.abort()
+        transaction.commit()
+        self.assertEqual(self.rows(table), [2])
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_living_threads_do_not_keep_a_dropped_pool_alive(self):
+        import gc
+        import weakref
+        pool = PersistentConnectionPool(0, 2, self.layer.dsn,
+                                        name=self.name)
+        done, release = threading.Event(), threading.Event()
+
+        def work():
+            pool.getconn()
+            pool.putconn()      # the thread keeps only its (empty) claim
+            done.set()
+            release.wait(WAIT)
+        worker = start(self, work)
+        self.addCleanup(worker.finish, self)
+        self.addCleanup(release.set)
+        done.wait(WAIT)
+        pool.closeall()
+        ref = weakref.ref(pool)
+        del pool
+        gc.collect()
+        self.assertIsNone(ref())

@@ -1137,8 +1137,361 @@ class SessionResetTests(_Base):
         self.assertEqual(self._last_statement(pool), "DISCARD ALL")
         self.assertClean(pool)
 
+    def test_failed_transaction_keeps_its_reset_connection(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        conn.cursor().execute("SELECT pg_advisory_lock(4714)")
+        with self.assertRaises(psycopg2.errors.DivisionByZero):
+            conn.cursor().execute("SELECT 1 / 0")
+        transaction.abort()
+        # Reset after ROLLBACK, and still this thread's.
+        stats = pool.stats()
+        self.assertEqual((stats["bound_idle"], stats["in_use"]), (1, 0))
+        self.assertEqual(stats["connections_discarded"], 0)
+        self.assertIs(pool.connection(), conn)
+        cur = conn.cursor()
+        cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = "
+                    "'advisory' AND pid = pg_backend_pid()")
+        self.assertEqual(cur.fetchone()[0], 0)
+        transaction.abort()
+
     def test_untouched_session_sends_no_reset(self):
         pool = self._makeOne(maxconn=1)
         self.insert(pool, "plain")
         transaction.commit()
         self.assertEqual(self._last_statement(pool), "COMMIT")
+
+
+# -- what the mutation list (tests/mutations.toml) showed untested --------------
+
+
+class _Hook:
+    """A participant sorted at ``key`` that runs ``action(txn)`` in one
+    phase (``tpc_vote`` or ``tpc_finish``) and does nothing otherwise: it
+    puts a test's action between two of zpgpool's steps, where a real
+    failure (a backend killed after PREPARE) can be provoked on demand."""
+
+    def __init__(self, key, phase, action):
+        self.transaction_manager = transaction.manager
+        self.key = key
+        setattr(self, phase, action)
+
+    def sortKey(self):
+        return self.key
+
+    def abort(self, txn):
+        pass
+
+    tpc_begin = commit = tpc_abort = tpc_vote = tpc_finish = abort
+
+
+class DeadlockTests(_Base):
+
+    def test_deadlock_is_retryable_and_both_commit(self):
+        self.sql("DROP TABLE IF EXISTS dm_pair")
+        self.sql("CREATE TABLE dm_pair (id int PRIMARY KEY, n int)")
+        self.sql("INSERT INTO dm_pair VALUES (1, 0), (2, 0)")
+        self.addCleanup(query, self.dsn, "DROP TABLE IF EXISTS dm_pair")
+        pool = self._makeOne(maxconn=2, timeout=JOIN_TIMEOUT)
+        barrier = threading.Barrier(2)
+        first_errors = []
+        errors = []
+
+        def work(first, second):
+            try:
+                tries = 0
+                for attempt in transaction.manager.attempts(5):
+                    with attempt:
+                        tries += 1
+                        cur = pool.connection().cursor()
+                        try:
+                            cur.execute("UPDATE dm_pair SET n = n + 1 WHERE "
+                                        "id = %s", (first,))
+                            if tries == 1:
+                                # Each holds one row and wants the other's.
+                                barrier.wait(JOIN_TIMEOUT)
+                            cur.execute("UPDATE dm_pair SET n = n + 1 WHERE "
+                                        "id = %s", (second,))
+                        except psycopg2.Error as exc:
+                            first_errors.append(exc)
+                            raise
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(1, 2)),
+                   threading.Thread(target=work, args=(2, 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(JOIN_TIMEOUT)
+        self.assertFalse(any(t.is_alive() for t in threads))
+        self.assertEqual(errors, [])
+        # PostgreSQL broke the deadlock by failing one of the two.
+        self.assertEqual(len(first_errors), 1, first_errors)
+        exc = first_errors[0]
+        self.assertIsInstance(exc, psycopg2.errors.DeadlockDetected)
+        self.assertIsInstance(exc, transaction.interfaces.TransientError)
+        self.assertEqual(exc.pgcode, "40P01")
+        # Retried, both transactions committed in full.
+        self.assertEqual(self.sql("SELECT id, n FROM dm_pair ORDER BY id"),
+                         [(1, 2), (2, 2)])
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+
+class SessionChangeDetectionTests(_Base):
+    """Which statements make the data manager undo session changes before
+    COMMIT, seen from the server."""
+
+    def _backend_state(self, pid):
+        return self.sql(
+            "SELECT a.query, (SELECT count(*) FROM pg_locks l WHERE "
+            "l.locktype = 'advisory' AND l.pid = a.pid) FROM "
+            "pg_stat_activity a WHERE a.pid = %s", (pid,))[0]
+
+    def test_session_advisory_lock_is_released_before_commit(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        cur = conn.cursor()
+        cur.execute("SELECT pg_advisory_lock(4711)")
+        self.assertTrue(pool.thread_local.state.dm.dirty)
+        self.insert(pool, "locked")
+        transaction.commit()
+        self.assertEqual(self.values(), ["locked"])
+        # Released inside the transaction: COMMIT was the last statement.
+        self.assertEqual(self._backend_state(conn.get_backend_pid()),
+                         ("COMMIT", 0))
+
+    def test_transaction_advisory_lock_needs_no_reset(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        cur = conn.cursor()
+        cur.execute("SELECT pg_advisory_xact_lock(4712)")
+        self.assertFalse(pool.thread_local.state.dm.dirty)
+        transaction.commit()
+        self.assertEqual(self._backend_state(conn.get_backend_pid()),
+                         ("COMMIT", 0))
+
+    def test_an_xact_word_elsewhere_hides_no_session_change(self):
+        from zpgpool.datamanager import changes_session
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        for query in (
+                "SELECT set_config('a.b', 'x', false), pg_current_xact_id()",
+                "SELECT pg_advisory_lock(1) FROM (SELECT 1 AS xact) t",
+                "SELECT pg_try_advisory_lock_shared(2)",
+                "select PG_ADVISORY_UNLOCK_ALL()"):
+            self.assertTrue(changes_session(query, conn), query)
+        for query in ("SELECT pg_advisory_xact_lock(1)",
+                      "SELECT pg_try_advisory_xact_lock_shared(1)",
+                      "SELECT 'set_config is only a word here'"):
+            self.assertFalse(changes_session(query, conn), query)
+        cur = conn.cursor()
+        cur.execute("SELECT pg_advisory_lock(4713), pg_current_xact_id()")
+        transaction.commit()
+        self.assertEqual(self._backend_state(conn.get_backend_pid()),
+                         ("COMMIT", 0))
+
+    def test_set_config_alone_is_undone(self):
+        pool = self._makeOne(maxconn=1)
+        cur = pool.connection().cursor()
+        cur.execute("SELECT set_config('zpgpool.alone', 'x', false)")
+        transaction.commit()
+        cur = pool.connection().cursor()
+        cur.execute("SELECT current_setting('zpgpool.alone', true)")
+        self.assertIn(cur.fetchone()[0], (None, ""))
+        transaction.abort()
+
+    def test_named_cursor_does_not_outlive_its_transaction(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        cur = conn.cursor("zp_named")
+        cur.execute("SELECT generate_series(1, 3)")
+        self.assertEqual(cur.fetchall(), [(1,), (2,), (3,)])
+        self.assertTrue(pool.thread_local.state.dm.dirty)
+        transaction.commit()
+        check = pool.connection().cursor()
+        check.execute("SELECT count(*) FROM pg_cursors")
+        self.assertEqual(check.fetchone()[0], 0)
+        transaction.abort()
+
+    def test_transaction_without_statements_sends_nothing(self):
+        for twophase in (False, True):
+            pool = self._makeOne(name="quiet%d" % twophase, twophase=twophase)
+            conn = pool.connection()
+            pid = conn.get_backend_pid()
+            transaction.commit()
+            last = self.sql("SELECT query FROM pg_stat_activity WHERE pid = "
+                            "%s", (pid,))[0][0]
+            self.assertFalse(last.startswith(("COMMIT", "PREPARE")), last)
+            self.assertNothingPrepared()
+
+
+class MisuseGuardTests(_Base):
+
+    def test_connection_used_from_another_thread_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        from tests.poolhelpers import start
+        pool = self._makeOne()
+        conn = pool.connection()
+        self.insert(pool, "mine")
+
+        def other():
+            with self.assertRaises(ConnectionMisuse) as caught:
+                conn.cursor().execute(
+                    "INSERT INTO dm_items (value) VALUES ('theirs')")
+            return str(caught.exception)
+        message = start(self, other).finish(self)
+        self.assertIn("no longer yours", message)
+        self.assertIn("'dm'", message)
+        transaction.commit()
+        self.assertEqual(self.values(), ["mine"])
+
+    def test_kept_connection_replaced_meanwhile_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        from tests.poolhelpers import wait_for
+        import time
+        pool = self._makeOne(max_lifetime=0.2)
+        kept = pool.connection()
+        transaction.commit()        # parked, still this thread's
+        wait_for(lambda: kept._zp_expires < time.monotonic(),
+                 "the kept connection's lifetime to pass")
+        # The next transaction gets another connection; the kept one is
+        # not it, and must not silently run outside the transaction.
+        with self.assertRaises(ConnectionMisuse) as caught:
+            kept.cursor().execute("INSERT INTO dm_items (value) VALUES "
+                                  "('kept')")
+        self.assertIn("call pool.connection() again", str(caught.exception))
+        self.insert(pool, "fresh")
+        transaction.commit()
+        self.assertEqual(self.values(), ["fresh"])
+
+    def test_cursor_of_a_returned_connection_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        cur = conn.cursor()
+        self.sql("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
+        with self.assertRaises(psycopg2.OperationalError):
+            cur.execute("SELECT 1")
+        transaction.abort()         # the broken connection goes back
+        with self.assertRaises(ConnectionMisuse) as caught:
+            cur.execute("SELECT 1")
+        self.assertIn("went back to its pool", str(caught.exception))
+
+    def test_transaction_dropped_without_abort_is_not_carried_over(self):
+        tm = transaction.TransactionManager()
+        pool = self._makeOne(maxconn=1, timeout=5, transaction_manager=tm)
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('dropped')")
+        # The transaction is forgotten without commit or abort.
+        tm.free(tm.get())
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('kept')")
+        tm.commit()
+        self.assertEqual(self.values(), ["kept"])
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_savepoint_of_a_finished_transaction_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        pool = self._makeOne()
+        self.insert(pool, "a")
+        savepoint = pool.thread_local.state.dm.savepoint()
+        transaction.commit()
+        with self.assertRaises(ConnectionMisuse) as caught:
+            savepoint.rollback()
+        self.assertIn("finished transaction", str(caught.exception))
+        self.assertIn("'dm'", str(caught.exception))
+        transaction.abort()
+        self.assertEqual(self.values(), ["a"])
+
+
+class SessionResetFailureTests(_Base):
+    """DISCARD ALL after a failed transaction's ROLLBACK, when it fails on a
+    connection that is still open.
+
+    PostgreSQL offers no way to make DISCARD ALL fail on demand after a
+    ROLLBACK, except running it inside a transaction block; so these tests
+    call ThreadState.ended() themselves, with the connection still in its
+    transaction, where the data manager would call it after ROLLBACK.
+    """
+
+    def _failed_reset(self, pool):
+        from tests.poolhelpers import LogCapture
+        log = LogCapture().install(self)
+        conn = pool.connection()
+        conn.cursor().execute("SELECT pg_advisory_lock(4713)")
+        state = pool.thread_local.state
+        dm = state.dm
+        dm.reset_after = True
+        dm.finished = True
+        state.ended(dm)
+        self.assertTrue(any("could not reset the session" in r.getMessage()
+                            for r in log.records), log.records)
+        # Marked as not to be parked or reused by this thread.
+        self.assertTrue(dm.broken)
+        return conn
+
+    def test_connection_is_no_longer_bound_to_the_thread(self):
+        pool = self._makeOne(maxconn=2)
+        self._failed_reset(pool)
+        stats = pool.stats()
+        self.assertEqual((stats["bound_idle"], stats["in_use"]), (0, 0))
+
+    def test_connection_is_discarded(self):
+        # Closed, not rolled back and kept with the session state the
+        # reset failed to clear (here a session advisory lock).
+        pool = self._makeOne(maxconn=2)
+        conn = self._failed_reset(pool)
+        self.assertTrue(conn.closed)
+
+
+class CommitPreparedFailureTests(_Base):
+    """COMMIT PREPARED / ROLLBACK PREPARED failing on zpgpool's own
+    connection (its backend killed after PREPARE), resolved from another."""
+
+    def _kill(self, pid):
+        from tests.poolhelpers import wait_for
+        self.sql("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_for(lambda: not self.sql("SELECT 1 FROM pg_stat_activity WHERE "
+                                      "pid = %s", (pid,)), "backend %d gone"
+                 % pid)
+
+    def test_commit_prepared_failing_is_committed_from_another_connection(
+            self):
+        pool = self._makeOne(twophase=True)
+        self.insert(pool, "resolved elsewhere")
+        pid = pool.connection().get_backend_pid()
+        dm = pool.thread_local.state.dm
+        # Finishes after every vote (zpgpool has prepared) and before
+        # zpgpool's own tpc_finish.
+        hook = _Hook("~a before zpgpool", "tpc_finish",
+                     lambda txn: self._kill(pid))
+        self.assertLess(hook.sortKey(), dm.sortKey())
+        transaction.get().join(hook)
+        transaction.commit()
+        self.assertEqual(self.values(), ["resolved elsewhere"])
+        self.assertNothingPrepared()
+        self.assertEqual(pool.stats()["in_use"], 0)
+        self.insert(pool, "next")
+        transaction.commit()
+        self.assertEqual(self.values(), ["resolved elsewhere", "next"])
+
+    def test_rollback_prepared_failing_is_rolled_back_elsewhere(self):
+        pool = self._makeOne(twophase=True)
+        self.insert(pool, "vetoed")
+        pid = pool.connection().get_backend_pid()
+
+        def kill_and_veto(txn):
+            self._kill(pid)
+            raise RuntimeError("vetoed after zpgpool prepared")
+        hook = _Hook("~~~ after zpgpool", "tpc_vote", kill_and_veto)
+        self.assertGreater(hook.sortKey(), pool.thread_local.state.dm.sortKey())
+        transaction.get().join(hook)
+        with self.assertRaises(RuntimeError):
+            transaction.commit()
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        self.assertNothingPrepared()
+        self.insert(pool, "next")
+        transaction.commit()
+        self.assertEqual(self.values(), ["next"])

@@ -614,13 +614,17 @@ class CorePool:
         Returns ``(None, False)`` when done, else why not and whether the
         session was found lost.
         """
-        if close or conn.closed == 1:
-            # closed == 1: its caller closed it, as psycopg2's pools allow;
-            # only a broken one (closed == 2) says the server went away.
-            return "closed by caller", False
-        if conn.closed:
+        # closed == 2, or a status libpq cannot tell: the session is gone,
+        # whatever the caller meant; closed == 1: its caller closed it, as
+        # psycopg2's pools allow, which says nothing about the server.
+        if conn.closed == 2:
             return _LOST
-        status = conn.get_transaction_status()
+        status = _ext.TRANSACTION_STATUS_UNKNOWN if conn.closed \
+            else conn.get_transaction_status()
+        if status == _ext.TRANSACTION_STATUS_UNKNOWN and not conn.closed:
+            return _LOST
+        if close or conn.closed:
+            return "closed by caller", False
         if status != _OK_STATUS:
             with self._lock:
                 self._counters["returned_bad"] += 1

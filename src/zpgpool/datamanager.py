@@ -112,7 +112,13 @@ _SESSION_STATEMENT = re.compile(
     r"|CREATE\s+(GLOBAL\s+|LOCAL\s+)?TEMP|PREPARE\s|LISTEN\b|DECLARE\b"
     r"|LOAD\b)", re.IGNORECASE)
 _LISTEN_STATEMENT = re.compile(r"\s*LISTEN\b", re.IGNORECASE)
-_SESSION_CALLS = ("set_config", "advisory_lock", "advisory_unlock")
+# Functions whose effect outlives the transaction: session advisory locks
+# (not the pg_*advisory_xact_* ones) and set_config, which changes the
+# session unless its third argument is true (not worth parsing: a reset
+# too many costs one round trip, one too few leaks a setting).
+_SESSION_CALLS = re.compile(
+    r"\b(pg_(try_)?advisory_(un)?lock(_shared|_all)?|set_config)\s*\(",
+    re.IGNORECASE)
 # Statements that begin or end a transaction themselves: never bundled
 # behind the managed BEGIN.
 _TRANSACTION_STATEMENT = re.compile(
@@ -166,9 +172,7 @@ def _statement_effect(query):
         if _LISTEN_STATEMENT.match(query):
             return CHANGES_SESSION | LISTENS
         return CHANGES_SESSION
-    lowered = query.lower()
-    if any(call in lowered and "xact" not in lowered
-           for call in _SESSION_CALLS):
+    if _SESSION_CALLS.search(query):
         return CHANGES_SESSION
     return KEEPS_SESSION
 
@@ -445,7 +449,9 @@ class ThreadState:
             conn._zp_managed = self
         if conn.closed or dm.broken:
             conn._zp_managed = None
-            binding.put(self.pool, self.holder)
+            # Closed, not rolled back and kept: its session may still hold
+            # what a failed reset could not clear.
+            binding.put(self.pool, self.holder, close=True)
         else:
             self.pool.park(conn, self.holder)
 
