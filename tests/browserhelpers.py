@@ -96,10 +96,13 @@ class Browser:
         os.close(commands_read)
         os.close(answers_write)
         self._stderr = []
-        threading.Thread(target=self._read_stderr, daemon=True,
-                         name="chromium-stderr").start()
-        threading.Thread(target=self._read_answers, daemon=True,
-                         name="chromium-cdp").start()
+        self._readers = [
+            threading.Thread(target=self._read_stderr, daemon=True,
+                             name="chromium-stderr"),
+            threading.Thread(target=self._read_answers, daemon=True,
+                             name="chromium-cdp")]
+        for reader in self._readers:
+            reader.start()
         try:
             target = self.send("Target.createTarget", url="about:blank")
             self.session = self.send("Target.attachToTarget",
@@ -244,4 +247,8 @@ class Browser:
             os.close(self._commands)
         except OSError:
             pass
+        # Both pipes end with the browser.
+        for reader in self._readers:
+            reader.join(15)
+        self.process.stderr.close()
         shutil.rmtree(self.profile, ignore_errors=True)

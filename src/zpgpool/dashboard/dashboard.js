@@ -146,6 +146,7 @@
     FIGURES.forEach(function (figure) {
       var box = el("div");
       var value = el("dd", "", "\u2014");
+      value.setAttribute("data-figure", figure[0]);
       box.append(el("dt", "", figure[1]), value);
       card.figures[figure[0]] = value;
       figures.append(box);
