@@ -144,6 +144,12 @@ class DemoTests(unittest.TestCase):
         self.assertEqual(figures["histograms"]["wait"]["count"],
                          figures["waits"])
         self.assertEqual(figures["histograms"]["wait"]["bounds"][-1], "+Inf")
+        # Serving the dashboard turned on the held-time histogram.
+        self.pool.putconn(self.pool.getconn())
+        held = self.app.get("/stats/snapshot.json").json[
+            "pools"][0]["histograms"]["held"]
+        self.assertEqual(held["count"], 1)
+        self.assertIsNotNone(held["p50"])
 
     def test_metrics(self):
         response = self.app.get("/metrics")
@@ -266,8 +272,9 @@ class BrowserTests(unittest.TestCase):
         wait_for(lambda: self.figure("demo", "checkouts")
                  == str(figures["checkouts"]), "the checkouts shown")
         self.assertEqual(self.figure("demo", "waits"), str(figures["waits"]))
-        self.assertRegex(self.figure("demo", "wait_p99"),
-                         r"^[\d.]+ (\u00b5s|ms|s)$")
+        for key in ("wait_p50", "wait_p99", "held_p50", "held_p99"):
+            self.assertRegex(self.figure("demo", key),
+                             r"^[\d.]+ (\u00b5s|ms|s)$", key)
         bar = self.card("demo", "card.querySelector('svg.zp-bar')"
                         ".getAttribute('aria-label')")
         self.assertIn("0 in use", bar)

@@ -77,7 +77,13 @@ def page(source, title="zpgpool pools", links=(), interval=1.0):
 
 
 def snapshot_json(pools=registered_pools):
-    """Return the JSON text the dashboard reads: every pool's figures."""
+    """Return the JSON text the dashboard reads: every pool's figures.
+
+    Like a Prometheus scrape, the first call turns on the recording of
+    how long connections are held, which the dashboard shows.
+    """
+    for _name, pool in pools():
+        pool.record_held_times()
     return json.dumps(snapshot(pools))
 
 

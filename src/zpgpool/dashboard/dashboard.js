@@ -7,6 +7,7 @@
 
   var SVG = "http://www.w3.org/2000/svg";
   var WINDOW = 120;               // seconds of history the charts show
+  var SMOOTHING = 3;              // polls a rate is taken over
   var STATES = [                  // the bar's segments, left to right
     ["in_use", "in use"],
     ["bound_idle", "bound to an idle thread"],
@@ -62,14 +63,16 @@
   }
 
   function rate(value) {
+    if (value === 0) { return "0"; }
     return value < 10 ? value.toFixed(1) : String(Math.round(value));
   }
 
-  // A round upper bound for a chart's scale: 1, 2 or 5 times a power of 10.
+  // A round upper bound for a chart's scale: 1, 2, 3, 4, 5, 6 or 8 times a
+  // power of 10, so that the line fills most of the chart.
   function niceCeil(value) {
     if (value <= 1) { return 1; }
     var power = Math.pow(10, Math.floor(Math.log10(value)));
-    var steps = [1, 2, 5, 10];
+    var steps = [1, 2, 3, 4, 5, 6, 8, 10];
     for (var i = 0; i < steps.length; i++) {
       if (value <= steps[i] * power) { return steps[i] * power; }
     }
@@ -170,9 +173,12 @@
       last = undefined;
     }
     if (last && time > last.t) {
+      // Over the last three polls rather than one: as true, and steadier
+      // to read when a poll comes late.
+      var base = card.samples[Math.max(0, card.samples.length - SMOOTHING)];
       SERIES.forEach(function (series) {
         var key = series[0];
-        card.rates[key].push({t: time, v: (sample[key] - last[key]) / (time - last.t)});
+        card.rates[key].push({t: time, v: (sample[key] - base[key]) / (time - base.t)});
       });
     }
     if (!last || time > last.t) { card.samples.push(sample); }
