@@ -213,6 +213,8 @@ class CorePool:
                 conn = self._acquire_slow(timeout)
                 if conn is None:
                     continue
+                # It may have waited: its hold starts at the hand-over.
+                now = _monotonic()
             # _usable's conditions, inlined: most checkouts need none.
             elif (conn._zp_expires < now
                   or conn._zp_created <= self._retire_before

@@ -8,8 +8,9 @@ long connections were held. ``exposition()`` returns the text a
 Prometheus server scrapes; the demo serves it at ``/metrics`` and Zope at
 ``@@zpgpool-metrics``.
 
-Importing this module turns on the held-time histogram of the pools it
-reports (a little work at every return, off otherwise).
+Collecting turns on the held-time histogram of the pools it reports (a
+little work at every return, off otherwise): the first scrape finds it
+empty, later ones count what was returned since.
 """
 from prometheus_client import CollectorRegistry
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -77,7 +78,9 @@ class PoolCollector:
         for name, pool in self.pools():
             pool.record_held_times()
             stats = pool.stats()
-            free = max(0, stats["maxconn"] - stats["size"])
+            # Places being connected count against maxconn too.
+            free = max(0, stats["maxconn"] - stats["size"]
+                       - stats["connecting"])
             for state, value in (("in_use", stats["in_use"]),
                                  ("bound_idle", stats["bound_idle"]),
                                  ("idle", stats["idle"]),

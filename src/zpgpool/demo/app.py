@@ -20,8 +20,14 @@ The pages (no templates: the HTML is small enough to build here):
 ``/fail``
     Insert a note (``?text=``), then raise: the response is a 500 and the
     transaction is aborted, so the note is not saved.
-``GET /stats``, ``GET /stats.html``
-    The pool's ``stats()`` as JSON, and a page that shows them live.
+``GET /stats``
+    The pool's ``stats()`` as JSON.
+``GET /stats.html``, ``GET /stats/snapshot.json``
+    zpgpool's live dashboard (zpgpool.dashboard), and the figures of every
+    registered pool it reads, with their wait and hold time histograms.
+``GET /metrics``
+    The Prometheus metrics of every registered pool; a 501 that says what
+    to install when prometheus_client is missing.
 """
 import html
 import threading
@@ -32,6 +38,7 @@ from pyramid.httpexceptions import HTTPSeeOther
 from pyramid.response import Response
 from zope.component import getUtility
 
+from zpgpool import dashboard
 from zpgpool.interfaces import IConnectionPool
 
 
@@ -190,29 +197,25 @@ def stats_json(request):
 
 
 def stats_page(request):
-    body = """
-<p>Refreshed every second from <a href="/stats">/stats</a>.</p>
-<table id="stats"><tr><td>loading...</td></tr></table>
-<script>
-async function refresh() {
-  try {
-    const stats = await (await fetch("/stats", {cache: "no-store"})).json();
-    const table = document.getElementById("stats");
-    table.replaceChildren();
-    for (const [key, value] of Object.entries(stats)) {
-      const row = table.insertRow();
-      row.insertCell().textContent = key;
-      row.insertCell().textContent = value === null ? "-" : String(value);
-    }
-  } catch (err) {
-    document.title = "stats: " + err;
-  }
-}
-refresh();
-setInterval(refresh, 1000);
-</script>
-"""
-    return _page("Pool statistics", body)
+    return Response(dashboard.page(
+        request.route_path("stats_snapshot"), title="zpgpool demo: pools",
+        links=[("notes", request.route_path("home")),
+               ("JSON", request.route_path("stats_snapshot")),
+               ("Prometheus metrics", request.route_path("metrics"))]),
+        content_type="text/html", charset="utf-8")
+
+
+def stats_snapshot(request):
+    return Response(dashboard.snapshot_json(), content_type="application/json",
+                    charset="utf-8")
+
+
+def metrics(request):
+    status, body, content_type = dashboard.metrics()
+    response = Response(body, status=status)
+    # Set whole: Prometheus's type carries a version parameter.
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 _STYLE = """
@@ -258,6 +261,8 @@ def make_app():
     config.add_route("fail", "/fail")
     config.add_route("stats", "/stats")
     config.add_route("stats_page", "/stats.html")
+    config.add_route("stats_snapshot", "/stats/snapshot.json")
+    config.add_route("metrics", "/metrics")
     config.add_view(home, route_name="home", request_method="GET")
     config.add_view(add_note, route_name="notes", request_method="POST")
     config.add_view(notes_json, route_name="notes", request_method="GET",
@@ -266,5 +271,10 @@ def make_app():
     config.add_view(failure_view, context=DemoFailure)
     config.add_view(stats_json, route_name="stats", renderer="json",
                     http_cache=0)
-    config.add_view(stats_page, route_name="stats_page")
+    config.add_view(stats_page, route_name="stats_page",
+                    request_method="GET")
+    config.add_view(stats_snapshot, route_name="stats_snapshot",
+                    request_method="GET", http_cache=0)
+    config.add_view(metrics, route_name="metrics", request_method="GET",
+                    http_cache=0)
     return config.make_wsgi_app()

@@ -168,10 +168,17 @@ class Session:
             stats["waits"])
 
     def step_stats_page(self):
-        """GET /stats.html shows the live stats page"""
+        """GET /stats.html shows the dashboard, fed by /stats/snapshot.json"""
         status, ctype, text = self.request("/stats.html", accept="text/html")
-        if status != 200 or ctype != "text/html" or "/stats" not in text:
+        if status != 200 or ctype != "text/html" \
+                or 'data-source="/stats/snapshot.json"' not in text:
             raise StepFailed("answered %d %s" % (status, ctype))
+        data = self.get_json("/stats/snapshot.json")
+        names = [pool.get("utility_name") for pool in data.get("pools", ())]
+        if "demo" not in names:
+            raise StepFailed("/stats/snapshot.json has no pool 'demo', only "
+                             "%s" % (", ".join(map(repr, names)) or "none"))
+        return "%d pool%s" % (len(names), "" if len(names) == 1 else "s")
 
 
 def run_check(url, clients=8, notes=24, out=None):
