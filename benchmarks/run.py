@@ -151,7 +151,7 @@ COUNT_DB = "zpgpool_bench_count"
 # the number of statements in it, is one "statement:" line; an
 # extended-protocol execution (psycopg 3) is one "execute <name>:" line.
 # Either is one message the client sent and waited for: one round trip.
-GID = re.compile(r"(?<=TRANSACTION |PREPARED )'[^']*'")
+GID = re.compile(r"((?:TRANSACTION|PREPARED) )'[^']*'")
 LOGGED_STATEMENT = re.compile(
     r"^\S+ \S+ \S+ \[(\d+)\] \S*@(\S+) LOG:  "
     r"(?:statement|execute [^:]*): (.*)$")
@@ -171,12 +171,13 @@ class RoundTrips:
         self.per_op = {}
         self.sample = {}
         self.unavailable = None
+        self.missing = "n/a"     # what a cell says when nothing was counted
         self.n = 0
         self.failed = {}         # key -> message
 
     def cell(self, workload, key):
         if self.unavailable:
-            return "n/a"
+            return self.missing
         value = self.per_op.get((workload, key))
         if value is None:
             return "-"
@@ -765,6 +766,7 @@ class Report:
         self.info = []
         self.skipped = []         # (label, why)
         self.trips = RoundTrips()
+        self.note = ""            # --note, said at the top of the report
 
     def add_cell(self, rep_results, threads):
         floor = rep_results.get(FLOOR, {})
@@ -793,14 +795,15 @@ class Report:
             "indicative only)" if s.quick else ""))
         w("")
         loads = LOADS + [load0, load1]
-        w("**Read the ratios, not the times.** The machine is shared: other "
-          "engineers' test suites ran on the same %s CPUs during this run "
-          "(1-minute load average between %.1f and %.1f, sampled through "
-          "the run), and the PostgreSQL server runs on the same machine as "
-          "the clients. Absolute times are noise; each ratio compares a "
-          "contender with the raw floor measured seconds apart, in the same "
-          "repetition, and the medians are over many repetitions."
-          % (os.cpu_count(), min(loads), max(loads)))
+        w("**Read the ratios, not the times.** The clients and the "
+          "PostgreSQL server share this machine's %s CPUs (1-minute load "
+          "average between %.1f and %.1f, sampled through the run).%s "
+          "Each ratio compares a contender with the raw floor measured "
+          "seconds apart, in the same repetition, and the medians are over "
+          "many repetitions, so drift on the machine hits both sides of a "
+          "ratio alike; absolute times move with the load."
+          % (os.cpu_count(), min(loads), max(loads),
+             " " + self.note if self.note else ""))
         w("")
         w("## Machine and versions")
         w("")
@@ -1028,7 +1031,7 @@ class Report:
                     t.failed[cls.key]))
                 continue
             # The two-phase transaction ids are long and say nothing here.
-            sample = [GID.sub("'<gid>'", q)
+            sample = [GID.sub(r"\1'<gid>'", q)
                       for q in t.sample.get(("select1", cls.key), [])]
             shown = " → ".join("`%s`" % (q if len(q) <= 70 else
                                          q[:67] + "...").replace("|", "\\|")
@@ -1092,14 +1095,16 @@ class Report:
                               "thread count" % TARGET_ZOPE_2PC)
                 else:
                     bound = TARGET_ZOPE_1PC
-                    wanted = "≤ %s" % ", ≤ ".join(
-                        "%.2f× the raw floor at %s" % (
-                            TARGET_ZOPE_1PC[t], plural(t, "thread"))
-                        if i == 0 else "%.2f× at %s" % (
-                            TARGET_ZOPE_1PC[t], plural(t, "thread"))
-                        for i, t in enumerate(
-                            t for t in self.s.threads
-                            if t in TARGET_ZOPE_1PC))
+                    groups = {}     # bound -> thread counts, in order
+                    for t in self.s.threads:
+                        if t in bound:
+                            groups.setdefault(bound[t], []).append(t)
+                    wanted = "≤ " + ", ≤ ".join(
+                        "%.2f×%s at %s %s" % (
+                            b, " the raw floor" if i == 0 else "",
+                            ", ".join(map(str, ts)),
+                            "thread" if ts == [1] else "threads")
+                        for i, (b, ts) in enumerate(groups.items()))
                 title = "%s, %s, %s" % (name, WORKLOAD_SHORT[workload],
                                         wanted)
                 if not got:
@@ -1328,6 +1333,9 @@ def main(argv=None):
                         choices=sorted(C.BY_KEY),
                         help="only these (the raw floor always runs): %s"
                         % ", ".join(C.BY_KEY))
+    parser.add_argument("--note", default="",
+                        help="a sentence for the top of the report, such as "
+                        "what else ran on the machine meanwhile")
     parser.add_argument("--skip", nargs="+", default=(),
                         choices=("count", "threads", "micro", "exhaustion",
                                  "memory"),
@@ -1357,6 +1365,7 @@ def main(argv=None):
         dsn = server.dsn()
     try:
         report = Report(s, active)
+        report.note = args.note.strip()
         max_prepared = int(query(dsn, "SHOW max_prepared_transactions")[0][0])
         if max_prepared < max(s.threads):
             for cls in list(active):
@@ -1383,6 +1392,7 @@ def main(argv=None):
             report.trips.unavailable = (
                 "needs the throwaway server (the count reads its log); "
                 "this run used --dsn")
+            report.trips.missing = "n/a (needs the throwaway server)"
         else:
             count_round_trips(report.trips, active, server, s, t0)
         if "threads" not in args.skip:
