@@ -1349,8 +1349,14 @@ def main(argv=None):
             shown[i] = "DSN"
         elif a.startswith("--dsn="):
             shown[i] = "--dsn=DSN"
+        # The note is quoted in full at the top of the report.
+        elif i and shown[i - 1] == "--note":
+            shown[i] = "NOTE"
+        elif a.startswith("--note="):
+            shown[i] = "--note=NOTE"
     command = "python benchmarks/run.py" + "".join(
-        " " + (a if a == "DSN" else shlex.quote(a)) for a in shown)
+        " " + (a if a in ("DSN", "NOTE") else shlex.quote(a))
+        for a in shown)
     t0 = time.monotonic()
     load0 = os.getloadavg()[0]
 
