@@ -13,7 +13,7 @@ another and prints three tables:
    close, ``transaction.manager.commit()`` -- for zpgpool's Zope path
    (one-phase and two-phase), for the minimal data manager floor with BEGIN
    bundled (contenders.py: the same design with no pool) and for a raw
-   psycopg2 connection, side by side. The column "zpgpool − floor" is
+   psycopg2 connection, side by side, in interleaved rounds. The column "zpgpool − floor" is
    zpgpool's own share of each step.
 2. **Calls inside the steps.** zpgpool's own functions on the path (the
    thread state's ``connection()`` and ``before_statement()``, the data
@@ -134,22 +134,35 @@ def raw_steps(dsn):
     return one, conn.close
 
 
-def measure(one, n):
-    """Run ``one`` n times (after a warm-up); per-step medians in µs and
-    the median of the whole transaction."""
-    for _ in range(min(n, 500)):
-        one()
-    rows = []
-    totals = []
-    for _ in range(n):
-        t = _clock()
-        rows.append(one())
-        totals.append(_clock() - t)
-    steps = []
-    for i in range(len(rows[0])):
-        vals = [r[i] for r in rows if r[i] is not None]
-        steps.append(statistics.median(vals) * 1e6 if vals else None)
-    return steps, statistics.median(totals) * 1e6
+def measure(ones, n, rounds=20):
+    """Run each of ``ones`` ({name: one}) n times, interleaved: ``rounds``
+    rounds, each running n / rounds transactions of every path in a
+    rotated order, so that a change in the machine's load hits all paths
+    alike. Returns {name: (per-step medians in µs, median transaction)}.
+    """
+    names = list(ones)
+    for name in names:
+        for _ in range(min(n, 500)):
+            ones[name]()
+    rows = {name: [] for name in names}
+    totals = {name: [] for name in names}
+    per_round = max(1, n // rounds)
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            one, mine, tot = ones[name], rows[name], totals[name]
+            for _ in range(per_round):
+                t = _clock()
+                mine.append(one())
+                tot.append(_clock() - t)
+    results = {}
+    for name in names:
+        steps = []
+        for i in range(len(rows[name][0])):
+            vals = [row[i] for row in rows[name] if row[i] is not None]
+            steps.append(statistics.median(vals) * 1e6 if vals else None)
+        results[name] = (steps, statistics.median(totals[name]) * 1e6)
+    return results
 
 
 def fmt(x, sign=False):
@@ -178,12 +191,12 @@ def steps_report(dsn, n):
     floor_one, floor_close = floor_steps(dsn)
     raw_one, raw_close = raw_steps(dsn)
     try:
-        results = {
-            "raw psycopg2": measure(raw_one, n),
-            "floor (bundled)": measure(floor_one, n),
-            "zpgpool 1PC": measure(zope_steps(NAME_1PC), n),
-            "zpgpool 2PC": measure(zope_steps(NAME_2PC), n),
-        }
+        results = measure({
+            "raw psycopg2": raw_one,
+            "floor (bundled)": floor_one,
+            "zpgpool 1PC": zope_steps(NAME_1PC),
+            "zpgpool 2PC": zope_steps(NAME_2PC),
+        }, n)
     finally:
         floor_close()
         raw_close()
@@ -207,7 +220,7 @@ def steps_report(dsn, n):
                 + [fmt(results["zpgpool 1PC"][1]
                        - results["floor (bundled)"][1], True)])
     print_table("== 1. Steps of one SELECT 1 transaction, %d transactions "
-                "each ==" % n, header, rows)
+                "each, the paths interleaved ==" % n, header, rows)
     print("The execute and commit steps hold the round trips: BEGIN + "
           "SELECT 1 in one\nmessage, then COMMIT (two-phase: PREPARE "
           "TRANSACTION and COMMIT PREPARED;\nraw psycopg2: BEGIN, SELECT 1 "
