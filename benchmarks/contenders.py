@@ -16,6 +16,14 @@ A contender is built once per cell (contender x thread count x repetition)
 with a pool sized for that many threads; each worker thread asks it for its
 operations with ``thread_ops(worker)``, so per-thread state (the floor's
 persistent connection, a scoped session) is made in the thread that uses it.
+
+Besides the pools, there are floors: what the same work costs with nothing
+but psycopg2 (``RawFloor``, the row every ratio is taken to), and with
+nothing but psycopg2 and the ``transaction`` package (``ZopeFloor`` and
+``ZopeFloorBundled``: a data manager of a dozen lines that commits in its
+vote). zpgpool's Zope path does what ``ZopeFloorBundled`` does, plus all
+that makes it a pool; the distance between the two rows is zpgpool's own
+cost.
 """
 import itertools
 import time
@@ -93,6 +101,9 @@ class Contender:
     micro = True
     #: The workloads it runs (the floor has no "noop": it has no checkout).
     workloads = WORKLOADS
+    #: Whether a workload is one transaction of the ``transaction`` package
+    #: (its "noop" is then a transaction that joins and sends nothing).
+    zope = False
 
     def __init__(self, dsn):
         self.dsn = dsn
@@ -418,11 +429,144 @@ class SQLAlchemyPrePing(SQLAlchemyQueuePool):
 
 # -- the Zope way: transaction.manager ----------------------------------------
 
+_IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+class _FloorDataManager:
+    """The least a data manager must do to put one psycopg2 connection
+    under ``transaction``: join each transaction once, COMMIT in the vote,
+    ROLLBACK on abort. No pool, no checks, no error translation: a floor,
+    not something to use.
+
+    One per thread, for the thread's own connection. ``bundled`` selects
+    how BEGIN travels: False leaves it to psycopg2 (BEGIN as a message of
+    its own before the first statement); True runs the connection in
+    autocommit mode and lets ``_BeginBundlingCursor`` put BEGIN in front
+    of the transaction's first statement, as zpgpool does.
+    """
+
+    def __init__(self, conn, tm, bundled):
+        self.conn = conn
+        self.transaction_manager = tm
+        self._get = tm.get
+        self.bundled = bundled
+        self.txn = None
+        if bundled:
+            conn.autocommit = True
+            conn.cursor_factory = _BeginBundlingCursor
+
+    def connection(self):
+        """The thread's connection, joined to the current transaction."""
+        txn = self._get()
+        if txn is not self.txn:
+            txn.join(self)
+            self.txn = txn
+        return self.conn
+
+    def _send(self, statement):
+        if self.conn.get_transaction_status() != _IDLE:
+            cur = psycopg2.extensions.cursor(self.conn)
+            cur.execute(statement)
+            cur.close()
+
+    def abort(self, txn):
+        self.txn = None
+        if self.bundled:
+            self._send("ROLLBACK")
+        else:
+            self.conn.rollback()    # sends nothing when no BEGIN was sent
+
+    def tpc_begin(self, txn):
+        pass
+
+    def commit(self, txn):
+        pass
+
+    def tpc_vote(self, txn):
+        if self.bundled:
+            self._send("COMMIT")
+        else:
+            self.conn.commit()
+
+    def tpc_finish(self, txn):
+        self.txn = None
+
+    tpc_abort = abort
+
+    def sortKey(self):
+        return "~bench-floor"
+
+
+class _BeginBundlingCursor(psycopg2.extensions.cursor):
+    """Sends the transaction's BEGIN in the message of its first statement
+    (for an autocommit connection: nothing else would send one)."""
+
+    def execute(self, query, vars=None):
+        if self.connection.get_transaction_status() == _IDLE:
+            query = "BEGIN; " + query
+        return super().execute(query, vars)
+
+
+class ZopeFloor(Contender):
+    key = "zope-floor"
+    label = "floor: minimal data manager, psycopg2's own BEGIN"
+    packages = ("psycopg2-binary", "transaction")
+    note = ("Not a pool: `with transaction.manager:` around each thread's "
+            "own psycopg2 connection, joined by a data manager of a dozen "
+            "lines that calls conn.commit() in tpc_vote (see "
+            "contenders.py). psycopg2 sends BEGIN as a message of its own. "
+            "What the `transaction` package costs by itself.")
+    limited = False
+    zope = True
+    bundled = False
+
+    def setup(self, size, timeout=30.0):
+        self._conns = []
+
+    def thread_ops(self, worker):
+        conn = psycopg2.connect(self.dsn)
+        self._conns.append(conn)
+        tm = transaction.manager
+        dm = _FloorDataManager(conn, tm, self.bundled)
+        connection = dm.connection
+
+        def op_noop():
+            with tm:
+                connection()
+
+        def op_select1():
+            with tm:
+                select1(connection())
+
+        def op_readwrite():
+            with tm:
+                readwrite(connection(), worker)
+
+        return {"noop": op_noop, "select1": op_select1,
+                "readwrite": op_readwrite}
+
+    def teardown(self):
+        for conn in self._conns:
+            conn.close()
+
+
+class ZopeFloorBundled(ZopeFloor):
+    key = "zope-floor-bundled"
+    label = "floor: minimal data manager, BEGIN bundled"
+    note = ("As above, but the connection is in autocommit mode: the "
+            "transaction's first statement goes as `BEGIN; <statement>` in "
+            "one message and the data manager sends COMMIT in tpc_vote. "
+            "The design zpgpool's Zope path implements, without a pool: "
+            "zpgpool's own floor.")
+    bundled = True
+
+
 class ZpgpoolZope(Contender):
     key = "zpgpool-zope"
     label = "zpgpool Zope path, one-phase"
     packages = ("zpgpool", "transaction", "zope.component")
     twophase = False
+    zope = True
     note = ("`with transaction.manager:` + "
             "`getUtility(IConnectionPool, name).connection()`; the "
             "transaction manager commits.")
@@ -526,6 +670,7 @@ class ZopeSQLAlchemy(Contender):
     label = "zope.sqlalchemy + transaction, one-phase"
     packages = ("zope.sqlalchemy", "SQLAlchemy", "transaction")
     twophase = False
+    zope = True
     note = ("scoped_session(sessionmaker(bind=engine)), register(Session), "
             "session.execute(text(...)), mark_changed(session); QueuePool as "
             "above, no pre-ping.")
@@ -630,6 +775,8 @@ class ZopeSQLAlchemyTwoPhase(ZopeSQLAlchemy):
 
 ALL = (
     RawFloor,
+    ZopeFloor,
+    ZopeFloorBundled,
     ZpgpoolZope,
     ZpgpoolZopeTwoPhase,
     RawTwoPhase,
