@@ -60,8 +60,10 @@ setup(
     long_description=long_description(),
     long_description_content_type='text/x-rst',
     keywords='zope transaction postgresql psycopg2 pool two-phase-commit',
+    license='ZPL-2.1',
     classifiers=[
         'Development Status :: 3 - Alpha',
+        'License :: OSI Approved :: Zope Public License',
         'Framework :: Zope',
         'Framework :: Zope :: 3',
         'Framework :: Pyramid',

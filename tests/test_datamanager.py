@@ -1495,3 +1495,67 @@ class CommitPreparedFailureTests(_Base):
         self.insert(pool, "next")
         transaction.commit()
         self.assertEqual(self.values(), ["next"])
+
+
+class NeverCommittedTests(_Base):
+    """Statements a thread or a script never committed are rolled back,
+    with a warning that names the pool."""
+
+    def setUp(self):
+        super().setUp()
+        from tests.poolhelpers import LogCapture
+        self.log = LogCapture().install(self)
+
+    def warnings(self):
+        return [r.getMessage() for r in self.log.records
+                if r.levelname == "WARNING" and "never committed"
+                in r.getMessage()]
+
+    def test_thread_ending_mid_transaction(self):
+        pool = self._makeOne(name="forgetful")
+
+        def forget():
+            self.insert(pool, "never committed")
+
+        thread = threading.Thread(target=forget)
+        thread.start()
+        thread.join(JOIN_TIMEOUT)
+        from tests.poolhelpers import wait_for
+        wait_for(lambda: pool.stats()["in_use"] == 0, "the connection back")
+        self.assertEqual(self.values(), [])
+        warnings = self.warnings()
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("'forgetful'", warnings[0])
+        self.assertIn("a thread ended", warnings[0])
+
+    def test_thread_that_committed_is_not_warned_about(self):
+        pool = self._makeOne(name="careful")
+
+        def work():
+            self.insert(pool, "committed")
+            transaction.commit()
+            pool.connection()   # joined, but nothing sent
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(JOIN_TIMEOUT)
+        self.assertEqual(self.values(), ["committed"])
+        self.assertEqual(self.warnings(), [])
+
+    def test_script_exiting_without_commit(self):
+        script = textwrap.dedent("""
+            import logging, sys
+            logging.basicConfig()
+            from zpgpool import ConnectionPool
+            pool = ConnectionPool(sys.argv[1], name="script")
+            cur = pool.connection().cursor()
+            cur.execute("INSERT INTO dm_items (value) VALUES ('forgotten')")
+            print(pool.connection().get_backend_pid(), flush=True)
+        """)
+        proc = subprocess.run([sys.executable, "-c", script, self.dsn],
+                              timeout=JOIN_TIMEOUT, capture_output=True,
+                              text=True)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn("zpgpool pool 'script': the process is exiting with "
+                      "statements that were never committed", proc.stderr)
+        self.assertEqual(self.values(), [])

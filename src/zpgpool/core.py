@@ -1061,6 +1061,11 @@ class CorePool:
         return False
 
 
+def all_pools():
+    """Every pool of this process that is still alive."""
+    return list(_pools)
+
+
 def _after_fork_in_child():
     for pool in list(_pools):
         pool._after_fork_in_child()

@@ -467,13 +467,31 @@ class ThreadState:
         return True
 
     def thread_ended(self):
-        """Called when the owning thread is gone; detach from its work."""
+        """Called when the owning thread is gone; detach from its work
+        (the pool rolls back what it left open)."""
         dm = self.dm
         self.dm = None
         self.txn = None
         if dm is not None:
+            if not dm.finished:
+                self._warn_uncommitted(dm, "a thread ended")
             dm.finished = True
             dm.conn = None
+
+    def abandon(self, why):
+        """Roll back the transaction still open in this thread, saying so;
+        called when the process exits."""
+        dm = self.dm
+        if dm is not None and not dm.finished:
+            self._warn_uncommitted(dm, why)
+            dm.abort(dm.txn)
+
+    def _warn_uncommitted(self, dm, why):
+        if dm._pending():
+            logger.warning(
+                "%s: %s with statements that were never committed; they are"
+                " rolled back (a transaction ends with transaction.commit(),"
+                " or use 'with transaction.manager:')", self.pool.label, why)
 
     # -- the guards PooledConnection calls ----------------------------------------
 

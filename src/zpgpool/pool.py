@@ -4,6 +4,7 @@ current transaction of the ``transaction`` package (datamanager.py).
 
 The names of zpgpool's first releases are kept importable from here.
 """
+import atexit
 import contextlib
 
 import psycopg2.extensions as _ext
@@ -12,6 +13,7 @@ from zope.interface import implementer
 
 from zpgpool.binding import holder_for
 from zpgpool.core import CorePool
+from zpgpool.core import all_pools
 from zpgpool.datamanager import ThreadState
 from zpgpool.errors import PoolClosed
 from zpgpool.errors import PoolError
@@ -98,6 +100,7 @@ class ConnectionPool(CorePool):
     def _thread_state(self):
         if self._closed:
             raise PoolClosed("%s is closed" % self.label)
+        _abandon_at_exit()
         state = self.thread_local.state = ThreadState(self, holder_for(self))
         return state
 
@@ -143,3 +146,23 @@ def __getattr__(name):
         from zpgpool import compat
         return getattr(compat, name)
     raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+_exit_hook = []
+
+
+def _abandon_at_exit():
+    """Make the process's exit roll back, with a warning, what the exiting
+    thread left uncommitted on a managed connection (a script that never
+    called transaction.commit()); registered once, at first use."""
+    if not _exit_hook:
+        _exit_hook.append(True)
+        atexit.register(_abandon_open_transactions)
+
+
+def _abandon_open_transactions():
+    for pool in all_pools():
+        state = getattr(pool.thread_local, "state", None)
+        if state is not None:
+            state.abandon("the process is exiting")
+
