@@ -8,6 +8,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import unittest
 
 import psycopg2
@@ -1203,6 +1204,12 @@ class DeadlockTests(_Base):
                 for attempt in transaction.manager.attempts(5):
                     with attempt:
                         tries += 1
+                        if tries > 1:
+                            # Let the survivor commit first: retried at
+                            # once, the victim may take its first row back
+                            # before the survivor is granted it, and
+                            # deadlock again.
+                            time.sleep(0.2 * tries)
                         cur = pool.connection().cursor()
                         try:
                             cur.execute("UPDATE dm_pair SET n = n + 1 WHERE "
@@ -1226,12 +1233,13 @@ class DeadlockTests(_Base):
             t.join(JOIN_TIMEOUT)
         self.assertFalse(any(t.is_alive() for t in threads))
         self.assertEqual(errors, [])
-        # PostgreSQL broke the deadlock by failing one of the two.
-        self.assertEqual(len(first_errors), 1, first_errors)
-        exc = first_errors[0]
-        self.assertIsInstance(exc, psycopg2.errors.DeadlockDetected)
-        self.assertIsInstance(exc, transaction.interfaces.TransientError)
-        self.assertEqual(exc.pgcode, "40P01")
+        # PostgreSQL broke the deadlock by failing one of the two (on a
+        # loaded machine perhaps more than once).
+        self.assertGreaterEqual(len(first_errors), 1, first_errors)
+        for exc in first_errors:
+            self.assertIsInstance(exc, psycopg2.errors.DeadlockDetected)
+            self.assertIsInstance(exc, transaction.interfaces.TransientError)
+            self.assertEqual(exc.pgcode, "40P01")
         # Retried, both transactions committed in full.
         self.assertEqual(self.sql("SELECT id, n FROM dm_pair ORDER BY id"),
                          [(1, 2), (2, 2)])
