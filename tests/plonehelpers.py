@@ -176,8 +176,15 @@ _ZCONSOLE = 'import sys; from Zope2.utilities.zconsole import main; main(sys.arg
 def missing_packages():
     """The required packages this Python cannot import, with what
     installs each."""
-    return ['%s (%s)' % (name, how) for name, how in REQUIRED
-            if importlib.util.find_spec(name) is None]
+    missing = []
+    for name, how in REQUIRED:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:     # its parent package is missing
+            found = False
+        if not found:
+            missing.append('%s (%s)' % (name, how))
+    return missing
 
 
 class PloneInstance:
