@@ -111,7 +111,7 @@ pipeline =
     zope
 
 [loggers]
-keys = root, plone.protect
+keys = root
 
 [handlers]
 keys = eventlog
@@ -125,12 +125,6 @@ format = %(asctime)s %(levelname)s [%(name)s][%(threadName)s] %(message)s
 [logger_root]
 level = INFO
 handlers = eventlog
-
-[logger_plone.protect]
-level = INFO
-handlers = eventlog
-qualname = plone.protect
-propagate = 0
 
 [handler_eventlog]
 class = FileHandler

@@ -107,6 +107,17 @@ class PloneTestCase(unittest.TestCase):
         self.assertEqual(self.mirrored(key),
                          [(uid, '/%s/%s' % (SITE_ID, key), title or key)])
 
+    def retries_logged(self, view, since):
+        """How many retries of *view* the server logged after the event
+        log's first *since* characters.  Products.SiteErrorLog logs each
+        TransientError that the publisher will retry at INFO ("E at PATH:
+        message. Request will be retried.", the message possibly running
+        over several lines), and the others at ERROR."""
+        head = ' INFO [Zope.SiteErrorLog]'
+        path = ' at /%s/%s: ' % (SITE_ID, view)
+        return sum(head in line and path in line
+                   for line in self.plone.event_log()[since:].splitlines())
+
     def prepared(self):
         return self.sql('SELECT gid FROM pg_prepared_xacts')
 
@@ -228,6 +239,7 @@ class RequestTransactionTests(PloneTestCase):
         expected) has nothing."""
         threads = self.layer.threads
         keys = [self.key() for _ in range(3 * threads)]
+        since = len(self.plone.event_log())
         results = []
         for burst in range(3):
             chunk = keys[burst * threads:(burst + 1) * threads]
@@ -237,16 +249,20 @@ class RequestTransactionTests(PloneTestCase):
                     '@@zpgpool-add', token=token, key=key, pause='0.05'))
                 for key in chunk])
         retries = 0
+        logged = self.retries_logged('@@zpgpool-add', since)
         for key, result in zip(keys, results):
             if result.ok:
                 retries += result.json['attempt'] - 1
                 self.assertAllFor(key, result)
             else:
                 self.assertNothingFor(key)
-        report('%d concurrent adds (%d clients): %d ZODB conflicts retried,'
-               ' %d requests failed' % (len(keys), threads, retries,
-                                        sum(not r.ok for r in results)))
+        report('%d concurrent adds (%d clients): %d ZODB conflicts retried'
+               ' (the server logged %d retries), %d requests failed'
+               % (len(keys), threads, retries, logged,
+                  sum(not r.ok for r in results)))
         self.assertTrue(any(r.ok for r in results), results)
+        # A request that failed was retried too, as often as allowed.
+        self.assertGreaterEqual(logged, retries)
 
 
 class CSRFTests(PloneTestCase):
@@ -357,6 +373,7 @@ class SerializableTests(PloneTestCase):
         name = self.counter()
         threads = self.layer.threads
         requests = 3 * threads
+        since = len(self.plone.event_log())
         results = []
         # In bursts of one request per worker thread: a retried request
         # then competes only with its own burst, so that it rarely needs
@@ -372,10 +389,13 @@ class SerializableTests(PloneTestCase):
         self.assertEqual(sorted(r.json['n'] for r in results),
                          list(range(1, requests + 1)))
         retries = [r.json['retries'] for r in results]
+        logged = self.retries_logged('@@zpgpool-counter', since)
         report('%d concurrent SERIALIZABLE increments from %d clients: '
-               '%d retries in all (per request: %s), 0 failed'
-               % (requests, threads, sum(retries), retries))
+               '%d retries in all (per request: %s; the server logged %d), '
+               '0 failed' % (requests, threads, sum(retries), retries,
+                             logged))
         self.assertGreater(sum(retries), 0)
+        self.assertEqual(logged, sum(retries))
 
     def test_max_conflict_retries_bounds_the_retries(self):
         """``collide=N`` makes the first N attempts meet a concurrent
