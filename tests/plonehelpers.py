@@ -39,6 +39,10 @@ DSN_ENV = 'ZPGPOOL_PLONE_DSN'
 SITE_ID = 'Plone'
 ADMIN = ('admin', 'zpgpool-secret')
 
+#: The Document the site-creation script adds once the add-on is
+#: installed.
+SCRIPT_DOCUMENT = 'made-by-script'
+
 #: The packages a Plone test needs in the Python running the tests, and
 #: what installs each.
 REQUIRED = (
@@ -137,7 +141,8 @@ formatter = generic
 # application, as the system user): the Zope manager the tests log in as,
 # the Plone site from plone.distribution's "classic" distribution with its
 # example content (added before the add-on is installed, so the add-on's
-# subscriber must leave it alone), and the add-on installed.
+# subscriber must leave it alone), the add-on installed, and then one
+# Document (which the subscriber must mirror).
 CREATE_SITE = """\
 import sys
 
@@ -148,6 +153,7 @@ from zope.component.hooks import setSite
 
 # zconsole leaves its own arguments in front of the script's.
 site_id, user, password = sys.argv[-3:]
+SCRIPT_DOCUMENT = '{script_document}'
 app.acl_users._doAddUser(user, password, ['Manager'], [])
 transaction.commit()
 site = site_api.create(app, 'classic', {
@@ -157,6 +163,11 @@ setSite(site)
 with api.env.adopt_roles(['Manager']):
     if not api.addon.install('zpgpool_plone'):
         raise SystemExit('installing zpgpool_plone failed')
+    transaction.commit()
+    # Content added by a script, in a site with the add-on installed.
+    api.content.create(container=site, type='Document',
+                       id=SCRIPT_DOCUMENT, title='Made by a script',
+                       safe_id=False)
 transaction.commit()
 print('created the Plone site %s with zpgpool_plone installed' % site_id)
 """
@@ -214,7 +225,8 @@ class PloneInstance:
             home=self.home, dsn_env=DSN_ENV, dsn=self.dsn,
             retries=self.retries))
         self.write('etc/site.zcml', SITE_ZCML)
-        self.write('create_site.py', CREATE_SITE)
+        self.write('create_site.py', CREATE_SITE.replace(
+            '{script_document}', SCRIPT_DOCUMENT))
         self.port = free_port()
         self.write_ini()
 

@@ -25,6 +25,7 @@ import uuid
 import psycopg2
 
 from tests.plonehelpers import PLONE_LAYER
+from tests.plonehelpers import SCRIPT_DOCUMENT
 from tests.plonehelpers import SITE_ID
 
 
@@ -157,12 +158,15 @@ class InstallTests(PloneTestCase):
             self.assertEqual(pool['connections_opened'], 0, (name, pool))
             self.assertEqual(pool['size'], 0, (name, pool))
 
-    def test_content_added_before_the_add_on_was_installed_is_not_mirrored(
-            self):
-        # The classic distribution's example content was created before the
-        # add-on was installed: the subscriber left it alone.
+    def test_the_subscriber_acts_only_once_the_add_on_is_installed(self):
+        # The site-creation script (no request layer there) made the
+        # classic distribution's example content before it installed the
+        # add-on, and a Document after: only that one is mirrored.
         self.assertIsNotNone(self.zodb('news'))
         self.assertEqual(self.mirrored('news'), [])
+        made = self.zodb(SCRIPT_DOCUMENT)
+        self.assertEqual(self.mirrored(SCRIPT_DOCUMENT), [
+            (made['uid'], made['path'], 'Made by a script')])
 
 
 class RequestTransactionTests(PloneTestCase):
