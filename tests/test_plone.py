@@ -196,6 +196,9 @@ class RequestTransactionTests(PloneTestCase):
         self.assertEqual(result.status, 200, result)
         self.assertIsNone(self.zodb(key))
         self.assertEqual(self.mirrored(key), [])
+        # Once more: there is nothing left to delete.
+        result = self.add('@@zpgpool-delete', key=key)
+        self.assertEqual(result.status, 404, result)
 
     def test_a_raising_view_leaves_neither(self):
         key = self.key()

@@ -24,6 +24,7 @@ from plone.protect import CheckAuthenticator
 from plone.protect import PostOnly
 from plone.protect import createToken
 from Products.Five.browser import BrowserView
+from zExceptions import NotFound
 from zope.annotation.interfaces import IAnnotations
 from zope.component import getUtility
 
@@ -162,6 +163,10 @@ class Delete(JSONView):
 
     def run(self):
         key = self.request.form['key']
+        item = aq_base(self.context).get(key)
+        if item is None:
+            raise NotFound('zpgpool-delete: the site holds no item %r'
+                           % (key,))
         api.content.delete(obj=self.context[key], check_linkintegrity=False)
         return {'key': key, 'deleted': True}
 
@@ -196,7 +201,11 @@ class Counter(JSONView):
         c = cursor('plone_serial')
         c.execute('SELECT n FROM zpgpool_plone_counter WHERE name = %s',
                   (name,))
-        (n,) = c.fetchone()
+        row = c.fetchone()
+        if row is None:
+            raise NotFound('zpgpool-counter: no counter named %r in the'
+                           ' table zpgpool_plone_counter' % (name,))
+        (n,) = row
         self.pause()
         if self.attempt <= int(self.request.form.get('collide', 0)):
             pool = getUtility(IConnectionPool, name='plone_serial')
