@@ -291,3 +291,48 @@ class TLSTests(unittest.TestCase):
         self.assertIn("127.0.0.1", message)
         self.assertNotIn(self.server.password, message)
         self.assertEqual(pool.stats()["in_use"], 0)
+
+
+class ScrubbingTests(unittest.TestCase):
+    """Secrets in a DSN never reach a message, whatever their form."""
+
+    def test_url_encoded_password_in_a_uri(self):
+        from zpgpool.conninfo import scrub_password
+        dsn = "postgresql://app:p%40ss%2Fw0rd@127.0.0.1:9/app"
+        # libpq may quote either form of the password.
+        message = "failed for p@ss/w0rd and p%40ss%2Fw0rd"
+        scrubbed = scrub_password(message, dsn)
+        self.assertNotIn("p@ss/w0rd", scrubbed)
+        self.assertNotIn("p%40ss%2Fw0rd", scrubbed)
+        self.assertEqual(scrubbed, "failed for *** and ***")
+
+    def test_sslpassword(self):
+        from zpgpool.conninfo import hide_passwords
+        from zpgpool.conninfo import scrub_password
+        dsn = "host=127.0.0.1 port=9 sslpassword=keyPhrase9"
+        self.assertEqual(scrub_password("bad keyPhrase9 here", dsn),
+                         "bad *** here")
+        self.assertEqual(hide_passwords('dsn="%s"' % dsn),
+                         'dsn="host=127.0.0.1 port=9 sslpassword=***"')
+
+    def test_a_password_containing_another_is_hidden_whole(self):
+        from zpgpool.conninfo import scrub_password
+        dsn = "host=127.0.0.1 port=9 password=abc sslpassword=xxabcyy"
+        self.assertEqual(scrub_password("saw xxabcyy and abc", dsn),
+                         "saw *** and ***")
+
+    def test_uri_password_hidden_in_free_text(self):
+        from zpgpool.conninfo import hide_passwords
+        self.assertEqual(
+            hide_passwords("<zpgpool:pool dsn='postgresql://app:Hunter2@h/db'"),
+            "<zpgpool:pool dsn='postgresql://app:***@h/db'")
+
+    def test_sslpassword_masked_in_dsn_and_repr(self):
+        pool = ConnectionPool("host=127.0.0.1 port=9 dbname=app "
+                              "password=Pw0rd sslpassword=keyPhrase9",
+                              name=unique_name())
+        self.addCleanup(close_pool, self, pool)
+        for text in (pool.dsn, repr(pool)):
+            self.assertNotIn("keyPhrase9", text)
+            self.assertNotIn("Pw0rd", text)
+            self.assertIn("sslpassword=***", text)

@@ -26,6 +26,7 @@ from zope.configuration.exceptions import ConfigurationError
 from zope.interface import implementer
 from zope.schema import getFieldsInOrder
 
+from zpgpool import ConnectionPool
 from zpgpool import zcml
 from zpgpool.interfaces import IConnectionPool
 from zpgpool.testing import POSTGRES_LAYER
@@ -357,15 +358,48 @@ class DirectiveTests(_Base):
         self.assertIs(pools["main"].readonly, False)
 
     def test_meta_zcml_alone_defines_the_directive(self):
+        saved = zcml._exit_hook_installed
+        self.addCleanup(setattr, zcml, "_exit_hook_installed", saved)
+        zcml._exit_hook_installed = False
         xmlconfig.string(
             '<configure xmlns="http://namespaces.zope.org/zope"\n'
             '           xmlns:zpgpool="http://namespaces.zope.org/zpgpool">\n'
             '  <include package="zpgpool" file="meta.zcml" />\n'
-            '  <include package="zpgpool" />\n'
             '  %s\n'
-            '</configure>' % _pool())
+            '</configure>' % _pool(maxconn="3"))
         pool = getUtility(IConnectionPool, name="main")
         self._pools.append(pool)
+        self.assertIsInstance(pool, ConnectionPool)
+        self.assertEqual((pool.name, pool.maxconn), ("main", 3))
+        self.assertNotIn(PASSWORD, pool.dsn)
+        # Only configure.zcml asks for the exit hook.
+        self.assertFalse(zcml._exit_hook_installed)
+
+    def test_minconn_equal_to_maxconn_is_allowed(self):
+        pool = self._load(_pool(minconn="4", maxconn="4"))["main"]
+        self.assertEqual((pool.minconn, pool.maxconn), (4, 4))
+
+    def test_relative_dsn_file_is_read_next_to_the_zcml_file(self):
+        directory = tempfile.mkdtemp(prefix="zpgpool-zcml-")
+        self.addCleanup(__import__("shutil").rmtree, directory)
+        with open(os.path.join(directory, "app.dsn"), "w") as f:
+            f.write("host=127.0.0.1 port=9 dbname=next_to_zcml\n")
+        site = os.path.join(directory, "site.zcml")
+        with open(site, "w") as f:
+            f.write(_zcml(_pool("file:app.dsn")))
+        # The working directory holds a file of the same name that must not
+        # be read.
+        elsewhere = tempfile.mkdtemp(prefix="zpgpool-cwd-")
+        self.addCleanup(__import__("shutil").rmtree, elsewhere)
+        with open(os.path.join(elsewhere, "app.dsn"), "w") as f:
+            f.write("host=127.0.0.1 port=9 dbname=in_the_cwd\n")
+        cwd = os.getcwd()
+        os.chdir(elsewhere)
+        self.addCleanup(os.chdir, cwd)
+        xmlconfig.file(site)
+        pool = getUtility(IConnectionPool, name="main")
+        self._pools.append(pool)
+        self.assertIn("dbname=next_to_zcml", pool.dsn)
 
 
 class BadValueTests(_Base):
@@ -585,31 +619,83 @@ class ConflictTests(_Base):
 
 
 class ExitHookTests(_Base):
+    """The exit hook, seen from outside: a real process loads the ZCML,
+    uses a pool on the test server, and exits without closing anything."""
 
-    def setUp(self):
-        super().setUp()
-        saved = zcml._exit_hook_installed
+    layer = POSTGRES_LAYER
 
-        def restore():
-            zcml._exit_hook_installed = saved
-        self.addCleanup(restore)
-        zcml._exit_hook_installed = False
+    # Prints each PoolClosed event the pool sends: at exit only the hook
+    # closes the pool, so the line shows that the hook ran.
+    SCRIPT = (
+        "import sys, zope.event\n"
+        "from zope.configuration import xmlconfig\n"
+        "from zpgpool import events\n"
+        "def show(event):\n"
+        "    if isinstance(event, events.PoolClosed):\n"
+        "        print('closed', event.pool.name, flush=True)\n"
+        "zope.event.subscribers.append(show)\n"
+        "xmlconfig.string(sys.argv[1])\n"
+        "from zope.component import getUtility\n"
+        "from zpgpool.interfaces import IConnectionPool\n"
+        "pool = getUtility(IConnectionPool, name=sys.argv[2])\n"
+        "conn = pool.getconn()\n"
+        "conn.cursor().execute('SELECT 1')\n"
+        "conn.commit()\n"
+        "pool.putconn(conn)\n"
+        "print('used', pool.stats()['idle'], flush=True)\n")
 
-    def test_configure_zcml_installs_the_hook_once(self):
-        with mock.patch.object(zcml.atexit, "register") as register:
-            self._load("")
-            self.assertTrue(zcml._exit_hook_installed)
-            self._load("")
-            zcml.install_exit_hook()
-        register.assert_called_once_with(zcml.close_registered_pools)
+    def _run(self, includes):
+        import subprocess
+        from tests.poolhelpers import backend_pids
+        from tests.poolhelpers import unique_name
+        from tests.poolhelpers import wait_for
+        name = unique_name("exit")
+        config = (
+            '<configure xmlns="http://namespaces.zope.org/zope"\n'
+            '           xmlns:zpgpool="http://namespaces.zope.org/zpgpool">\n'
+            '  %s\n'
+            '  %s\n'
+            '</configure>\n' % (includes, _pool(self.layer.dsn, name=name,
+                                                 minconn="0")))
+        env = dict(os.environ)
+        src = os.path.dirname(os.path.dirname(zcml.__file__))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                     if p])
+        result = subprocess.run([sys.executable, "-c", self.SCRIPT, config,
+                                 name], capture_output=True, text=True,
+                                env=env, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("used 1", result.stdout)
+        # Whatever the process did, its session is gone once it exited.
+        wait_for(lambda: not backend_pids(self.layer.dsn, "zpgpool:" + name),
+                 "the child's session to end")
+        return name, result.stdout.split("\n")
+
+    def test_configure_zcml_closes_the_pools_at_exit(self):
+        name, lines = self._run('<include package="zpgpool" />\n'
+                                '  <include package="zpgpool" />')
+        # Loaded twice, closed once: one hook.
+        self.assertEqual(lines.count("closed %s" % name), 1, lines)
 
     def test_meta_zcml_alone_installs_nothing(self):
-        with mock.patch.object(zcml.atexit, "register") as register:
-            xmlconfig.string(
-                '<configure xmlns="http://namespaces.zope.org/zope">\n'
-                '  <include package="zpgpool" file="meta.zcml" />\n'
-                '</configure>')
-        register.assert_not_called()
+        name, lines = self._run(
+            '<include package="zpgpool" file="meta.zcml" />')
+        self.assertNotIn("closed %s" % name, lines)
+
+    def test_install_exit_hook_is_idempotent(self):
+        saved = zcml._exit_hook_installed
+        self.addCleanup(setattr, zcml, "_exit_hook_installed", saved)
+        zcml._exit_hook_installed = True
+        # A second call while installed registers nothing more: checked
+        # through atexit's own count of registered functions.
+        import atexit
+        before = atexit._ncallbacks()
+        zcml.install_exit_hook()
+        self.assertEqual(atexit._ncallbacks(), before)
+
+
+class CloseRegisteredPoolsTests(_Base):
 
     def test_close_registered_pools(self):
         pools = self._load(_pool(name="a") + _pool(name="b"))
