@@ -1371,6 +1371,24 @@ class ForkTests(PoolTestBase):
         pool.putconn(again)
 
 
+    def test_child_is_not_stuck_on_a_lock_held_at_the_fork(self):
+        # Another thread of the parent is recording a connect failure (it
+        # holds the connector's lock) when the process forks: the child's
+        # copy of that lock would stay held for ever.
+        pool = self._makeOne(minconn=0, maxconn=2)
+        lock = pool._connector._lock
+        lock.acquire()
+        try:
+            def child():
+                conn = pool.getconn()
+                self.assertWorks(conn)
+                pool.putconn(conn)
+            code, message = run_in_child(child)
+        finally:
+            lock.release()
+        self.assertEqual((code, message), (0, "ok"))
+
+
 # -- bad input ----------------------------------------------------------------
 
 class BadInputTests(PoolTestBase):

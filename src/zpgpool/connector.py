@@ -120,6 +120,17 @@ class Connector:
             error.permanent = True
             raise error from exc
 
+    def after_fork(self):
+        """Start the record afresh in a child process: a parent's thread may
+        have held the lock at the fork, and its outage is not the child's."""
+        self._lock = threading.Lock()
+        self.failures = 0
+        self.last_error = None
+        self.outage_since = None
+        self._warned_at = None
+        self._unwarned = 0
+        self.probing = False
+
     def reconfigure(self, conn):
         """Run ``configure`` again, after a session reset undid it (the
         connection is in autocommit mode, between transactions)."""

@@ -977,6 +977,7 @@ class CorePool:
             conn._zp_state = GONE
             neutralize(conn)
         self._new_books()
+        self._connector.after_fork()
 
     # -- For zpgpool's own modules -------------------------------------------------
     #
