@@ -1670,7 +1670,8 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
         pool.putconn(stuck)
         self.freeze(pid)
         taker = start(self, pool.getconn)
-        wait_for(lambda: is_in(taker, "_ping"), "the thread to hang pinging")
+        wait_for(lambda: is_in(taker, "server_fits"),
+                 "the thread to hang pinging")
         # The third thread's getconn must not take the one being pinged;
         # with health_check_after=0 it pings ``other`` itself.
         self.others_get_on(pool, other)

@@ -258,3 +258,35 @@ def unacknowledged_limit(conn, seconds):
     finally:
         sock.close()
 
+
+# A health check's query, by the kind of server the pool asks for: it
+# answers whether the server still is that kind (a standby promoted, a
+# primary turned standby); any other pool just needs an answer.
+KIND_QUERIES = {
+    "read-write": "SELECT current_setting('transaction_read_only') = 'off'",
+    "primary": "SELECT NOT pg_is_in_recovery()",
+    "read-only": "SELECT current_setting('transaction_read_only') = 'on'",
+    "standby": "SELECT pg_is_in_recovery()",
+    "prefer-standby": "SELECT pg_is_in_recovery()",
+}
+_get_autocommit = _ext.connection.autocommit.__get__
+_set_autocommit = _ext.connection.autocommit.__set__
+
+
+def server_fits(conn, target, bound):
+    """Ask the server behind ``conn`` whether it still is the kind that
+    ``target`` (a ``target_session_attrs``) asks for; any answer will do
+    for other targets. A silent network fails it after ``bound`` seconds.
+
+    Raises ``psycopg2.Error`` when the session is gone. Runs in autocommit
+    mode, so no transaction is left open; the mode is put back after.
+    """
+    autocommit = _get_autocommit(conn)
+    _set_autocommit(conn, True)
+    cur = _ext.cursor(conn)
+    with unacknowledged_limit(conn, bound):
+        cur.execute(KIND_QUERIES.get(target, "SELECT 1"))
+        fits = cur.fetchone()[0]
+    cur.close()
+    _set_autocommit(conn, autocommit)
+    return fits

@@ -14,6 +14,12 @@ the count, not one per attempt.
 A new connection gets the pool's cursor factory and transaction
 characteristics, then the pool's ``configure`` callable, before anyone
 uses it.
+
+The connector also runs a caller's own connect (``connect_for_caller``:
+retries with back-off through a transient outage, one probing caller at a
+time through a long one) and a prefer-standby pool's look for a standby
+(``standby_reachable``). It reaches into the pool only through the
+callables it is given, which take the pool's lock themselves.
 """
 import logging
 import re
@@ -69,6 +75,9 @@ class Connector:
         self._warned_at = None          # when the last warning was logged
         self._unwarned = 0              # failures since that warning
         self.probing = False            # a caller tries during a long outage
+        # prefer-standby: when a standby was last looked for, and found.
+        self._standby_asked = -1e9
+        self._standby_seen = False
 
     def open(self):
         """Connect once, prepare and configure the connection; return it.
@@ -184,3 +193,97 @@ class Connector:
         """Seconds since connecting started failing, or 0.0."""
         since = self.outage_since
         return 0.0 if since is None else _monotonic() - since
+
+
+    # -- a caller's own connect ------------------------------------------------
+
+    def connect_for_caller(self, deadline, timeout, backoff, attempt,
+                           release_place, place_not_needed):
+        """Open a connection for a caller who holds a reserved place.
+
+        Through a transient outage (a restart, a failover) the caller keeps
+        trying, with ``backoff`` and jitter, until its ``deadline``; a
+        permanent failure, or an outage already longer than the pool's
+        ``timeout``, fails it at once.
+
+        The pool's side: ``attempt()`` opens and registers one connection
+        (or raises ``ConnectError``); ``release_place()`` gives the place
+        back after a failure; ``place_not_needed()``, asked between tries,
+        gives it back and answers True when a connection came back to the
+        pool meanwhile: then this returns None (the caller takes that one).
+        """
+        first = _monotonic()
+        attempts = 0
+        probe = self._start_probe(timeout, release_place)
+        try:
+            while True:
+                attempts += 1
+                try:
+                    return attempt()
+                except ConnectError as exc:
+                    now = _monotonic()
+                    delay = min(backoff.delay(), 1.0)
+                    if exc.permanent or probe or now + delay >= deadline:
+                        release_place()
+                        if attempts > 1:
+                            exc.args = ("%s (tried for %.1f s, %d attempts)"
+                                        % (exc.args[0], now - first,
+                                           attempts),)
+                        raise
+                    time.sleep(delay)
+                    if place_not_needed():
+                        return None
+                except BaseException:
+                    release_place()
+                    raise
+        finally:
+            if probe:
+                self.probing = False
+
+    def _start_probe(self, timeout, release_place):
+        """In an outage longer than the pool's ``timeout``, let one caller
+        at a time make a single attempt (True) and fail every other one at
+        once with the last error, instead of holding each for a whole
+        time-out; outside one, return False."""
+        outage = self.outage()
+        if outage <= timeout:
+            return False
+        with self._lock:
+            if not self.probing:
+                self.probing = True
+                return True
+        release_place()
+        error = ConnectError(
+            "%s: cannot connect to %s: the server has been unreachable for "
+            "%.1f s, longer than the pool's timeout (%.3g s), so callers "
+            "fail at once until a connection succeeds again; last error: %s"
+            % (self.label, self.conninfo.target, outage, timeout,
+               self.last_error))
+        error.permanent = False
+        raise error
+
+    # -- prefer-standby ------------------------------------------------------------
+
+    def standby_reachable(self, period):
+        """Tell whether a standby can be reached now, for a pool that
+        prefers standbys and holds a connection to a primary. Asks at most
+        once per ``period`` seconds (a connect of its own, outside the
+        lock), and answers from the last look in between."""
+        now = _monotonic()
+        with self._lock:
+            if now - self._standby_asked < period:
+                return self._standby_seen
+            self._standby_asked = now
+        try:
+            probe = psycopg2.connect(self.conninfo.conninfo)
+            try:
+                cur = probe.cursor()
+                cur.execute("SELECT pg_is_in_recovery()")
+                seen = cur.fetchone()[0]
+            finally:
+                probe.close()
+        except psycopg2.Error:
+            seen = False
+        with self._lock:
+            self._standby_seen = seen
+        return seen

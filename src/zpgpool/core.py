@@ -1,5 +1,10 @@
 """The pool itself: sizing, waiting, checkout and return, health,
-lifetime, closing, statistics and fork safety.
+lifetime, discarding, and lending parked connections.
+
+Its other concerns are mixed in from the floor below: the psycopg2.pool
+contract (keyed.py), opening and closing (lifecycle.py), the figures
+(reporting.py) and the session settings (session.py); fork safety is
+fork.py's, and a caller's connect with its retries is the connector's.
 
 Lock discipline: ``CorePool._lock`` protects the pool's bookkeeping (the
 idle stack, the waiters, the counters, the parked connections and each
@@ -16,27 +21,26 @@ end of ``CorePool``, under "For zpgpool's own modules".
 """
 import collections
 import logging
-import os
 import random
 import threading
 import time
 import traceback
-import weakref
 
 import psycopg2
 import psycopg2.extensions as _ext
 import zope.event
 
 from zpgpool import events
+from zpgpool import fork
 from zpgpool.connection import GONE
 from zpgpool.connection import IDLE
+from zpgpool.connection import KIND_QUERIES
 from zpgpool.connection import PARKED
 from zpgpool.connection import RETURNING
 from zpgpool.connection import USED
 from zpgpool.connection import _connection_class
 from zpgpool.connection import close_quietly
-from zpgpool.connection import neutralize
-from zpgpool.connection import unacknowledged_limit
+from zpgpool.connection import server_fits
 from zpgpool.conninfo import ConnInfo
 from zpgpool.conninfo import default_application_name
 from zpgpool.connector import Connector
@@ -46,11 +50,14 @@ from zpgpool.errors import InvalidOption
 from zpgpool.errors import PoolClosed
 from zpgpool.errors import PoolTimeout
 from zpgpool.histogram import Histogram
+from zpgpool.keyed import KeyedContract
+from zpgpool.lifecycle import Lifecycle
 from zpgpool.maintenance import Backoff
-from zpgpool.maintenance import Maintainer
 from zpgpool.options import OPTIONS
 from zpgpool.options import check_options
 from zpgpool.options import label as _pool_label
+from zpgpool.reporting import Reporting
+from zpgpool.session import SessionReset
 
 
 logger = logging.getLogger("zpgpool")
@@ -62,21 +69,7 @@ _set_autocommit = _ext.connection.autocommit.__set__
 _subscribers = zope.event.subscribers
 
 _OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
-# A health check's query, by the kind of server the pool asks for: it
-# answers whether the server still is that kind (a standby promoted, a
-# primary turned standby); any other pool just needs an answer.
-_FITS = {
-    "read-write": "SELECT current_setting('transaction_read_only') = 'off'",
-    "primary": "SELECT NOT pg_is_in_recovery()",
-    "read-only": "SELECT current_setting('transaction_read_only') = 'on'",
-    "standby": "SELECT pg_is_in_recovery()",
-    "prefer-standby": "SELECT pg_is_in_recovery()",
-}
-_ROLLBACK_STATUS = (_ext.TRANSACTION_STATUS_INTRANS,
-                    _ext.TRANSACTION_STATUS_INERROR)
-# A connection whose session is gone: the reason shown in events and logs,
-# and the flag that makes _discard retire every older connection.
-_LOST = ("broken", True)
+
 
 class _Waiter:
     """A caller waiting for a connection, served in arrival order.
@@ -95,10 +88,8 @@ class _Waiter:
         self.error = None
 
 
-_pools = weakref.WeakSet()
 
-
-class CorePool:
+class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
     """A thread-safe pool of PostgreSQL connections, without the Zope
     integration; ``ConnectionPool`` (pool.py) documents the options."""
 
@@ -128,7 +119,7 @@ class CorePool:
         # connection that often, since its server may change kind (a
         # failover) while it is in use.
         self._recheck_after = self._check_after \
-            if self._conninfo.target_session_attrs in _FITS else float("inf")
+            if self._conninfo.target_session_attrs in KIND_QUERIES else float("inf")
         self._connector = Connector(self.label, self._conninfo,
                                     self._factory, self._prepare_connection,
                                     self.configure)
@@ -137,9 +128,6 @@ class CorePool:
         self._retire_before = -1.0         # conns created earlier are stale
         self._check_before = -1.0          # conns unused since are pinged
         self._backoff = Backoff(self.reconnect_max_delay)
-        # prefer-standby: when a standby was last looked for, and found.
-        self._standby_asked = -1e9
-        self._standby_seen = False
         # Wait times of callers that waited, always; hold times, from the
         # first call of record_held_times() on (metrics.py).
         self._wait_times = Histogram()
@@ -153,7 +141,7 @@ class CorePool:
         # For datamanager.py: twophase=True was checked against the server.
         self.twophase_checked = False
         self._new_books()
-        _pools.add(self)
+        fork.track(self)
 
     def _new_books(self):
         """Start the pool's bookkeeping afresh (in a new pool, and in the
@@ -270,50 +258,21 @@ class CorePool:
         at most ``bound`` seconds on a silent network; discard the
         connection if it fails, or if its server no longer fits."""
         try:
-            autocommit = _get_autocommit(conn)
-            _set_autocommit(conn, True)
-            cur = _ext.cursor(conn)
-            with unacknowledged_limit(conn, bound):
-                cur.execute(_FITS.get(self._conninfo.target_session_attrs,
-                                      "SELECT 1"))
-                fits = cur.fetchone()[0]
-            cur.close()
-            _set_autocommit(conn, autocommit)
+            fits = server_fits(conn, self._conninfo.target_session_attrs,
+                               bound)
         except psycopg2.Error:
             self._discard(conn, "broken", lost=True)
             return False
         conn._zp_last_used = conn._zp_checked = _monotonic()
-        if fits or self._no_better_server():
+        # A pool that prefers standbys keeps its primary while no standby
+        # can be reached.
+        if fits or (self._conninfo.target_session_attrs == "prefer-standby"
+                    and not self._connector.standby_reachable(
+                        max(self._check_after, 1.0))):
             return True
         self._discard(conn, "server no longer %s"
                       % self._conninfo.target_session_attrs)
         return False
-
-    def _no_better_server(self):
-        """For a pool that prefers standbys and holds a connection to a
-        primary: tell whether no standby can be reached now, so keeping
-        the connection is best. Asks a standby at most once per health
-        check period (a connect of its own, outside the lock)."""
-        if self._conninfo.target_session_attrs != "prefer-standby":
-            return False
-        now = _monotonic()
-        with self._lock:
-            if now - self._standby_asked < max(self._check_after, 1.0):
-                return not self._standby_seen
-            self._standby_asked = now
-        try:
-            probe = psycopg2.connect(self._conninfo.conninfo)
-            try:
-                cur = probe.cursor()
-                cur.execute("SELECT pg_is_in_recovery()")
-                seen = cur.fetchone()[0]
-            finally:
-                probe.close()
-        except psycopg2.Error:
-            seen = False
-        with self._lock:
-            self._standby_seen = seen
-        return not seen
 
     def _acquire_slow(self, timeout):
         if timeout is None:
@@ -400,60 +359,15 @@ class CorePool:
         events.notify(events.ConnectionCheckedOut, self, conn, waited)
         return conn
 
-    def _timeout_message(self, waited):
-        """Explain a time-out; called with the lock held."""
-        # Places taken by connections still being opened count too.
-        connecting = self._size - len(self._conns)
-        msg = ("%s: connection pool exhausted: no connection became free "
-               "within %.3g s (maxconn=%d, in use=%d, %swaiting=%d)" % (
-                   self.label, waited, self.maxconn, self._in_use,
-                   "connecting=%d, " % connecting if connecting > 0 else "",
-                   len(self._waiters)))
-        if self._connector.last_error:
-            msg += "; last connect error: %s" % self._connector.last_error
-        return msg
-
     def _connect_for_caller(self, deadline):
-        """Open a connection for a caller who holds a reserved place.
-
-        Through a transient outage (a restart, a failover) the caller keeps
-        trying, with back-off and jitter, until its ``deadline``; a
-        permanent failure, or an outage already longer than the pool's
-        ``timeout``, fails it at once. Returns None when a connection came
-        back to the idle stack meanwhile (the caller takes that one).
-        """
-        first = _monotonic()
-        attempts = 0
-        probe = self._start_probe()
-        try:
-            while True:
-                attempts += 1
-                try:
-                    conn = self._open_connection()
-                    break
-                except ConnectError as exc:
-                    now = _monotonic()
-                    delay = min(self._backoff.delay(), 1.0)
-                    if exc.permanent or probe or now + delay >= deadline:
-                        self._release_place()
-                        if attempts > 1:
-                            exc.args = ("%s (tried for %.1f s, %d attempts)"
-                                        % (exc.args[0], now - first,
-                                           attempts),)
-                        raise
-                    time.sleep(delay)
-                    with self._lock:
-                        if self._idle and not self._closed:
-                            # Someone returned one: give the place back.
-                            self._size -= 1
-                            self._pass_place_on()
-                            return None
-                except BaseException:
-                    self._release_place()
-                    raise
-        finally:
-            if probe:
-                self._connector.probing = False
+        """Open a connection for a caller who holds a reserved place, and
+        check it out (the retries are the connector's); None when a
+        connection came back to the idle stack meanwhile."""
+        conn = self._connector.connect_for_caller(
+            deadline, self.timeout, self._backoff, self._open_connection,
+            self._release_place, self._place_not_needed)
+        if conn is None:
+            return None
         with self._lock:
             closed = self._closed
             if closed:
@@ -468,29 +382,15 @@ class CorePool:
         events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
         return conn
 
-    def _start_probe(self):
-        """In an outage longer than the pool's ``timeout``, let one caller
-        at a time make a single attempt (True) and fail every other one at
-        once with the last error, instead of holding each for a whole
-        time-out; outside one, return False."""
-        connector = self._connector
-        outage = connector.outage()
-        if outage <= self.timeout:
-            return False
+    def _place_not_needed(self):
+        """Between a caller's connect attempts: give its place back if a
+        connection was returned meanwhile (the caller takes that one)."""
         with self._lock:
-            if not connector.probing:
-                connector.probing = True
+            if self._idle and not self._closed:
+                self._size -= 1
+                self._pass_place_on()
                 return True
-            self._size -= 1
-            self._pass_place_on()
-        error = ConnectError(
-            "%s: cannot connect to %s: the server has been unreachable for "
-            "%.1f s, longer than the pool's timeout (%.3g s), so callers "
-            "fail at once until a connection succeeds again; last error: %s"
-            % (self.label, self._conninfo.target, outage, self.timeout,
-               connector.last_error))
-        error.permanent = False
-        raise error
+        return False
 
     def _release_place(self):
         """Give back a reserved place after a failed connect."""
@@ -509,15 +409,6 @@ class CorePool:
             self._size += 1
             waiter.permit = True
             waiter.lock.release()
-
-    def _prepare_connection(self, conn):
-        """The pool's own setup of a new connection, before ``configure``."""
-        if self._cursor_factory is not None:
-            conn.cursor_factory = self._cursor_factory
-        if self.isolation_level is not None or self.readonly \
-                or self.deferrable:
-            # Kept by psycopg2 and sent with each BEGIN, never as SET.
-            self._restore_session(conn)
 
     def _open_connection(self):
         """Connect (outside the lock) and register the new connection."""
@@ -609,59 +500,6 @@ class CorePool:
             self._discard(conn, reason, lost)
             return
         self._put_back(conn)
-
-    def _reset_for_reuse(self, conn, close=False):
-        """Bring a connection back to idle.
-
-        Returns ``(None, False)`` when done, else why not and whether the
-        session was found lost.
-        """
-        # closed == 2, or a status libpq cannot tell: the session is gone,
-        # whatever the caller meant; closed == 1: its caller closed it, as
-        # psycopg2's pools allow, which says nothing about the server.
-        if conn.closed == 2:
-            return _LOST
-        status = _ext.TRANSACTION_STATUS_UNKNOWN if conn.closed \
-            else conn.get_transaction_status()
-        if status == _ext.TRANSACTION_STATUS_UNKNOWN and not conn.closed:
-            return _LOST
-        if close or conn.closed:
-            return "closed by caller", False
-        if status != _OK_STATUS:
-            with self._lock:
-                self._counters["returned_bad"] += 1
-            if status not in _ROLLBACK_STATUS:
-                return "status", False
-            try:
-                if _get_autocommit(conn):
-                    # Nothing that psycopg2 began: its rollback() would
-                    # send nothing (the transaction integration's BEGIN).
-                    cur = _ext.cursor(conn)
-                    cur.execute("ROLLBACK")
-                    cur.close()
-                else:
-                    _ext.connection.rollback(conn)
-            except psycopg2.Error:
-                return _LOST
-        try:
-            if _get_autocommit(conn):
-                _set_autocommit(conn, False)
-            if conn._zp_session_changed:
-                self._restore_session(conn)
-        except psycopg2.Error:
-            return _LOST
-        return None, False
-
-    def _restore_session(self, conn):
-        """Give a borrower's connection back the pool's transaction
-        characteristics (those sent with psycopg2's BEGIN)."""
-        _ext.connection.set_session(
-            conn,
-            isolation_level="DEFAULT" if self.isolation_level is None
-            else self.isolation_level,
-            readonly=self.readonly or "DEFAULT",
-            deferrable=self.deferrable or "DEFAULT")
-        conn._zp_session_changed = False
 
     def _put_back(self, conn):
         """Make a sound connection available: first waiter, else idle."""
@@ -758,227 +596,6 @@ class CorePool:
         self._counters["connections_discarded"] += len(stale)
         return stale
 
-    # -- the psycopg2.pool contract ----------------------------------------------
-
-    def getconn(self, key=None):
-        """Take a connection; with a ``key``, the one held under that key."""
-        if key is None:
-            return self.acquire()
-        with self._lock:
-            # As psycopg2: a closed pool refuses keys it still remembers.
-            if self._closed:
-                raise PoolClosed("%s is closed" % self.label)
-            conn = self._keys.get(key)
-        if conn is not None:
-            return conn
-        conn = self.acquire()
-        with self._lock:
-            other = self._keys.get(key)
-            if other is None:
-                self._keys[key] = conn
-                conn._zp_key = key
-        if other is not None:
-            # Another thread took a connection for the same key meanwhile.
-            self.release(conn)
-            return other
-        return conn
-
-    def putconn(self, conn=None, key=None, close=False):
-        """Return a connection taken with ``getconn``."""
-        if conn is None:
-            if key is None:
-                raise ConnectionMisuse("%s: putconn() needs a connection or "
-                                       "a key" % self.label)
-            with self._lock:
-                conn = self._keys.get(key)
-            if conn is None:
-                raise ConnectionMisuse("%s: no connection is held under key"
-                                       " %r" % (self.label, key))
-        elif key is not None and getattr(conn, "_zp_key", None) != key:
-            raise ConnectionMisuse("%s: the connection is not held under key "
-                                   "%r" % (self.label, key))
-        self.release(conn, close=close)
-
-    def closeall(self):
-        """Close every connection, in use or not, and the pool itself.
-
-        As psycopg2's ``closeall``: connections still checked out are closed
-        too. Use ``close()`` to let them finish first.
-        """
-        self._shut(force=True, timeout=0)
-
-    def close(self, timeout=5.0):
-        """Close the pool: waiters get ``PoolClosed``, idle connections close.
-
-        Connections in use are closed when they come back; ``close`` waits
-        up to ``timeout`` seconds for them.
-        """
-        self._shut(force=False, timeout=timeout)
-
-    def _shut(self, force, timeout):
-        with self._lock:
-            already = self._closed
-            self._closed = True
-            idle = list(self._idle) + list(self._parked)
-            for conn in idle:
-                self._forget(conn)
-            waiters = list(self._waiters)
-            self._waiters.clear()
-            for waiter in waiters:
-                waiter.error = PoolClosed("%s was closed while waiting for a"
-                                          " connection" % self.label)
-                waiter.lock.release()
-            in_use = list(self._conns) if force else []
-        self._wakeup.set()
-        maintainer = self._maintainer
-        if maintainer is not None \
-                and maintainer.thread is not threading.current_thread():
-            # It ends at its next wake-up; don't leave it behind the caller.
-            maintainer.thread.join(1.0)
-        for conn in idle:
-            close_quietly(conn)
-            events.notify(events.ConnectionDiscarded, self, conn,
-                          "pool closed")
-        for conn in in_use:
-            # psycopg2's closeall closes connections still in use.
-            self._discard(conn, "pool closed")
-        if not force:
-            deadline = _monotonic() + timeout
-            with self._changed:
-                while self._in_use or self._closing:
-                    remaining = deadline - _monotonic()
-                    if remaining <= 0:
-                        break
-                    self._changed.wait(remaining)
-        if not already:
-            logger.info("%s: closed", self.label)
-            events.notify(events.PoolClosed, self)
-
-    # -- plain use ----------------------------------------------------------------
-
-    def open(self, wait=False, timeout=30.0):
-        """Start the pool's background work and warm ``minconn`` connections.
-
-        With ``wait``, block until ``minconn`` connections are open (or
-        raise ``PoolTimeout`` after ``timeout`` seconds).
-        """
-        if self._closed:
-            raise PoolClosed("%s is closed" % self.label)
-        self._ensure_maintainer()
-        self._wakeup.set()
-        if not wait:
-            return
-        deadline = _monotonic() + timeout
-        with self._changed:
-            while len(self._conns) < self.minconn:
-                remaining = deadline - _monotonic()
-                if remaining <= 0:
-                    raise PoolTimeout(
-                        "%s: could not open %d connections within %.3g s%s"
-                        % (self.label, self.minconn, timeout,
-                           "; last connect error: %s" % self._connector.last_error
-                           if self._connector.last_error else ""))
-                self._changed.wait(remaining)
-
-    def histograms(self):
-        """Return copies of the pool's time histograms (histogram.py):
-        ``wait``, how long callers that waited waited, and ``held``, how
-        long connections stayed checked out (empty until
-        ``record_held_times()`` was called)."""
-        with self._lock:
-            wait = self._wait_times.snapshot()
-            held = self._held_times.snapshot() if self._held_times \
-                is not None else Histogram()
-        return {"wait": wait, "held": held}
-
-    def record_held_times(self):
-        """From now on, record how long each connection is held (a little
-        work at every return, which a pool without metrics skips)."""
-        if self._held_times is None:
-            with self._lock:
-                if self._held_times is None:
-                    self._held_times = Histogram()
-
-    def stats(self):
-        """Return a snapshot of the pool's gauges and counters."""
-        with self._lock:
-            result = dict(self._counters, checkouts=self._checkouts)
-            result.update(
-                name=self.name,
-                size=len(self._conns),
-                idle=len(self._idle),
-                bound_idle=len(self._parked),
-                in_use=self._in_use,
-                waiting=len(self._waiters),
-                connecting=self._size - len(self._conns),
-                minconn=self.minconn,
-                maxconn=self.maxconn,
-                closed=self._closed,
-                last_connect_error=self._connector.last_error,
-                outage_seconds=round(self._connector.outage(), 3),
-            )
-        return result
-
-    # -- background maintenance ---------------------------------------------------
-
-    def _ensure_maintainer(self):
-        maintainer = self._maintainer
-        if maintainer is not None and maintainer.thread.is_alive():
-            return
-        with self._lock:
-            current = self._maintainer
-            # A thread created but not started yet counts as running: the
-            # caller that created it is starting it, outside the lock.
-            if self._closed or (current is not None and (
-                    current.thread.ident is None
-                    or current.thread.is_alive())):
-                return
-            maintainer = self._maintainer = Maintainer(self, self._wakeup)
-        try:
-            maintainer.thread.start()
-        except BaseException:  # pragma: no cover (no new thread allowed)
-            with self._lock:
-                if self._maintainer is maintainer:
-                    self._maintainer = None
-            raise
-
-    def _warmed(self, conn):
-        """Account for a place the maintainer filled with ``conn``, or gave
-        up on (``conn`` None: the connect failed)."""
-        with self._lock:
-            self._warming -= 1
-            closed = self._closed
-            if conn is None:
-                self._size -= 1
-                self._pass_place_on()
-                return
-            if closed:
-                self._forget(conn)
-            else:
-                # Under the same lock as _warming, so that no caller sees
-                # the place neither warming nor filled.
-                conn._zp_last_used = _monotonic()
-                self._hand_over(conn)
-        if closed:
-            conn.close()
-        elif _subscribers:
-            events.notify(events.ConnectionReturned, self, conn)
-
-    # -- fork ---------------------------------------------------------------------
-
-    def _after_fork_in_child(self):
-        """Forget the parent's connections without ending their sessions."""
-        inherited = list(self._conns)
-        # First, before anything below drops the old thread-local storage:
-        # that ends the forking thread's bindings at once (binding.py),
-        # which would hand their connections back, rolling back the
-        # parent's transaction on its socket, unless they are gone already.
-        for conn in inherited:
-            conn._zp_state = GONE
-            neutralize(conn)
-        self._new_books()
-        self._connector.after_fork()
-
     # -- For zpgpool's own modules -------------------------------------------------
     #
     # binding.py and datamanager.py use the pool through these members only:
@@ -1060,19 +677,3 @@ class CorePool:
         conn._zp_owner = None
         self.release(conn)
         return False
-
-
-def all_pools():
-    """Every pool of this process that is still alive."""
-    return list(_pools)
-
-
-def _after_fork_in_child():
-    for pool in list(_pools):
-        pool._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-

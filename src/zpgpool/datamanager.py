@@ -8,11 +8,12 @@ The flow for a thread, as seen from ``ConnectionPool.connection()``:
   data manager to the transaction: ``OnePhaseDataManager`` or
   ``TwoPhaseDataManager``, chosen once by the pool's ``twophase`` option;
 - the connection runs in psycopg2's autocommit mode, so psycopg2 never
-  sends a BEGIN of its own: the managed cursors send the transaction's
-  BEGIN (with the pool's isolation level, READ ONLY and DEFERRABLE) in the
-  same message as its first statement, make sure the connection is part of
-  the thread's *current* transaction, and turn serialization failures,
-  deadlocks and lost sessions into retryable errors;
+  sends a BEGIN of its own: the managed cursors (cursors.py) send the
+  transaction's BEGIN (with the pool's isolation level, READ ONLY and
+  DEFERRABLE) in the same message as its first statement, make sure the
+  connection is part of the thread's *current* transaction, and turn
+  serialization failures, deadlocks and lost sessions into retryable
+  errors; what a statement does to the session is statements.py's call;
 - the transaction ends in ``tpc_vote`` (COMMIT or PREPARE TRANSACTION),
   ``tpc_finish`` (COMMIT PREPARED) or ``abort``/``tpc_abort`` (ROLLBACK),
   sent by the data manager, after which the connection is parked: still
@@ -20,7 +21,6 @@ The flow for a thread, as seen from ``ConnectionPool.connection()``:
 """
 import itertools
 import logging
-import re
 import threading
 
 import psycopg2
@@ -30,16 +30,29 @@ import transaction.interfaces
 from zope.interface import implementer
 
 from zpgpool import binding
+from zpgpool.cursors import RETRYABLE_SQLSTATES
+from zpgpool.cursors import _execute
+from zpgpool.cursors import _managed_cursor_class
+from zpgpool.cursors import translate_error
 from zpgpool.errors import CommitUnknown
 from zpgpool.errors import ConflictError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import PoolError
 from zpgpool.errors import SessionLost
 from zpgpool.connection import is_disconnect
+from zpgpool.statements import CHANGES_SESSION
+from zpgpool.statements import LISTENS
+from zpgpool.statements import ONE_PHASE_SESSION_RESET
+from zpgpool.statements import ROLLBACK_SESSION_RESET
+from zpgpool.statements import SESSION_RESET
+from zpgpool.statements import begin_statement
 from zpgpool.twophase import gid_prefix
 from zpgpool.twophase import new_gid
 from zpgpool.twophase import resolve_prepared
-# The recovery API lived here before zpgpool.twophase; its names still work.
+# Statement analysis lived here before zpgpool.statements; so did the
+# recovery API before zpgpool.twophase: their names still work.
+from zpgpool.statements import changes_session  # noqa: F401
+from zpgpool.statements import statement_effect  # noqa: F401
 from zpgpool.twophase import list_prepared  # noqa: F401
 from zpgpool.twophase import recover  # noqa: F401
 from zpgpool.twophase import zodb_decider  # noqa: F401
@@ -47,233 +60,12 @@ from zpgpool.twophase import zodb_decider  # noqa: F401
 
 logger = logging.getLogger("zpgpool")
 
-# Serialization failure and deadlock: the transaction may succeed if run
-# again, so the transaction manager and Zope's publisher should retry it.
-RETRYABLE_SQLSTATES = frozenset(("40001", "40P01"))
-
 _IDLE = _ext.TRANSACTION_STATUS_IDLE
 _INTRANS = _ext.TRANSACTION_STATUS_INTRANS
 _INERROR = _ext.TRANSACTION_STATUS_INERROR
 _get_ident = threading.get_ident
 _get_autocommit = _ext.connection.autocommit.__get__
 _set_autocommit = _ext.connection.autocommit.__set__
-_retryable_classes = {}
-
-
-def _retryable_class(cls, marker):
-    """Return a subclass of psycopg2 error ``cls`` that is also ``marker``
-    (a TransientError), so the transaction manager retries it."""
-    sub = _retryable_classes.get((cls, marker))
-    if sub is None:
-        sub = type(cls.__name__, (cls, marker), {
-            "__module__": cls.__module__,
-            "__doc__": "%s, retryable by the transaction manager."
-                       % cls.__name__})
-        _retryable_classes[cls, marker] = sub
-    return sub
-
-
-def translate_error(exc, conn=None):
-    """Make an error the transaction may survive by running again
-    retryable, in place.
-
-    That is a serialization failure or a deadlock, and -- when ``conn`` is
-    given, the connection of a transaction whose COMMIT was not sent yet --
-    a lost session: the server rolled that transaction back. The exception
-    keeps its psycopg2 class (as a base), its message, its pgcode and its
-    diagnostics, so existing ``except`` clauses still match.
-    """
-    if isinstance(exc, transaction.interfaces.TransientError):
-        return exc
-    if getattr(exc, "pgcode", None) in RETRYABLE_SQLSTATES:
-        exc.__class__ = _retryable_class(type(exc), ConflictError)
-    elif conn is not None and is_disconnect(exc, conn):
-        exc.__class__ = _retryable_class(type(exc), SessionLost)
-    return exc
-
-
-def _execute(conn, statement, params=None):
-    """Run ``statement`` on ``conn`` past the managed cursor's guards, on
-    a plain cursor kept with the connection for the purpose (making one
-    per COMMIT would cost more than the rest of the vote)."""
-    cur = conn._zp_cursor
-    if cur is None or cur.closed:
-        cur = conn._zp_cursor = _ext.cursor(conn)
-    cur.execute(statement, params)
-
-
-# -- what a statement does ----------------------------------------------------------
-
-# Statements that change the session beyond the transaction: settings,
-# temporary tables, prepared statements, LISTEN, held cursors. A
-# transaction that ran one undoes it before its COMMIT (see SESSION_RESET).
-_SESSION_STATEMENT = re.compile(
-    r"\s*(SET\s+(?!LOCAL\b|TRANSACTION\b|CONSTRAINTS\b)|RESET\b|DISCARD\b"
-    r"|CREATE\s+(GLOBAL\s+|LOCAL\s+)?TEMP|PREPARE\s|LISTEN\b|DECLARE\b"
-    r"|LOAD\b)", re.IGNORECASE)
-_LISTEN_STATEMENT = re.compile(r"\s*LISTEN\b", re.IGNORECASE)
-# Functions whose effect outlives the transaction: session advisory locks
-# (not the pg_*advisory_xact_* ones) and set_config, which changes the
-# session unless its third argument is true (not worth parsing: a reset
-# too many costs one round trip, one too few leaks a setting).
-_SESSION_CALLS = re.compile(
-    r"\b(pg_(try_)?advisory_(un)?lock(_shared|_all)?|set_config)\s*\(",
-    re.IGNORECASE)
-# Statements that begin or end a transaction themselves: never bundled
-# behind the managed BEGIN.
-_TRANSACTION_STATEMENT = re.compile(
-    r"\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT)\b", re.IGNORECASE)
-
-# What a statement does, as statement_effect() answers: a set of flags.
-KEEPS_SESSION = 0
-CHANGES_SESSION = 1     # settings, temporary tables, locks, ...
-LISTENS = 2             # LISTEN, which PREPARE TRANSACTION refuses
-CONTROLS_TRANSACTION = 4
-
-# Everything DISCARD ALL undoes, in statements PostgreSQL accepts inside a
-# transaction block (DISCARD ALL itself is refused there). Sent just before
-# COMMIT or PREPARE, on the server connection the transaction ran on: behind
-# a transaction-mode PgBouncer, a reset sent after COMMIT would run on
-# whatever server connection is free by then, and the next client would
-# already have seen the state it meant to clear.
-SESSION_RESET = ("CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; RESET ALL; "
-                 "DEALLOCATE ALL; SELECT pg_advisory_unlock_all(); "
-                 "DISCARD PLANS; DISCARD SEQUENCES; DISCARD TEMP")
-# PREPARE TRANSACTION refuses a transaction that ran UNLISTEN, and a
-# two-phase transaction never ran LISTEN (it is refused), so only one-phase
-# transactions send it.
-ONE_PHASE_SESSION_RESET = SESSION_RESET + "; UNLISTEN *"
-# What ROLLBACK leaves behind: session advisory locks and prepared
-# statements are not transactional.
-ROLLBACK_SESSION_RESET = "SELECT pg_advisory_unlock_all(); DEALLOCATE ALL"
-
-_effects = {}
-
-
-def statement_effect(query):
-    """Tell what the text ``query`` does beyond its transaction, as flags:
-    CHANGES_SESSION, LISTENS, CONTROLS_TRANSACTION."""
-    # Applications run the same few statements again and again.
-    effect = _effects.get(query)
-    if effect is None:
-        effect = _statement_effect(query)
-        if len(_effects) > 2000:
-            _effects.clear()
-        _effects[query] = effect
-    return effect
-
-
-def _statement_effect(query):
-    if isinstance(query, bytes):
-        query = query.decode("utf-8", "replace")
-    if _TRANSACTION_STATEMENT.match(query):
-        return CONTROLS_TRANSACTION
-    if _SESSION_STATEMENT.match(query):
-        if _LISTEN_STATEMENT.match(query):
-            return CHANGES_SESSION | LISTENS
-        return CHANGES_SESSION
-    if _SESSION_CALLS.search(query):
-        return CHANGES_SESSION
-    return KEEPS_SESSION
-
-
-def changes_session(query, conn):
-    """Tell whether ``query`` may leave state in the session."""
-    if isinstance(query, sql.Composable):
-        query = query.as_string(conn)
-    elif not isinstance(query, (str, bytes)):
-        return True
-    return bool(statement_effect(query) & CHANGES_SESSION)
-
-
-_ISOLATION_NAMES = {
-    _ext.ISOLATION_LEVEL_READ_COMMITTED: "READ COMMITTED",
-    _ext.ISOLATION_LEVEL_REPEATABLE_READ: "REPEATABLE READ",
-    _ext.ISOLATION_LEVEL_SERIALIZABLE: "SERIALIZABLE",
-    _ext.ISOLATION_LEVEL_READ_UNCOMMITTED: "READ UNCOMMITTED",
-}
-
-
-def begin_statement(pool):
-    """The BEGIN that opens each of ``pool``'s managed transactions."""
-    words = ["BEGIN"]
-    if pool.isolation_level is not None:
-        words.append("ISOLATION LEVEL "
-                     + _ISOLATION_NAMES[pool.isolation_level])
-    if pool.readonly:
-        words.append("READ ONLY")
-    if pool.deferrable:
-        words.append("DEFERRABLE")
-    return " ".join(words)
-
-
-# -- managed cursors ------------------------------------------------------------------
-
-def _guarded(base, takes_query, bundles):
-    """Wrap cursor method ``base`` so that it joins the current transaction
-    first, sends that transaction's BEGIN when the server has none open
-    (inside the statement's own message when ``bundles``), and makes
-    conflicts and lost sessions retryable."""
-    def method(self, *args, **kw):
-        conn = self.connection
-        managed = conn._zp_managed
-        if managed is None:
-            raise ConnectionMisuse(
-                "zpgpool: this cursor belongs to a connection that went back "
-                "to its pool; call pool.connection() and open a new cursor")
-        query = args[0] if takes_query and args else None
-        if query is not None and type(query) is not str:
-            if isinstance(query, sql.Composable):
-                query = query.as_string(conn)
-                args = (query,) + args[1:]
-            elif not isinstance(query, bytes):
-                query = None
-        try:
-            begin = managed.before_statement(
-                conn, KEEPS_SESSION if query is None
-                else statement_effect(query), self.name is not None)
-            if begin is not None:
-                if not bundles or query is None or self.name is not None \
-                        or statement_effect(query) & CONTROLS_TRANSACTION:
-                    _execute(conn, begin)
-                elif type(query) is str:
-                    # One message: psycopg2 sends a query string as one
-                    # simple query, whose result is its last statement's.
-                    args = (begin + "; " + query,) + args[1:]
-                else:
-                    args = (begin.encode("ascii") + b"; " + query,) + args[1:]
-            return base(self, *args, **kw)
-        except psycopg2.Error as exc:
-            raise translate_error(exc, conn)
-    method.__name__ = base.__name__
-    return method
-
-
-# The cursor methods that send statements: whether they take the query
-# first, and whether it goes as the one message the BEGIN can join
-# (executemany sends one per parameter set).
-_STATEMENT_METHODS = (("execute", True, True), ("executemany", True, False),
-                      ("callproc", False, False),
-                      ("copy_expert", False, False),
-                      ("copy_from", False, False), ("copy_to", False, False))
-_cursor_classes = {}
-
-
-def _managed_cursor_class(factory):
-    """Return a subclass of cursor class ``factory`` whose statements join
-    the current transaction (cached per factory)."""
-    cls = _cursor_classes.get(factory)
-    if cls is None:
-        methods = {name: _guarded(getattr(factory, name), takes_query,
-                                  bundles)
-                   for name, takes_query, bundles in _STATEMENT_METHODS}
-        methods["__doc__"] = ("%s whose statements join the current "
-                              "transaction." % factory.__name__)
-        cls = type("Managed" + factory.__name__, (factory,), methods)
-        _cursor_classes[factory] = cls
-    return cls
-
-
 # -- several resources in one transaction ----------------------------------------
 #
 # A one-phase pool's COMMIT cannot be undone. It is safe only as the last

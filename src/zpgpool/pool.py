@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from zpgpool.binding import holder_for
 from zpgpool.core import CorePool
-from zpgpool.core import all_pools
+from zpgpool.fork import all_pools
 from zpgpool.datamanager import ThreadState
 from zpgpool.errors import PoolClosed
 from zpgpool.errors import PoolError
