@@ -7,6 +7,7 @@ transactions of one pool can be found, and only those resolved, from any
 process. This is an operator's tool (``zpgpool recover``) as much as the
 data manager's fallback when COMMIT PREPARED fails on its own connection.
 """
+import functools
 import hashlib
 import itertools
 import os
@@ -17,6 +18,7 @@ import time
 from zpgpool.errors import PoolError
 
 
+@functools.lru_cache(maxsize=256)   # asked for at every transaction
 def _safe_name(name):
     """The part of a pool name that may go into a transaction id.
 
