@@ -183,6 +183,29 @@ class PublishedEventTests(_SubscribersSaved, unittest.TestCase):
         self.assertEqual(self._kinds(), ["ConnectionReturned"])
         self.assertIs(self.received[0].connection, conn)
 
+    def test_one_handler_for_every_connection_event(self):
+        # A handler registered for IConnectionEvent, through
+        # zope.component's dispatch as in a Zope site.
+        import zope.component.event
+        import zope.component.testing
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        zope.event.subscribers.append(zope.component.event.dispatch)
+        seen = []
+        zope.component.provideHandler(seen.append,
+                                      (interfaces.IConnectionEvent,))
+        pool = self._makeOne()
+        conn = pool.getconn()
+        pool.putconn(conn)
+        pool.putconn(pool.getconn(), close=True)
+        pool.close()
+        self.assertEqual(
+            [type(event).__name__ for event in seen if event.pool is pool],
+            ["ConnectionCreated", "ConnectionCheckedOut",
+             "ConnectionReturned", "ConnectionCheckedOut",
+             "ConnectionDiscarded"])
+        self.assertEqual(self._kinds()[-1], "PoolClosed")
+
     def test_discarded_with_a_reason(self):
         pool = self._makeOne()
         conn = pool.getconn()

@@ -99,7 +99,8 @@ class ContractTests(unittest.TestCase):
         })
 
     def test_every_member_is_documented(self):
-        for iface in [interfaces.IConnectionPool, interfaces.IPoolEvent] + [
+        for iface in [interfaces.IConnectionPool, interfaces.IPoolEvent,
+                      interfaces.IConnectionEvent] + [
                 getattr(interfaces, name) for name in self.EVENTS]:
             self.assertTrue(iface.__doc__.strip(), iface)
             for name, member in iface.namesAndDescriptions():
@@ -128,6 +129,14 @@ class ContractTests(unittest.TestCase):
             iface = getattr(interfaces, name)
             self.assertTrue(iface.extends(interfaces.IPoolEvent), name)
             self.assertIn("pool", iface)
+
+    def test_connection_events_extend_IConnectionEvent(self):
+        for name in self.EVENTS:
+            iface = getattr(interfaces, name)
+            about_a_connection = name.startswith("IConnection")
+            self.assertEqual(iface.extends(interfaces.IConnectionEvent),
+                             about_a_connection, name)
+            self.assertEqual("connection" in iface, about_a_connection, name)
 
     def test_module_holds_only_interfaces(self):
         # interfaces.py is the contract: no code lives there.

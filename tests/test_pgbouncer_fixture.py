@@ -16,6 +16,7 @@ from zpgpool.testing import PgBouncerLayer
 from zpgpool.testing import PgBouncerUnavailable
 from zpgpool.testing import find_pgbouncer
 from zpgpool.testing import pgbouncer as pgbouncer_module
+from zpgpool.testing import program as program_module
 
 #: One server connection for every client: what transaction pooling is for.
 ONE_SERVER_CONNECTION_LAYER = PgBouncerLayer(
@@ -211,13 +212,13 @@ class BouncerTests(unittest.TestCase):
             s.listen()
             taken = s.getsockname()[1]
             ports = iter([taken])
-            real_free_port = pgbouncer_module._free_port
-            pgbouncer_module._free_port = (
+            real_free_port = program_module._free_port
+            program_module._free_port = (
                 lambda host: next(ports, None) or real_free_port(host))
             try:
                 bouncer = self.bouncer()
             finally:
-                pgbouncer_module._free_port = real_free_port
+                program_module._free_port = real_free_port
             self.assertNotEqual(bouncer.port, taken)
             self.assertEqual(fetch(bouncer.dsn(), 'SELECT 1'), [(1,)])
 

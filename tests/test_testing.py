@@ -21,7 +21,7 @@ import psycopg2
 from zpgpool import testing
 from zpgpool.testing import asuser
 from zpgpool.testing import binaries
-from zpgpool.testing import server as servermod
+from zpgpool.testing import program as programmod
 from zpgpool.testing import support
 from zpgpool.testing import watchdog
 from zpgpool.testing import POSTGRES_LAYER
@@ -766,7 +766,7 @@ class ServerLifeCycleTests(unittest.TestCase):
             def free_port(host):
                 return next(ports, None) or real_free_port(host)
 
-            with replaced(servermod, '_free_port', free_port):
+            with replaced(programmod, '_free_port', free_port):
                 with PostgresServer() as server:
                     self.assertNotEqual(server.port, taken)
                     self.assertEqual(fetch(server.dsn(), 'SELECT 1'), [(1,)])

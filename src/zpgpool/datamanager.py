@@ -455,11 +455,33 @@ class _DataManager:
 
     # -- two-phase commit -----------------------------------------------------------
 
+    #: What undoes a transaction's session changes before its vote's COMMIT
+    #: or PREPARE, on the transaction's own server connection.
+    _session_reset = SESSION_RESET
+
     def tpc_begin(self, txn):
         pass
 
     def commit(self, txn):
         pass
+
+    def tpc_vote(self, txn):
+        """Undo the transaction's session changes, then COMMIT or PREPARE.
+
+        Each kind sends its own final statement (``_send_vote``) and says
+        what a failure means for it (``_vote_error``, which returns the
+        error to raise).  Both happen in the vote, so that PostgreSQL can
+        still make the whole transaction fail.
+        """
+        if not self._committable():
+            return
+        conn = self.conn
+        if self.dirty:
+            try:
+                _execute(conn, self._session_reset)
+            except psycopg2.Error as exc:
+                raise self._vote_error(exc, conn)
+        self._send_vote(txn, conn)
 
     # -- savepoints and retry -----------------------------------------------------
 
@@ -496,22 +518,20 @@ class OnePhaseDataManager(_DataManager):
                     type(o).__module__ + "." + type(o).__name__
                     for o in others}))))
 
-    def tpc_vote(self, txn):
+    _session_reset = ONE_PHASE_SESSION_RESET
+
+    def _vote_error(self, exc, conn):
+        # Before COMMIT: a lost session took the transaction with it.
+        self.broken = is_disconnect(exc, conn)
+        return translate_error(exc, conn)
+
+    def _send_vote(self, txn, conn):
         """COMMIT.
 
         Done in the vote so that a failing COMMIT, such as a serialization
         failure or a deferred constraint, still aborts the whole
         transaction before other resources finish.
         """
-        if not self._committable():
-            return
-        conn = self.conn
-        try:
-            if self.dirty:
-                _execute(conn, ONE_PHASE_SESSION_RESET)
-        except psycopg2.Error as exc:
-            self.broken = is_disconnect(exc, conn)
-            raise translate_error(exc, conn)
         try:
             _execute(conn, "COMMIT")
         except psycopg2.Error as exc:
@@ -545,22 +565,20 @@ class TwoPhaseDataManager(_DataManager):
         # PostgreSQL can still veto the whole transaction in its vote.
         return self.state.sort_key
 
-    def tpc_vote(self, txn):
+    def _vote_error(self, exc, conn):
+        if is_disconnect(exc, conn):
+            self.broken = True
+            # Whether the PREPARE happened is unknown: abort rolls it
+            # back from another connection if it did.
+            self.prepared = True
+        return translate_error(exc)
+
+    def _send_vote(self, txn, conn):
         """PREPARE TRANSACTION."""
-        if not self._committable():
-            return
-        conn = self.conn
         try:
-            if self.dirty:
-                _execute(conn, SESSION_RESET)
             _execute(conn, "PREPARE TRANSACTION %s", (self.xid,))
         except psycopg2.Error as exc:
-            if is_disconnect(exc, conn):
-                self.broken = True
-                # Whether the PREPARE happened is unknown: abort rolls it
-                # back from another connection if it did.
-                self.prepared = True
-            raise translate_error(exc)
+            raise self._vote_error(exc, conn)
         self.prepared = True
 
     def tpc_finish(self, txn):

@@ -13,6 +13,8 @@ microseconds -- too much for every checkout. So when that dispatcher is the
 only subscriber, ``listening`` asks the current site manager whether any
 handler would receive the event class; zope.interface caches that answer.
 """
+import dataclasses
+
 import zope.component
 import zope.event
 from zope.interface import implementedBy
@@ -63,83 +65,76 @@ def notify(factory, *args):
         zope.event.notify(factory(*args))
 
 
+# How a repr shows an event's own facts, by their declared type.
+_SHOWN = {float: "%.3f", int: "%d", str: "%r"}
+
+
+def _event(provides):
+    """Make the decorated class an event providing ``provides``: a
+    dataclass of the fields it declares after its base's, compared (and
+    hashed) by identity as before."""
+    def make(cls):
+        cls = dataclasses.dataclass(repr=False, eq=False)(cls)
+        return implementer(provides)(cls)
+    return make
+
+
+@dataclasses.dataclass(repr=False, eq=False)
 class _PoolEvent:
 
-    def __init__(self, pool):
-        self.pool = pool
-
-    def _details(self):
-        # What the repr shows after the pool's name; the pool's DSN is
-        # left out on purpose, an event repr ends up in logs.
-        return ""
+    pool: object
 
     def __repr__(self):
+        # The pool by its name and the connection not at all: an event's
+        # repr ends up in logs, and a DSN does not belong there.
+        facts = "".join(
+            " %s=%s" % (f.name, _SHOWN[f.type] % (getattr(self, f.name),))
+            for f in dataclasses.fields(self)
+            if f.name not in ("pool", "connection"))
         return "<%s pool=%r%s>" % (
-            type(self).__name__, getattr(self.pool, "name", None),
-            self._details())
+            type(self).__name__, getattr(self.pool, "name", None), facts)
 
 
+@dataclasses.dataclass(repr=False, eq=False)
 class _ConnectionEvent(_PoolEvent):
 
-    def __init__(self, pool, connection):
-        super().__init__(pool)
-        self.connection = connection
+    connection: object
 
 
-@implementer(interfaces.IConnectionCreated)
+@_event(interfaces.IConnectionCreated)
 class ConnectionCreated(_ConnectionEvent):
     """The pool opened a new connection; see ``IConnectionCreated``."""
 
-    def __init__(self, pool, connection, connect_time):
-        super().__init__(pool, connection)
-        self.connect_time = connect_time
-
-    def _details(self):
-        return " connect_time=%.3f" % self.connect_time
+    connect_time: float
 
 
-@implementer(interfaces.IConnectionCheckedOut)
+@_event(interfaces.IConnectionCheckedOut)
 class ConnectionCheckedOut(_ConnectionEvent):
     """A caller got a connection; see ``IConnectionCheckedOut``."""
 
-    def __init__(self, pool, connection, wait_time):
-        super().__init__(pool, connection)
-        self.wait_time = wait_time
-
-    def _details(self):
-        return " wait_time=%.3f" % self.wait_time
+    wait_time: float
 
 
-@implementer(interfaces.IConnectionReturned)
+@_event(interfaces.IConnectionReturned)
 class ConnectionReturned(_ConnectionEvent):
     """A connection came back and was kept; see ``IConnectionReturned``."""
 
 
-@implementer(interfaces.IConnectionDiscarded)
+@_event(interfaces.IConnectionDiscarded)
 class ConnectionDiscarded(_ConnectionEvent):
     """The pool closed a connection for good; see
     ``IConnectionDiscarded``."""
 
-    def __init__(self, pool, connection, reason):
-        super().__init__(pool, connection)
-        self.reason = reason
-
-    def _details(self):
-        return " reason=%r" % (self.reason,)
+    reason: str
 
 
-@implementer(interfaces.IPoolExhausted)
+@_event(interfaces.IPoolExhausted)
 class PoolExhausted(_PoolEvent):
     """A caller has to wait for a connection; see ``IPoolExhausted``."""
 
-    def __init__(self, pool, waiting):
-        super().__init__(pool)
-        self.waiting = waiting
-
-    def _details(self):
-        return " waiting=%d" % self.waiting
+    waiting: int
 
 
-@implementer(interfaces.IPoolClosed)
+@_event(interfaces.IPoolClosed)
 class PoolClosed(_PoolEvent):
     """The pool was closed; see ``IPoolClosed``."""

@@ -240,36 +240,39 @@ class IPoolEvent(Interface):
     pool = Attribute("The pool (an ``IConnectionPool``) the event is about.")
 
 
-class IConnectionCreated(IPoolEvent):
-    """The pool opened a new connection to the server."""
+class IConnectionEvent(IPoolEvent):
+    """Something happened to one of the pool's connections.
 
-    connection = Attribute("The new psycopg2 connection.")
+    A subscriber for this interface receives the four events below.
+    """
+
+    connection = Attribute(
+        "The psycopg2 connection the event is about; each event below says"
+        " which one.")
+
+
+class IConnectionCreated(IConnectionEvent):
+    """The pool opened a new connection to the server, ``connection``."""
 
     connect_time = Attribute(
         "How many seconds connecting took, a float. Watching it tells how"
         " slow the server, the network or the authentication are.")
 
 
-class IConnectionCheckedOut(IPoolEvent):
-    """The pool handed a connection to a caller."""
-
-    connection = Attribute("The psycopg2 connection handed out.")
+class IConnectionCheckedOut(IConnectionEvent):
+    """The pool handed ``connection`` to a caller."""
 
     wait_time = Attribute(
         "How many seconds the caller waited for it, a float: 0.0 when a"
         " connection was free at once.")
 
 
-class IConnectionReturned(IPoolEvent):
-    """A connection came back to the pool and the pool kept it."""
-
-    connection = Attribute("The psycopg2 connection that came back.")
+class IConnectionReturned(IConnectionEvent):
+    """``connection`` came back to the pool and the pool kept it."""
 
 
-class IConnectionDiscarded(IPoolEvent):
-    """The pool closed a connection and will not use it again."""
-
-    connection = Attribute("The psycopg2 connection that was closed.")
+class IConnectionDiscarded(IConnectionEvent):
+    """The pool closed ``connection`` and will not use it again."""
 
     reason = Attribute(
         "Why, as a short text meant for an operator (for example that the"

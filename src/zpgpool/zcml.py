@@ -30,6 +30,7 @@ from zope.configuration.exceptions import ConfigurationError
 from zope.configuration.fields import Bool
 from zope.configuration.fields import GlobalObject
 from zope.interface import Interface
+from zope.interface.interface import InterfaceClass
 from zope.schema import Float
 from zope.schema import Int
 from zope.schema import Text
@@ -233,29 +234,32 @@ class DSN(Text):
                 % scrub_password(reason, dsn)) from None
         return dsn
 
+    # Where else a DSN can be: the prefix, what must follow it, an example.
+    _SOURCES = {
+        "env": ("an environment variable", "APP_DSN"),
+        "file": ("a file", "/run/secrets/app_dsn"),
+    }
+
     def _resolve(self, value):
         # Nothing below may put the resolved text into an error: it is the
         # secret.  Errors name the variable or the file instead.
-        text = value.strip()
-        if text.startswith("env:"):
-            variable = text[4:].strip()
-            if not variable:
-                raise InvalidAttribute(
-                    "dsn='env:' must name an environment variable,"
-                    " as in dsn='env:APP_DSN'")
-            dsn = os.environ.get(variable)
+        source, colon, name = value.strip().partition(":")
+        if not colon or source not in self._SOURCES:
+            return value
+        name = name.strip()
+        if not name:
+            what, example = self._SOURCES[source]
+            raise InvalidAttribute("dsn='%s:' must name %s, as in dsn='%s:%s'"
+                                   % (source, what, source, example))
+        if source == "env":
+            dsn = os.environ.get(name)
             if dsn is None:
                 raise InvalidAttribute(
                     "dsn: the environment variable %r is not set"
-                    " (dsn=%r)" % (variable, value))
-            where = "the environment variable %r" % variable
-        elif text.startswith("file:"):
-            filename = text[5:].strip()
-            if not filename:
-                raise InvalidAttribute(
-                    "dsn='file:' must name a file,"
-                    " as in dsn='file:/run/secrets/app_dsn'")
-            path = self.context.path(filename) if self.context else filename
+                    " (dsn=%r)" % (name, value))
+            where = "the environment variable %r" % name
+        else:
+            path = self.context.path(name) if self.context else name
             try:
                 with open(path, encoding="utf-8") as f:
                     dsn = f.read()
@@ -265,8 +269,6 @@ class DSN(Text):
                     "dsn: cannot read the file %r: %s (dsn=%r)"
                     % (path, reason, value)) from None
             where = "the file %r" % path
-        else:
-            return value
         dsn = dsn.strip()
         if not dsn:
             raise InvalidAttribute(
@@ -282,191 +284,108 @@ class DSN(Text):
 
 
 # ---------------------------------------------------------------------------
-# The directive.  Each field's default and range come from the pool's
-# option table (options.py); a field left out of the ZCML is not passed to
-# the pool at all.
+# The directive.  Its attributes, in the order they are documented: the
+# name, the field that reads the value, and the field's title and
+# description.  Every attribute but ``dsn`` is a pool option, whose default
+# and range come from the option table (options.py); one left out of the
+# ZCML is not passed to the pool at all.
 
-class IPoolDirective(Interface):
-    """Declare a PostgreSQL connection pool, registered as a named
-    ``zpgpool.interfaces.IConnectionPool`` utility."""
+_ATTRIBUTES = (
+    ("name", TextLine, "Name",
+     "The name the pool is registered under and shown as in logs, errors"
+     " and stats. Code finds it with getUtility(IConnectionPool, name=...)."
+     " Two pools with one name are a configuration conflict."),
+    ("dsn", DSN, "Connection string",
+     "A libpq connection string, either key=value pairs ('host=db"
+     " dbname=app user=app') or a URI ('postgresql://app@db/app'). To keep"
+     " secrets out of ZCML write 'env:NAME' to read it from the environment"
+     " variable NAME, or 'file:PATH' to read it from a file (stripped);"
+     " both are read when the ZCML is read. An empty value uses libpq's"
+     " defaults (the PG* environment variables, the service file)."),
+    ("minconn", Size, "Minimum connections",
+     "How many idle connections the pool keeps open once it is in use. A"
+     " whole number, 0 or more, not above maxconn."),
+    ("maxconn", Size, "Maximum connections",
+     "The most connections the pool opens at once; callers beyond it wait"
+     " up to 'timeout' seconds. A whole number, 1 or more."),
+    ("timeout", Seconds, "Wait time-out",
+     "Seconds a caller waits for a free connection before PoolTimeout is"
+     " raised; 0 raises at once."),
+    ("max_lifetime", Seconds, "Maximum connection lifetime",
+     "Seconds after which a connection is closed and replaced by a fresh"
+     " one (one in use, when it comes back), or 'off'."),
+    ("max_idle", Seconds, "Maximum idle time",
+     "Seconds a connection above minconn may sit unused before the pool"
+     " closes it, or 'off'."),
+    ("health_check_after", Seconds, "Health check after idle",
+     "A connection that was idle longer than this many seconds is checked"
+     " with a round trip before it is handed out; 0 checks every time,"
+     " 'off' never."),
+    ("validation_timeout", Seconds, "Health check time limit",
+     "The longest a health check may take, in seconds (less when the"
+     " caller's own timeout is shorter): on a silently dropped network the"
+     " check fails then, and the caller gets a new connection or an error,"
+     " instead of waiting for the kernel."),
+    ("leak_threshold", Seconds, "Leak warning threshold",
+     "Log a warning, with where it was taken, for a connection checked out"
+     " longer than this many seconds; 'off' (the default) never warns."),
+    ("connect_timeout", Size, "Connect time-out",
+     "Whole seconds libpq waits for a new connection to be made (libpq's"
+     " connect_timeout); 0 waits for ever."),
+    ("reconnect_max_delay", Seconds, "Longest reconnect delay",
+     "While the server cannot be reached the pool retries with growing"
+     " delays; this is the longest one, in seconds."),
+    ("twophase", Flag, "Two-phase commit",
+     "Commit connection() work with PREPARE TRANSACTION in the vote and"
+     " COMMIT PREPARED in the finish, so that PostgreSQL takes part in"
+     " two-phase commit with other resource managers. The server needs"
+     " max_prepared_transactions above 0."),
+    ("isolation_level", IsolationLevel, "Isolation level",
+     "The isolation level of every transaction: 'READ COMMITTED',"
+     " 'REPEATABLE READ' or 'SERIALIZABLE' (in any case). Left out, the"
+     " server's default applies."),
+    ("readonly", Flag, "Read-only",
+     "Start every transaction READ ONLY, so PostgreSQL refuses writes."),
+    ("deferrable", Flag, "Deferrable",
+     "Start every transaction DEFERRABLE (meaningful with isolation_level"
+     " SERIALIZABLE and readonly)."),
+    ("transaction_manager", TransactionManagerName, "Transaction manager",
+     "The dotted name of the transaction manager whose transactions"
+     " connection() joins. Left out, transaction.manager."),
+    ("configure", ConfigureName, "Per-connection setup",
+     "The dotted name of a callable run with every new connection before"
+     " its first use (register adapters, SET search_path or a role), and"
+     " again after a transaction's session reset undid what it set. If it"
+     " fails, the connection is discarded and the checkout fails with an"
+     " error naming it."),
+    ("application_name", TextLine, "Application name",
+     "Reported to the server as application_name, shown in"
+     " pg_stat_activity and the server log, unless the DSN sets one. Left"
+     " out, 'zpgpool:NAME'."),
+)
 
-    name = TextLine(
-        title="Name",
-        description=(
-            "The name the pool is registered under and shown as in logs,"
-            " errors and stats. Code finds it with"
-            " getUtility(IConnectionPool, name=...). Two pools with one name"
-            " are a configuration conflict."),
-        required=False,
-        default=OPTIONS["name"].default,
-    )
 
-    dsn = DSN(
-        title="Connection string",
-        description=(
-            "A libpq connection string, either key=value pairs"
-            " ('host=db dbname=app user=app') or a URI"
-            " ('postgresql://app@db/app'). To keep secrets out of ZCML write"
-            " 'env:NAME' to read it from the environment variable NAME, or"
-            " 'file:PATH' to read it from a file (stripped); both are read"
-            " when the ZCML is read. An empty value uses libpq's defaults"
-            " (the PG* environment variables, the service file)."),
-        required=True,
-    )
+def _field(attribute, kind, title, description):
+    """Return the schema field of one row of ``_ATTRIBUTES``."""
+    if attribute not in OPTIONS:
+        # The DSN: no pool option, as ConnectionPool takes it first, and
+        # the one attribute a pool cannot do without.
+        return kind(title=title, description=description, required=True)
+    if issubclass(kind, (Size, Seconds)):
+        # These take their default and range from the option themselves.
+        return kind(attribute, title=title, description=description)
+    return kind(title=title, description=description, required=False,
+                default=OPTIONS[attribute].default)
 
-    minconn = Size(
-        "minconn",
-        title="Minimum connections",
-        description=(
-            "How many idle connections the pool keeps open once it is in"
-            " use. A whole number, 0 or more, not above maxconn."),
-    )
 
-    maxconn = Size(
-        "maxconn",
-        title="Maximum connections",
-        description=(
-            "The most connections the pool opens at once; callers beyond"
-            " it wait up to 'timeout' seconds. A whole number, 1 or more."),
-    )
-
-    timeout = Seconds(
-        "timeout",
-        title="Wait time-out",
-        description=(
-            "Seconds a caller waits for a free connection before"
-            " PoolTimeout is raised; 0 raises at once."),
-    )
-
-    max_lifetime = Seconds(
-        "max_lifetime",
-        title="Maximum connection lifetime",
-        description=(
-            "Seconds after which a connection is closed and replaced by a"
-            " fresh one (one in use, when it comes back), or 'off'."),
-    )
-
-    max_idle = Seconds(
-        "max_idle",
-        title="Maximum idle time",
-        description=(
-            "Seconds a connection above minconn may sit unused before the"
-            " pool closes it, or 'off'."),
-    )
-
-    health_check_after = Seconds(
-        "health_check_after",
-        title="Health check after idle",
-        description=(
-            "A connection that was idle longer than this many seconds is"
-            " checked with a round trip before it is handed out; 0 checks"
-            " every time, 'off' never."),
-    )
-
-    validation_timeout = Seconds(
-        "validation_timeout",
-        title="Health check time limit",
-        description=(
-            "The longest a health check may take, in seconds (less when the"
-            " caller's own timeout is shorter): on a silently dropped"
-            " network the check fails then, and the caller gets a new"
-            " connection or an error, instead of waiting for the kernel."),
-    )
-
-    leak_threshold = Seconds(
-        "leak_threshold",
-        title="Leak warning threshold",
-        description=(
-            "Log a warning, with where it was taken, for a connection"
-            " checked out longer than this many seconds; 'off' (the"
-            " default) never warns."),
-    )
-
-    connect_timeout = Size(
-        "connect_timeout",
-        title="Connect time-out",
-        description=(
-            "Whole seconds libpq waits for a new connection to be made"
-            " (libpq's connect_timeout); 0 waits for ever."),
-    )
-
-    reconnect_max_delay = Seconds(
-        "reconnect_max_delay",
-        title="Longest reconnect delay",
-        description=(
-            "While the server cannot be reached the pool retries with"
-            " growing delays; this is the longest one, in seconds."),
-    )
-
-    twophase = Flag(
-        title="Two-phase commit",
-        description=(
-            "Commit connection() work with PREPARE TRANSACTION in the vote"
-            " and COMMIT PREPARED in the finish, so that PostgreSQL takes"
-            " part in two-phase commit with other resource managers. The"
-            " server needs max_prepared_transactions above 0."),
-        required=False,
-        default=OPTIONS["twophase"].default,
-    )
-
-    isolation_level = IsolationLevel(
-        title="Isolation level",
-        description=(
-            "The isolation level of every transaction: 'READ COMMITTED',"
-            " 'REPEATABLE READ' or 'SERIALIZABLE' (in any case). Left out,"
-            " the server's default applies."),
-        required=False,
-        default=OPTIONS["isolation_level"].default,
-    )
-
-    readonly = Flag(
-        title="Read-only",
-        description=(
-            "Start every transaction READ ONLY, so PostgreSQL refuses"
-            " writes."),
-        required=False,
-        default=OPTIONS["readonly"].default,
-    )
-
-    deferrable = Flag(
-        title="Deferrable",
-        description=(
-            "Start every transaction DEFERRABLE (meaningful with"
-            " isolation_level SERIALIZABLE and readonly)."),
-        required=False,
-        default=OPTIONS["deferrable"].default,
-    )
-
-    transaction_manager = TransactionManagerName(
-        title="Transaction manager",
-        description=(
-            "The dotted name of the transaction manager whose transactions"
-            " connection() joins. Left out, transaction.manager."),
-        required=False,
-        default=OPTIONS["transaction_manager"].default,
-    )
-
-    configure = ConfigureName(
-        title="Per-connection setup",
-        description=(
-            "The dotted name of a callable run with every new connection"
-            " before its first use (register adapters, SET search_path or a"
-            " role), and again after a transaction's session reset undid"
-            " what it set. If it fails, the connection is discarded and the"
-            " checkout fails with an error naming it."),
-        required=False,
-        default=OPTIONS["configure"].default,
-    )
-
-    application_name = TextLine(
-        title="Application name",
-        description=(
-            "Reported to the server as application_name, shown in"
-            " pg_stat_activity and the server log, unless the DSN sets one."
-            " Left out, 'zpgpool:NAME'."),
-        required=False,
-        default=OPTIONS["application_name"].default,
-    )
+#: The schema of ``<zpgpool:pool>``: a zope.interface interface whose
+#: fields are made in ``_ATTRIBUTES``'s order, which is theirs.
+IPoolDirective = InterfaceClass(
+    "IPoolDirective", (Interface,),
+    {row[0]: _field(*row) for row in _ATTRIBUTES},
+    __doc__="""Declare a PostgreSQL connection pool, registered as a named
+    ``zpgpool.interfaces.IConnectionPool`` utility.""",
+    __module__=__name__)
 
 
 class _MaskedInfo:

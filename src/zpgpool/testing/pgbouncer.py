@@ -4,21 +4,17 @@ It runs the system's ``pgbouncer`` program (Debian's package ``pgbouncer``)
 in a temporary directory, as the server's system user when we are root
 (PgBouncer, like PostgreSQL, refuses to run as root).
 """
-import atexit
 import os
 import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 
-from zpgpool.testing import watchdog
-from zpgpool.testing.asuser import _os_user
 from zpgpool.testing.errors import PgBouncerError
 from zpgpool.testing.errors import PgBouncerUnavailable
+from zpgpool.testing.program import _Program
 from zpgpool.testing.support import _execute
-from zpgpool.testing.support import _free_port
 from zpgpool.testing.support import _port_in_use
 from zpgpool.testing.support import make_dsn
 
@@ -92,7 +88,7 @@ def _ini_value(value):
     return value
 
 
-class PgBouncer:
+class PgBouncer(_Program):
     """A private PgBouncer in a temporary directory, in front of *target*.
 
     *target* is the PostgreSQL server PgBouncer connects to: a
@@ -121,9 +117,6 @@ class PgBouncer:
     missing, the constructor raises ``PgBouncerUnavailable``.
     """
 
-    #: The TCP address PgBouncer listens on.
-    host = '127.0.0.1'
-
     def __init__(self, target, pool_mode='transaction', default_pool_size=20,
                  max_client_conn=100, settings=None, binary=None, port=None,
                  os_user=None):
@@ -143,33 +136,13 @@ class PgBouncer:
             self.settings[name] = _ini_value(value)
         self.binary = find_pgbouncer(binary)
         self._target = target
-        self.port = port
-        self._fixed_port = port is not None
-        self._os_user = _os_user(os_user)
-        self._version = None
         self._proc = None
-        self._reset_paths()
-
-    def _reset_paths(self):
-        #: The temporary directory that holds PgBouncer's files.
-        self.base_dir = None
-        #: The directory of its unix socket.
-        self.socket_dir = None
-        #: Its log file.
-        self.log_file = None
-        self._watch = None
-        self._owner_pid = None
+        super().__init__(port, os_user)
 
     def __repr__(self):
         return '<%s port=%s %s %s>' % (
             self.__class__.__name__, self.port, self.pool_mode,
             'running' if self.is_running() else 'stopped')
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc_info):
-        self.cleanup()
 
     # -- what it connects to ---------------------------------------------
 
@@ -237,10 +210,6 @@ class PgBouncer:
 
     # -- files ------------------------------------------------------------
 
-    def _give_to_user(self, path):
-        if self._os_user is not None:
-            os.chown(path, self._os_user.uid, self._os_user.gid)
-
     def _write(self, name, text, mode=0o600):
         path = os.path.join(self.base_dir, name)
         with open(path, 'w', encoding='utf-8') as f:
@@ -250,18 +219,8 @@ class PgBouncer:
         return path
 
     def _make_base_dir(self):
-        self._owner_pid = os.getpid()
-        atexit.register(self._cleanup_at_exit)
-        self.base_dir = tempfile.mkdtemp(prefix='zpgpool-pgbouncer-')
-        self._watch = watchdog.watch(
-            remove=[self.base_dir],
-            pidfile=os.path.join(self.base_dir, 'pgbouncer.pid'),
-            program='pgbouncer', sig=self._stop_signal)
-        self.socket_dir = os.path.join(self.base_dir, 'socket')
-        self.log_file = os.path.join(self.base_dir, 'pgbouncer.log')
-        os.mkdir(self.socket_dir, 0o700)
-        for path in (self.base_dir, self.socket_dir):
-            self._give_to_user(path)
+        self._make_dirs('zpgpool-pgbouncer-', 'pgbouncer.log',
+                        'pgbouncer.pid', 'pgbouncer', self._stop_signal)
 
     def _write_config(self):
         target = self._target_params()
@@ -293,15 +252,6 @@ class PgBouncer:
         lines.extend('%s = %s' % (name, _ini_value(value))
                      for name, value in settings.items())
         return self._write('pgbouncer.ini', '\n'.join(lines) + '\n')
-
-    def log_tail(self, lines=30):
-        """Return the last *lines* lines of PgBouncer's log."""
-        try:
-            with open(self.log_file, encoding='utf-8',
-                      errors='replace') as f:
-                return ''.join(f.readlines()[-lines:]).rstrip()
-        except (OSError, TypeError):
-            return ''
 
     # -- life cycle -------------------------------------------------------
 
@@ -346,8 +296,7 @@ class PgBouncer:
         attempts = 0
         while True:
             attempts += 1
-            if self.port is None:
-                self.port = _free_port(self.host)
+            self._choose_port()
             offset = (os.path.getsize(self.log_file)
                       if os.path.exists(self.log_file) else 0)
             self._proc = self._spawn(self._write_config())
@@ -361,12 +310,9 @@ class PgBouncer:
                     return self
                 time.sleep(0.02)
             self._kill()
-            # Until the first start succeeds, another program may take the
-            # port chosen; then try another one.
-            taken = _port_in_use(self.port, self.host)
-            if not self._fixed_port and attempts < 5 and taken:
-                self.port = None
+            if self._try_another_port(attempts):
                 continue
+            taken = _port_in_use(self.port, self.host)
             raise PgBouncerError(
                 'PgBouncer (%s) did not start on %s:%s within %s seconds%s. '
                 'End of its log %s:\n%s' % (
@@ -408,13 +354,4 @@ class PgBouncer:
         finally:
             self._kill()
             self._proc = None
-            shutil.rmtree(self.base_dir, ignore_errors=True)
-            atexit.unregister(self._cleanup_at_exit)
-            watchdog.forget(self._watch)
-            self._reset_paths()
-
-    def _cleanup_at_exit(self):
-        # A forked child inherits atexit handlers; PgBouncer is the
-        # parent's to stop.
-        if os.getpid() == self._owner_pid:
-            self.cleanup()
+            self._remove_dirs()

@@ -1,28 +1,24 @@
 """``PostgresServer``: a throwaway PostgreSQL server in a temporary
 directory."""
-import atexit
 import itertools
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import tempfile
 import time
 
-from zpgpool.testing import watchdog
 from zpgpool.testing.asuser import _needs_copy
-from zpgpool.testing.asuser import _os_user
 from zpgpool.testing.asuser import _staged
 from zpgpool.testing.binaries import _has_server_binaries
 from zpgpool.testing.binaries import find_bindir
 from zpgpool.testing.binaries import server_version
 from zpgpool.testing.errors import PostgresServerError
 from zpgpool.testing.errors import PostgresUnavailable
+from zpgpool.testing.program import _Program
 from zpgpool.testing.support import _conf_value
 from zpgpool.testing.support import _execute
-from zpgpool.testing.support import _free_port
 from zpgpool.testing.support import _port_in_use
 from zpgpool.testing.support import _quote_ident
 from zpgpool.testing.support import make_dsn
@@ -62,7 +58,7 @@ def _merged_settings(base, changes):
     return {k: v for k, v in merged.items() if v is not None}
 
 
-class PostgresServer:
+class PostgresServer(_Program):
     """A private PostgreSQL server in a temporary directory.
 
     Nothing happens until ``start()``: it runs initdb into a new directory
@@ -88,8 +84,6 @@ class PostgresServer:
     ``postgres``).
     """
 
-    #: The TCP address the server listens on.
-    host = '127.0.0.1'
     #: The superuser initdb creates.
     user = 'postgres'
 
@@ -100,40 +94,22 @@ class PostgresServer:
             raise PostgresUnavailable(
                 '%s does not hold initdb, pg_ctl and postgres.' % self.bindir)
         self.settings = _merged_settings(DEFAULT_SETTINGS, settings)
-        self.port = port
-        self._fixed_port = port is not None
         self.password = password or secrets.token_urlsafe(24)
-        self._os_user = _os_user(os_user)
-        self._version = None
-        self._reset_paths()
+        super().__init__(port, os_user)
 
     def _reset_paths(self):
-        #: The temporary directory that holds everything below.
-        self.base_dir = None
+        super()._reset_paths()
         #: The data directory (PGDATA).
         self.data_dir = None
-        #: The directory of the unix socket.
-        self.socket_dir = None
-        #: The server's log file.
-        self.log_file = None
         #: The bin directory the server runs from: ``bindir``, or a copy of
         #: its installation that the server's system user can reach.
         self.exec_bindir = None
-        self._owner_pid = None
-        self._watch = None
 
     def __repr__(self):
         state = ('running' if self.is_running() else
                  'stopped' if self.data_dir else 'not started')
         return '<%s %s port=%s %s>' % (
             self.__class__.__name__, self.bindir, self.port, state)
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.cleanup()
 
     @property
     def version(self):
@@ -207,21 +183,6 @@ class PostgresServer:
                                                            log)
         return message
 
-    def log_tail(self, lines=30):
-        """Return the last *lines* lines of the server log."""
-        if not self.log_file:
-            return ''
-        try:
-            with open(self.log_file, encoding='utf-8',
-                      errors='replace') as f:
-                return ''.join(f.readlines()[-lines:]).rstrip()
-        except OSError:
-            return ''
-
-    def _give_to_server_user(self, path):
-        if self._os_user is not None:
-            os.chown(path, self._os_user.uid, self._os_user.gid)
-
     # -- life cycle -------------------------------------------------------
 
     def _prepare_binaries(self):
@@ -235,21 +196,12 @@ class PostgresServer:
     def _make_base_dir(self):
         """Make the temporary directory, and have the watchdog remove it,
         and stop the server, should this process die first."""
-        self._owner_pid = os.getpid()
-        atexit.register(self._cleanup_at_exit)
-        base = tempfile.mkdtemp(prefix='zpgpool-pg-')
-        self.base_dir = base
-        self.data_dir = os.path.join(base, 'data')
         # SIGQUIT is what "pg_ctl stop --mode immediate" sends.
-        self._watch = watchdog.watch(
-            remove=[base], pidfile=os.path.join(self.data_dir,
-                                                'postmaster.pid'),
-            program='postgres', sig=signal.SIGQUIT)
-        self.socket_dir = os.path.join(base, 'socket')
-        self.log_file = os.path.join(base, 'postgresql.log')
-        os.mkdir(self.socket_dir, 0o700)
-        for path in (base, self.socket_dir):
-            self._give_to_server_user(path)
+        self._make_dirs('zpgpool-pg-', 'postgresql.log',
+                        os.path.join('data', 'postmaster.pid'), 'postgres',
+                        signal.SIGQUIT)
+        base = self.base_dir
+        self.data_dir = os.path.join(base, 'data')
         if self._os_user is not None and not self._os_user.reaches(base):
             raise PostgresUnavailable(
                 'The system user %r cannot reach the temporary directory %s; '
@@ -262,7 +214,7 @@ class PostgresServer:
         pwfile = os.path.join(self.base_dir, 'pwfile')
         with open(pwfile, 'w', encoding='utf-8') as f:
             f.write(self.password + '\n')
-        self._give_to_server_user(pwfile)
+        self._give_to_user(pwfile)
         try:
             self._run(
                 'initdb', '--pgdata', self.data_dir, '--username', self.user,
@@ -288,7 +240,7 @@ class PostgresServer:
             f.write('# Written by zpgpool.testing at every start.\n')
             for name, value in settings.items():
                 f.write('%s = %s\n' % (name, _conf_value(value)))
-        self._give_to_server_user(path)
+        self._give_to_user(path)
 
     def start(self, timeout=120):
         """Start the server, and wait until it accepts connections.
@@ -302,11 +254,8 @@ class PostgresServer:
             self._create_cluster()
         elif self.is_running():
             return self
-        # Until the first start succeeds, another process may take the port
-        # chosen; then try another one.  Afterwards the port is kept.
         for attempt in itertools.count(1):
-            if self.port is None:
-                self.port = _free_port(self.host)
+            self._choose_port()
             self._write_settings()
             proc = self._run('pg_ctl', 'start', '--wait',
                              '--timeout', str(int(timeout)),
@@ -316,9 +265,7 @@ class PostgresServer:
             if proc.returncode == 0:
                 break
             command = [os.path.join(self.exec_bindir, 'pg_ctl'), 'start']
-            if (not self._fixed_port and attempt < 5
-                    and _port_in_use(self.port, self.host)):
-                self.port = None
+            if self._try_another_port(attempt):
                 continue
             if _port_in_use(self.port, self.host):
                 raise PostgresServerError(
@@ -429,20 +376,11 @@ class PostgresServer:
                         os.kill(pid, 9)
                     except OSError:
                         pass
-        shutil.rmtree(self.base_dir, ignore_errors=True)
         if self.exec_bindir and self.exec_bindir != self.bindir:
             _staged.release(self.bindir)
-        atexit.unregister(self._cleanup_at_exit)
-        watchdog.forget(self._watch)
-        self._reset_paths()
+        self._remove_dirs()
         if not self._fixed_port:  # pragma: no branch
             self.port = None
-
-    def _cleanup_at_exit(self):
-        # A forked child inherits atexit handlers; the server is the
-        # parent's to stop.
-        if os.getpid() == self._owner_pid:
-            self.cleanup()
 
     # -- conveniences -----------------------------------------------------
 
