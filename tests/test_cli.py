@@ -65,11 +65,7 @@ from zpgpool.pool import hide_passwords
 
 from tests.poolhelpers import closed_port
 from tests.poolhelpers import run_cli as run
-
-
-def with_params(dsn, **params):
-    """``dsn`` with ``params`` replaced."""
-    return psycopg2.extensions.make_dsn(dsn, **params)
+from tests.poolhelpers import with_params
 
 
 def password_of(dsn):
