@@ -55,7 +55,7 @@ def wait_for(predicate, what, timeout=WAIT):
         result = predicate()
         if result:
             return result
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline:  # pragma: no cover - a failed check
             raise AssertionError("timed out after %s s waiting for %s"
                                  % (timeout, what))
         time.sleep(0.01)
@@ -136,7 +136,7 @@ class TcpProxy:
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
                 upstream.settimeout(None)
-            except OSError:
+            except OSError:  # pragma: no cover - the target went away just now
                 _reset(client)
                 continue
             with self._lock:
@@ -179,7 +179,7 @@ class TcpProxy:
         if listener is not None:
             try:
                 listener.shutdown(socket.SHUT_RDWR)   # wakes accept()
-            except OSError:
+            except OSError:  # pragma: no cover - not connected, some kernels
                 pass
             listener.close()
         for client, upstream in pairs:
@@ -204,11 +204,11 @@ def _reset(sock):
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                         struct.pack("ii", 1, 0))
-    except OSError:
+    except OSError:  # pragma: no cover - closed by the other side already
         pass
     try:
         sock.close()
-    except OSError:
+    except OSError:  # pragma: no cover - as above
         pass
 
 
@@ -321,7 +321,8 @@ class Load:
                         == "commit" else FAILED_BEFORE_COMMIT)
                     self.errors.append((now, n, exc))
                     self.error_counts[type(exc).__name__] += 1
-                    if not isinstance(exc, CLEAR_ERRORS):
+                    # Only when a check is about to fail.
+                    if not isinstance(exc, CLEAR_ERRORS):  # pragma: no cover
                         self.unclear.append(exc)
                 del exc
                 time.sleep(self.pause_after_error)
@@ -341,7 +342,7 @@ class Load:
         for thread in self.threads:
             thread.join(max(0.1, deadline - time.monotonic()))
         stuck = [t.name for t in self.threads if t.is_alive()]
-        if stuck:
+        if stuck:  # pragma: no cover - only when a thread hangs
             message = "threads stuck: %s" % ", ".join(stuck)
             if testcase is not None:
                 testcase.fail(message)
@@ -370,7 +371,7 @@ class Load:
         with self._lock:
             return [(t, n, e) for (t, n, e) in self.errors if t >= since]
 
-    def error_summary(self):
+    def error_summary(self):  # pragma: no cover - stress/run.py's table
         with self._lock:
             return dict(self.error_counts)
 
