@@ -14,13 +14,14 @@ transaction manager from many threads:
   above and a network cut through a TCP proxy, RSS sampled at start and
   end against a stated bound.
 
-After each, the invariants of tests/faulthelpers.py are checked (every
+After each, the invariants of zpgpool.testing.faults are checked (every
 committed transaction in the database once, nothing that failed before
 COMMIT, in_use back to 0, size <= maxconn, no thread stuck, no session of
 the pool left on the server after close()).  Prints a table; exits 1 when
 a check failed.
 """
 import argparse
+import logging
 import os
 import random
 import sys
@@ -28,25 +29,21 @@ import threading
 import time
 import unittest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+import psycopg2.extensions
+from zope.component import getGlobalSiteManager
 
-import psycopg2.extensions  # noqa: E402
-from zope.component import getGlobalSiteManager  # noqa: E402
-
-from zpgpool import ConnectionPool  # noqa: E402
-from zpgpool.interfaces import IConnectionPool  # noqa: E402
-from zpgpool.testing import PostgresServer  # noqa: E402
-
-from tests.faulthelpers import Load  # noqa: E402
-from tests.faulthelpers import TcpProxy  # noqa: E402
-from tests.faulthelpers import check_invariants  # noqa: E402
-from tests.faulthelpers import check_no_leaks  # noqa: E402
-from tests.faulthelpers import make_table  # noqa: E402
-from tests.faulthelpers import wait_until_all_succeed  # noqa: E402
-from tests.poolhelpers import backend_pids  # noqa: E402
-from tests.poolhelpers import query  # noqa: E402
-from tests.poolhelpers import wait_for  # noqa: E402
+from zpgpool import ConnectionPool
+from zpgpool.interfaces import IConnectionPool
+from zpgpool.testing import PostgresServer
+from zpgpool.testing.faults import Load
+from zpgpool.testing.faults import TcpProxy
+from zpgpool.testing.faults import backend_pids
+from zpgpool.testing.faults import check_invariants
+from zpgpool.testing.faults import check_no_leaks
+from zpgpool.testing.faults import make_table
+from zpgpool.testing.faults import query
+from zpgpool.testing.faults import wait_for
+from zpgpool.testing.faults import wait_until_all_succeed
 
 #: RSS growth over the soak that counts as a leak.
 RSS_BOUND_MB = 32.0
@@ -279,7 +276,6 @@ def main(argv=None):
         help="run only this scenario (may be repeated)")
     args = parser.parse_args(argv)
     only = set(args.only or ())
-    import logging
     logging.getLogger("zpgpool").setLevel(logging.CRITICAL)
     server = PostgresServer(settings={"max_connections": 300})
     print("stress: starting a throwaway PostgreSQL server", file=sys.stderr)

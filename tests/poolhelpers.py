@@ -9,13 +9,18 @@ import os
 import socket
 import sys
 import threading
-import time
 import traceback
 import uuid
 
 import psycopg2
+import psycopg2.extensions
 
 from zpgpool.testing import PostgresLayer
+# Shared with stress/run.py, which must not import this tests package.
+from zpgpool.testing.faults import WAIT  # noqa: F401
+from zpgpool.testing.faults import backend_pids  # noqa: F401
+from zpgpool.testing.faults import query  # noqa: F401
+from zpgpool.testing.faults import wait_for  # noqa: F401
 
 
 #: A server that cannot prepare transactions (two-phase unavailable).
@@ -24,46 +29,14 @@ NO_TWOPHASE_LAYER = PostgresLayer(
     settings={"max_prepared_transactions": 0}, module=__name__)
 
 
-#: Seconds after which a test gives up waiting for something that should
-#: happen much sooner. Only catches hangs; no test asserts a duration.
-WAIT = 30.0
-
-
-def wait_for(predicate, what, timeout=WAIT):
-    """Poll ``predicate`` until it returns something true, and return it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %s s waiting for %s"
-                                 % (timeout, what))
-        time.sleep(0.01)
-
-
 def unique_name(prefix="t"):
     """A pool name no other test uses, so its backends can be counted."""
     return "%s%s" % (prefix, uuid.uuid4().hex[:10])
 
 
-def query(dsn, sql, params=None):
-    """Run one statement on a connection of its own; return the rows."""
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
-
-
-def backend_pids(dsn, application_name):
-    """The backends connected with ``application_name``."""
-    return {row[0] for row in query(
-        dsn, "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
-        (application_name,))}
+def with_params(dsn, **params):
+    """``dsn`` with ``params`` added or replaced."""
+    return psycopg2.extensions.make_dsn(dsn, **params)
 
 
 def server_pid(conn):

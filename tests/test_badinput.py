@@ -20,10 +20,7 @@ from tests.poolhelpers import NO_TWOPHASE_LAYER
 from tests.poolhelpers import LogCapture
 from tests.poolhelpers import close_pool
 from tests.poolhelpers import unique_name
-
-
-def with_params(dsn, **params):
-    return psycopg2.extensions.make_dsn(dsn, **params)
+from tests.poolhelpers import with_params
 
 
 class _Base(unittest.TestCase):

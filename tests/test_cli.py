@@ -65,11 +65,8 @@ from zpgpool.pool import hide_passwords
 
 from tests.poolhelpers import closed_port
 from tests.poolhelpers import run_cli as run
-
-
-def with_params(dsn, **params):
-    """``dsn`` with ``params`` replaced."""
-    return psycopg2.extensions.make_dsn(dsn, **params)
+from tests.poolhelpers import with_params
+from tests.support import python_env
 
 
 def password_of(dsn):
@@ -600,6 +597,7 @@ class CheckTests(CommandTestCase):
         path = self.write_site(('main', self.layer.dsn))
         proc = subprocess.run(
             [sys.executable, '-m', 'zpgpool', 'check', path],
+            env=python_env(),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             timeout=120, check=False)
         self.assertEqual(proc.returncode, 0, proc.stderr)

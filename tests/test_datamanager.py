@@ -23,6 +23,7 @@ from zpgpool.testing import POSTGRES_LAYER
 
 from tests.poolhelpers import NO_TWOPHASE_LAYER
 from tests.poolhelpers import query
+from tests.support import python_env
 
 JOIN_TIMEOUT = 60
 
@@ -708,7 +709,8 @@ class TwoPhaseTests(_Base):
             transaction.commit()
         """)
         proc = subprocess.run([sys.executable, "-c", script, self.dsn],
-                              timeout=JOIN_TIMEOUT, capture_output=True)
+                              env=python_env(), timeout=JOIN_TIMEOUT,
+                              capture_output=True)
         self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
         self.assertEqual(self.values(), [])
         pool = ConnectionPool(self.dsn, name="dm")
@@ -767,7 +769,8 @@ class TwoPhaseTests(_Base):
         db.close()
         proc = subprocess.run(
             [sys.executable, "-c", self._ZODB_CRASH, self.dsn, path,
-             killer_key, phase], timeout=JOIN_TIMEOUT, capture_output=True)
+             killer_key, phase], env=python_env(), timeout=JOIN_TIMEOUT,
+            capture_output=True)
         self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
         storage = ZODB.FileStorage.FileStorage(path)
         db = ZODB.DB(storage)
@@ -1561,8 +1564,8 @@ class NeverCommittedTests(_Base):
             print(pool.connection().get_backend_pid(), flush=True)
         """)
         proc = subprocess.run([sys.executable, "-c", script, self.dsn],
-                              timeout=JOIN_TIMEOUT, capture_output=True,
-                              text=True)
+                              env=python_env(), timeout=JOIN_TIMEOUT,
+                              capture_output=True, text=True)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertIn("zpgpool pool 'script': the process is exiting with "
                       "statements that were never committed", proc.stderr)

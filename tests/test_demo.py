@@ -41,6 +41,7 @@ from zpgpool.testing import POSTGRES_LAYER
 
 from tests.poolhelpers import closed_port
 from tests.poolhelpers import run_cli as run
+from tests.support import python_env
 
 
 def running(pid):
@@ -480,7 +481,8 @@ class DemoProcessTests(unittest.TestCase):
         printed until it was ready."""
         proc = subprocess.Popen(
             [sys.executable, '-m', 'zpgpool', 'demo'] + list(args),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env=python_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
         self.addCleanup(self.kill, proc)
         # A thread reads the output, so that waiting for a line has a
         # time-out.
@@ -587,8 +589,8 @@ class DemoProcessTests(unittest.TestCase):
     def test_check_with_a_throwaway_server(self):
         proc = subprocess.run(
             [sys.executable, '-m', 'zpgpool', 'demo', '--check'],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            timeout=300, check=False)
+            env=python_env(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, timeout=300, check=False)
         self.assertEqual(proc.returncode, 0, proc.stdout)
         self.assertIn('zpgpool demo: check passed', proc.stdout)
         self.assertIn('removing the throwaway PostgreSQL server', proc.stdout)

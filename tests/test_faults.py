@@ -49,6 +49,7 @@ from tests.poolhelpers import query
 from tests.poolhelpers import run_in_child
 from tests.poolhelpers import unique_name
 from tests.poolhelpers import wait_for
+from tests.support import python_env
 
 
 class FaultTestBase(unittest.TestCase):
@@ -570,8 +571,8 @@ class TwoPhaseKilledDuringCommitTests(FaultTestBase):
         admin = self.layer.server.socket_dsn()
         proc = subprocess.Popen(
             [sys.executable, "-c", self._SCRIPT, self.dsn, admin, path,
-             self.name, self.table], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
+             self.name, self.table], env=python_env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.addCleanup(proc.communicate, timeout=WAIT)
         self.addCleanup(proc.kill)
         app_name = "zpgpool:" + self.name

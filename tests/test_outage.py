@@ -23,7 +23,7 @@ from tests.poolhelpers import closed_port
 from tests.poolhelpers import start
 from tests.poolhelpers import unique_name
 from tests.poolhelpers import wait_for
-from tests.test_badinput import with_params
+from tests.poolhelpers import with_params
 
 
 class _Base(unittest.TestCase):

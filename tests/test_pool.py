@@ -40,10 +40,7 @@ from .poolhelpers import closed_port
 from .poolhelpers import start
 from .poolhelpers import unique_name
 from .poolhelpers import wait_for
-
-
-def with_params(dsn, **params):
-    return psycopg2.extensions.make_dsn(dsn, **params)
+from .poolhelpers import with_params
 
 
 class PoolTestBase(unittest.TestCase):

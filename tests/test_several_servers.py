@@ -19,6 +19,7 @@ from zpgpool.testing import PostgresLayer
 
 from tests.poolhelpers import query
 from tests.poolhelpers import run_cli
+from tests.support import python_env
 
 
 #: A second server beside the shared one.
@@ -177,7 +178,7 @@ class SeveralServersTests(unittest.TestCase):
         proc = subprocess.run(
             [sys.executable, "-c", CRASH, self.dsns[0], self.dsns[1],
              self.path, killer_key, phase],
-            timeout=JOIN_TIMEOUT, capture_output=True)
+            env=python_env(), timeout=JOIN_TIMEOUT, capture_output=True)
         self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
 
     def _recover(self):

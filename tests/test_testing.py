@@ -31,6 +31,8 @@ from zpgpool.testing import PostgresServer
 from zpgpool.testing import PostgresServerError
 from zpgpool.testing import PostgresUnavailable
 
+from tests.support import python_env
+
 
 @contextlib.contextmanager
 def environ(**values):
@@ -889,7 +891,8 @@ class WatchdogTests(unittest.TestCase):
         """Run _STARTER in *mode*, SIGKILL it once its servers run, and
         return what it reported."""
         proc = subprocess.Popen([sys.executable, '-c', _STARTER, mode],
-                                stdout=subprocess.PIPE, text=True)
+                                env=python_env(), stdout=subprocess.PIPE,
+                                text=True)
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)
         info = json.loads(proc.stdout.readline())

@@ -25,6 +25,8 @@ import urllib.request
 
 from zpgpool.testing import PostgresLayer
 
+from tests.support import python_env
+
 #: The environment variable the example's ZCML reads its DSN from.
 DSN_ENV = 'ZPGPOOL_EXAMPLE_DSN'
 
@@ -175,16 +177,19 @@ class ZopeInstance:
             self.write_ini()
         raise RuntimeError('Zope found no free port:\n%s' % self.log_tail())
 
+    def environ(self):
+        """The environment the Zope process runs with: this process's
+        import path (see tests/support.py), the example's DSN and
+        ``extra_environ``."""
+        return python_env(**{DSN_ENV: self.dsn}, **self.extra_environ)
+
     def _start(self, timeout):
-        env = dict(os.environ)
-        env[DSN_ENV] = self.dsn
-        env.update(self.extra_environ)
         log = os.path.join(self.home, 'var', 'log', 'runwsgi.log')
         self.output = open(log, 'wb')
         self.process = subprocess.Popen(
             [sys.executable, '-c', _RUNWSGI,
              os.path.join(self.home, 'etc', 'zope.ini')],
-            cwd=self.home, env=env, stdout=self.output,
+            cwd=self.home, env=self.environ(), stdout=self.output,
             stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while True:

@@ -211,20 +211,9 @@ class ZSQLInstance(ZopeInstance):
         self.write('etc/site.zcml', SITE_ZCML)
         # Zope makes a manager from this file when the ZODB has no user.
         self.write('inituser', '%s:%s\n' % MANAGER)
-        self.extra_environ = {
-            'PYTHONPATH': os.pathsep.join(
-                [os.path.dirname(HERE)]
-                + [p for p in os.environ.get('PYTHONPATH', '').split(
-                    os.pathsep) if p]),
-            'INSTANCE_HOME': self.home,
-        }
-
-    def environ(self):
-        """The environment the Zope process runs with."""
-        env = dict(os.environ)
-        env[DSN_ENV] = self.dsn
-        env.update(self.extra_environ)
-        return env
+        # The tests directory is importable in Zope without more: its
+        # parent is on the test's sys.path, which python_env() hands down.
+        self.extra_environ = {'INSTANCE_HOME': self.home}
 
     def request(self, path, data=None, auth=MANAGER, timeout=60):
         """GET (or, with *data*, POST) *path*; return an HTTPResult.
