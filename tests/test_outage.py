@@ -278,3 +278,51 @@ class ConfigureTests(_Base):
             ConnectionPool(self.layer.dsn, name="x", configure="nope")
         self.assertIn("option 'configure' must be None or a callable",
                       str(caught.exception))
+
+
+class BoundedPingTests(_Base):
+    """The socket limit a health check runs under (its effect on a dropped
+    network is shown with nftables in test_partition.py)."""
+
+    layer = POSTGRES_LAYER
+
+    def _user_timeout(self, conn):
+        import os
+        import socket
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            return sock.getsockopt(socket.IPPROTO_TCP,
+                                   socket.TCP_USER_TIMEOUT)
+        finally:
+            sock.close()
+
+    def test_limit_is_set_for_the_block_and_restored(self):
+        from zpgpool.connection import unacknowledged_limit
+        conn = psycopg2.connect(self.layer.dsn + " tcp_user_timeout=30000")
+        self.addCleanup(conn.close)
+        self.assertEqual(self._user_timeout(conn), 30000)
+        with unacknowledged_limit(conn, 1.5):
+            self.assertEqual(self._user_timeout(conn), 1500)
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            self.assertEqual(cur.fetchone(), (1,))
+        self.assertEqual(self._user_timeout(conn), 30000)
+        # The connection is still libpq's, and works.
+        cur = conn.cursor()
+        cur.execute("SELECT 2")
+        self.assertEqual(cur.fetchone(), (2,))
+
+    def test_unix_socket_and_closed_connection_are_left_alone(self):
+        from zpgpool.connection import unacknowledged_limit
+        conn = psycopg2.connect(self.layer.server.socket_dsn())
+        self.addCleanup(conn.close)
+        with unacknowledged_limit(conn, 1.0):
+            cur = conn.cursor()
+            cur.execute("SELECT 1")
+            self.assertEqual(cur.fetchone(), (1,))
+        closed = psycopg2.connect(self.layer.dsn)
+        closed.close()
+        ran = []
+        with unacknowledged_limit(closed, 1.0):
+            ran.append(True)
+        self.assertEqual(ran, [True])
