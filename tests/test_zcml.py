@@ -657,14 +657,10 @@ class ExitHookTests(_Base):
             '  %s\n'
             '</configure>\n' % (includes, _pool(self.layer.dsn, name=name,
                                                  minconn="0")))
-        env = dict(os.environ)
-        src = os.path.dirname(os.path.dirname(zcml.__file__))
-        env["PYTHONPATH"] = os.pathsep.join(
-            [src] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                     if p])
+        from tests.support import python_env
         result = subprocess.run([sys.executable, "-c", self.SCRIPT, config,
                                  name], capture_output=True, text=True,
-                                env=env, timeout=60)
+                                env=python_env(), timeout=60)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("used 1", result.stdout)
         # Whatever the process did, its session is gone once it exited.
