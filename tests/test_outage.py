@@ -170,6 +170,26 @@ class PermanentFailureTests(_Base):
         self.assertTrue(caught.exception.permanent)
 
 
+class MissingRoleTests(_Base):
+
+    # Over TCP the server answers a missing role as a wrong password (it
+    # must not tell who exists); only where it trusts the client (the unix
+    # socket here) does it say "role ... does not exist".
+    layer = PRIVATE_POSTGRES_LAYER
+
+    def test_missing_role_without_password_fails_at_once(self):
+        dsn = self.layer.server.socket_dsn(user="no_such_role")
+        pool = self._makeOne(dsn, minconn=0, timeout=WAIT)
+        begun = time.monotonic()
+        with self.assertRaises(ConnectError) as caught:
+            pool.getconn()
+        self.assertLess(time.monotonic() - begun, WAIT / 2)
+        self.assertIn('role "no_such_role" does not exist',
+                      str(caught.exception))
+        self.assertTrue(caught.exception.permanent)
+        self.assertEqual(pool.stats()["connections_failed"], 1)
+
+
 def _search_path(conn):
     cur = conn.cursor()
     cur.execute("SET search_path TO zp_configured, public")
