@@ -275,6 +275,26 @@ class Psycopg2ContractTests(PoolTestBase):
         pool.putconn(a, key="a")
         self.assertWorks(pool.getconn())
 
+    def test_keyed_getconn_of_a_held_key_takes_no_place(self):
+        # The only place is held under "a": asking for "a" again must not
+        # need a second one.
+        pool = self._makeOne(maxconn=1, timeout=0)
+        a = pool.getconn("a")
+        self.assertIs(pool.getconn("a"), a)
+        self.assertEqual(pool.stats()["timeouts"], 0)
+        self.assertEqual(pool.stats()["connections_opened"], 1)
+        pool.putconn(a, key="a")
+
+    def test_closed_pool_refuses_a_key_it_still_remembers(self):
+        pool = self._makeOne(maxconn=2)
+        conn = pool.getconn("k")
+        pool.close(timeout=0)      # "k" is still out, and remembered
+        with self.assertRaises(PoolClosed) as cm:
+            pool.getconn("k")
+        self.assertIn("%r is closed" % self.name, str(cm.exception))
+        pool.putconn(conn, key="k")
+        self.assertTrue(conn.closed)
+
     def test_keyed_getconn_after_closeall(self):
         pool = self._makeOne(maxconn=2)
         conn = pool.getconn("k")
