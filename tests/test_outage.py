@@ -261,6 +261,28 @@ class ConfigureTests(_Base):
         stats = pool.stats()
         self.assertEqual((stats["size"], stats["in_use"]), (0, 0))
 
+    def test_new_outage_after_a_success_is_warned_about_at_once(self):
+        # Each failure of configure is a failed connect; a success in
+        # between ends the outage, so the next failure starts a new one,
+        # warned about at once, not after the old one's ten seconds.
+        outcomes = iter([False, True, False])
+
+        def flaky(conn):
+            if not next(outcomes):
+                raise RuntimeError("flaky configure")
+
+        pool = self._makeOne(minconn=0, maxconn=2, configure=flaky)
+        with self.assertRaises(ConnectError):
+            pool.getconn()
+        self.assertEqual(len(self.warnings()), 1, self.warnings())
+        first = pool.getconn()
+        self.assertEqual(pool.stats()["last_connect_error"], None)
+        with self.assertRaises(ConnectError):
+            pool.getconn()           # a second connection: a new failure
+        self.assertEqual(len(self.warnings()), 2, self.warnings())
+        self.assertIn("flaky configure", self.warnings()[1])
+        pool.putconn(first)
+
     def test_configure_through_zcml(self):
         import zope.component
         import zope.component.testing
