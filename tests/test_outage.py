@@ -170,6 +170,26 @@ class PermanentFailureTests(_Base):
         self.assertTrue(caught.exception.permanent)
 
 
+class MissingRoleTests(_Base):
+
+    # Over TCP the server answers a missing role as a wrong password (it
+    # must not tell who exists); only where it trusts the client (the unix
+    # socket here) does it say "role ... does not exist".
+    layer = PRIVATE_POSTGRES_LAYER
+
+    def test_missing_role_without_password_fails_at_once(self):
+        dsn = self.layer.server.socket_dsn(user="no_such_role")
+        pool = self._makeOne(dsn, minconn=0, timeout=WAIT)
+        begun = time.monotonic()
+        with self.assertRaises(ConnectError) as caught:
+            pool.getconn()
+        self.assertLess(time.monotonic() - begun, WAIT / 2)
+        self.assertIn('role "no_such_role" does not exist',
+                      str(caught.exception))
+        self.assertTrue(caught.exception.permanent)
+        self.assertEqual(pool.stats()["connections_failed"], 1)
+
+
 def _search_path(conn):
     cur = conn.cursor()
     cur.execute("SET search_path TO zp_configured, public")
@@ -240,6 +260,28 @@ class ConfigureTests(_Base):
         self.assertTrue(caught.exception.permanent)
         stats = pool.stats()
         self.assertEqual((stats["size"], stats["in_use"]), (0, 0))
+
+    def test_new_outage_after_a_success_is_warned_about_at_once(self):
+        # Each failure of configure is a failed connect; a success in
+        # between ends the outage, so the next failure starts a new one,
+        # warned about at once, not after the old one's ten seconds.
+        outcomes = iter([False, True, False])
+
+        def flaky(conn):
+            if not next(outcomes):
+                raise RuntimeError("flaky configure")
+
+        pool = self._makeOne(minconn=0, maxconn=2, configure=flaky)
+        with self.assertRaises(ConnectError):
+            pool.getconn()
+        self.assertEqual(len(self.warnings()), 1, self.warnings())
+        first = pool.getconn()
+        self.assertEqual(pool.stats()["last_connect_error"], None)
+        with self.assertRaises(ConnectError):
+            pool.getconn()           # a second connection: a new failure
+        self.assertEqual(len(self.warnings()), 2, self.warnings())
+        self.assertIn("flaky configure", self.warnings()[1])
+        pool.putconn(first)
 
     def test_configure_through_zcml(self):
         import zope.component

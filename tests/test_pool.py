@@ -272,6 +272,26 @@ class Psycopg2ContractTests(PoolTestBase):
         pool.putconn(a, key="a")
         self.assertWorks(pool.getconn())
 
+    def test_keyed_getconn_of_a_held_key_takes_no_place(self):
+        # The only place is held under "a": asking for "a" again must not
+        # need a second one.
+        pool = self._makeOne(maxconn=1, timeout=0)
+        a = pool.getconn("a")
+        self.assertIs(pool.getconn("a"), a)
+        self.assertEqual(pool.stats()["timeouts"], 0)
+        self.assertEqual(pool.stats()["connections_opened"], 1)
+        pool.putconn(a, key="a")
+
+    def test_closed_pool_refuses_a_key_it_still_remembers(self):
+        pool = self._makeOne(maxconn=2)
+        conn = pool.getconn("k")
+        pool.close(timeout=0)      # "k" is still out, and remembered
+        with self.assertRaises(PoolClosed) as cm:
+            pool.getconn("k")
+        self.assertIn("%r is closed" % self.name, str(cm.exception))
+        pool.putconn(conn, key="k")
+        self.assertTrue(conn.closed)
+
     def test_keyed_getconn_after_closeall(self):
         pool = self._makeOne(maxconn=2)
         conn = pool.getconn("k")
@@ -1874,3 +1894,63 @@ class ClosedByCallerTests(PoolTestBase):
         self.assertIn(again, (a, b))
         pool.putconn(again)
 
+
+
+class ThreadConnectionOwnershipTests(PoolTestBase):
+    """PersistentConnectionPool hands a thread its remembered connection
+    only while that thread still holds it."""
+
+    def test_connection_returned_by_another_thread_is_not_given_back(self):
+        pool = self._makeCompat(zpgpool.PersistentConnectionPool, 0, 3,
+                                self.layer.dsn, name=self.name)
+        taken, returned = threading.Event(), threading.Event()
+        b_has_it, b_done = threading.Event(), threading.Event()
+
+        held = []
+
+        def first():
+            conn = pool.getconn()
+            held.append(conn)
+            taken.set()
+            returned.wait(WAIT)
+            # Its connection went back to the pool (putconn(conn) from
+            # another thread) and was lent out again since.
+            b_has_it.wait(WAIT)
+            again = pool.getconn()
+            self.assertWorks(again)
+            return conn, again
+
+        def second():
+            conn = pool.getconn()
+            b_has_it.set()
+            b_done.wait(WAIT)
+            conn.rollback()
+            pool.putconn()
+            return conn
+
+        a = start(self, first)
+        taken.wait(WAIT)
+        stats = pool.stats()
+        self.assertEqual(stats["in_use"], 1)
+        # psycopg2's pools let any thread return a connection it names.
+        pool.putconn(held[0])
+        self.assertEqual(pool.stats()["in_use"], 0)
+        b = start(self, second)
+        returned.set()
+        original, again = a.finish(self)
+        b_done.set()
+        b_conn = b.finish(self)
+        self.assertIs(b_conn, original)     # the idle stack lent it again
+        self.assertIsNot(again, b_conn,
+                         "one connection given to two threads at once")
+
+    def test_connection_closed_by_closeall_is_not_given_back(self):
+        pool = self._makeCompat(zpgpool.PersistentConnectionPool, 0, 2,
+                                self.layer.dsn, name=self.name)
+        conn = pool.getconn()
+        self.assertWorks(conn)
+        pool.closeall()
+        self.assertTrue(conn.closed)
+        with self.assertRaises(PoolClosed) as cm:
+            pool.getconn()
+        self.assertIn(repr(self.name), str(cm.exception))
