@@ -147,6 +147,24 @@ class BadInputTests(_Base):
             self._makeOne, b"dbname=x")
         self.assertServes()
 
+    def test_values_of_the_right_type_but_not_allowed(self):
+        cases = [
+            # psycopg2's constants are small integers; others mean nothing.
+            ("isolation_level", 7, "option 'isolation_level' must be None"
+             " or one of"),
+            ("configure", "myapp.setup", "option 'configure' must be None or"
+             " a callable"),
+            ("validation_timeout", 0, "option 'validation_timeout' must be a"
+             " number of seconds > 0"),
+        ]
+        for option, value, expected in cases:
+            with self.subTest(option=option, value=value):
+                message = self.assertRaisesMessage(
+                    InvalidOption, [expected], self._makeOne,
+                    **{option: value})
+                self.assertIn(repr(value), message)
+        self.assertServes()
+
     def test_unknown_options(self):
         self.assertRaisesMessage(
             InvalidOption, ["unknown option maxconns; valid options are: ",
