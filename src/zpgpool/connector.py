@@ -225,7 +225,14 @@ class Connector:
                     delay = min(backoff.delay(), 1.0)
                     if exc.permanent or probe or now + delay >= deadline:
                         release_place()
-                        if attempts > 1:
+                        if probe:
+                            exc.args = (
+                                "%s (the server has been unreachable for "
+                                "%.1f s, longer than the pool's timeout "
+                                "(%.3g s), so callers try once and fail at "
+                                "once until a connection succeeds again)"
+                                % (exc.args[0], self.outage(), timeout),)
+                        elif attempts > 1:
                             exc.args = ("%s (tried for %.1f s, %d attempts)"
                                         % (exc.args[0], now - first,
                                            attempts),)
