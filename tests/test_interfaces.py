@@ -114,7 +114,7 @@ class ContractTests(unittest.TestCase):
                 interfaces.IConnectionPool.namesAndDescriptions()
                 if hasattr(member, "getSignatureString")}
         self.assertEqual(spec, {
-            "getconn": "(key=None)",
+            "getconn": "(key=None, timeout=None)",
             "putconn": "(conn=None, key=None, close=False)",
             "closeall": "()",
             "close": "(timeout=5.0)",

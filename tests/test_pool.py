@@ -633,6 +633,19 @@ class CheckoutTests(PoolTestBase):
         with pool.checkout(timeout=0.05) as conn:
             self.assertIs(conn, held)
 
+    def test_getconn_timeout_overrides_the_pools(self):
+        pool = self._makeOne(maxconn=1, timeout=WAIT)
+        held = pool.getconn()
+        with self.assertRaises(PoolTimeout) as cm:
+            pool.getconn(timeout=0.05)
+        # Given up after its own 0.05 s, not the pool's WAIT.
+        waited = float(re.search(r"within ([0-9.e+-]+) s",
+                                 str(cm.exception)).group(1))
+        self.assertLess(waited, WAIT / 2)
+        pool.putconn(held)
+        self.assertIs(pool.getconn(timeout=0.05), held)
+        pool.putconn(held)
+
     def test_idle_block_returns_connection_as_it_was(self):
         pool = self._makeOne()
         with pool.checkout() as conn:

@@ -90,14 +90,15 @@ def _thread_ended(pool_ref, holder):
 
 # -- PersistentConnectionPool -----------------------------------------------------
 
-def thread_connection(pool):
-    """The connection of the calling thread (PersistentConnectionPool)."""
+def thread_connection(pool, timeout=None):
+    """The connection of the calling thread (PersistentConnectionPool),
+    waiting up to ``timeout`` seconds for one if it has none."""
     holder = holder_for(pool)
     conn = holder.conn
     if conn is not None and conn._zp_state is USED \
             and conn._zp_owner is holder:
         return conn
-    conn = pool.acquire()
+    conn = pool.acquire(timeout)
     conn._zp_owner = holder
     holder.conn = conn
     return conn

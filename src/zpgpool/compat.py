@@ -61,13 +61,13 @@ class PersistentConnectionPool(AbstractConnectionPool):
     connection goes back to the pool when the thread ends.
     """
 
-    def getconn(self, key=None):
+    def getconn(self, key=None, timeout=None):
         """Return this thread's connection, taking one if it has none.
 
         The thread is the key; an explicit ``key`` is refused.
         """
         self._refuse_key(key)
-        return thread_connection(self)
+        return thread_connection(self, timeout)
 
     def putconn(self, conn=None, key=None, close=False):
         """Return this thread's connection (or ``conn``) to the pool."""

@@ -21,6 +21,7 @@ end of ``CorePool``, under "For zpgpool's own modules".
 """
 import collections
 import logging
+import os
 import random
 import threading
 import time
@@ -69,6 +70,17 @@ _set_autocommit = _ext.connection.autocommit.__set__
 _subscribers = zope.event.subscribers
 
 _OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
+
+
+def _caller_stack():
+    """Where the caller took a connection: the stack without zpgpool's
+    own frames, for the leak report."""
+    frames = [frame for frame in traceback.extract_stack(limit=20)
+              if not frame.filename.startswith(_PACKAGE_DIR)]
+    return traceback.format_list(frames[-10:])
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 class _Waiter:
@@ -184,11 +196,19 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
 
     # -- checkout -------------------------------------------------------------
 
-    def acquire(self, timeout=None):
-        """Take a healthy connection, waiting up to ``timeout`` seconds."""
-        # The hot path: kept short on purpose (see benchmarks/).
+    def getconn(self, key=None, timeout=None):
+        """Take a healthy connection, waiting up to ``timeout`` seconds
+        (the pool's ``timeout`` when None); with a ``key``, the one held
+        under that key (keyed.py)."""
+        if key is not None:
+            return self._getconn_keyed(key)
+        # The hot path, for getconn() and connection() alike: kept short
+        # on purpose (see benchmarks/).
+        lock = self._lock
         while True:
-            with self._lock:
+            # acquire/release rather than "with": half the cost.
+            lock.acquire()
+            try:
                 if self._idle and not self._closed:
                     conn = self._idle.pop()
                     conn._zp_state = USED
@@ -196,6 +216,8 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
                     self._checkouts += 1
                 else:
                     conn = None
+            finally:
+                lock.release()
             now = _monotonic()
             if conn is None:
                 conn = self._acquire_slow(timeout)
@@ -215,7 +237,7 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
                 events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
             conn._zp_taken = now
             if self.leak_threshold is not None:
-                conn._zp_stack = traceback.format_stack(limit=12)[:-2]
+                conn._zp_stack = _caller_stack()
                 conn._zp_warned = False
             return conn
 
@@ -351,11 +373,11 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
         if waiter.permit:
             conn = self._connect_for_caller(start + timeout)
             if conn is None:
-                return self.acquire(max(0.0, timeout - waited))
+                return self.getconn(None, max(0.0, timeout - waited))
             return conn
         conn = waiter.conn
         if not self._usable(conn, max(0.0, timeout - waited)):
-            return self.acquire(max(0.0, timeout - waited))
+            return self.getconn(None, max(0.0, timeout - waited))
         events.notify(events.ConnectionCheckedOut, self, conn, waited)
         return conn
 
@@ -456,24 +478,38 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
                 if self._keys.get(key) is conn:
                     del self._keys[key]
 
-    def release(self, conn, close=False):
+    def acquire(self, timeout=None):
+        """Take a healthy connection, waiting up to ``timeout`` seconds.
+
+        For zpgpool's own modules: the pool's own checkout, even in a
+        subclass that redefines ``getconn`` (compat.py's persistent pool).
+        """
+        return CorePool.getconn(self, None, timeout)
+
+    def putconn(self, conn=None, key=None, close=False):
         """Handle a connection coming back, by its transaction status.
 
         Idle is kept; in transaction or in error is rolled back; anything
-        else (active, unknown, closed) is discarded and replaced.
+        else (active, unknown, closed) is discarded and replaced. With a
+        ``key``, or none but the key, checked as keyed.py says.
         """
+        if key is not None or conn is None:
+            return self._putconn_keyed(conn, key, close)
         # The hot path: a sound, idle connection goes back under one lock.
         now = _monotonic()
-        if getattr(conn, "_zp_pool", None) is self and not close \
-                and not conn.closed \
+        if not close and getattr(conn, "_zp_pool", None) is self \
                 and conn.get_transaction_status() == _OK_STATUS \
                 and not _get_autocommit(conn) \
                 and not conn._zp_session_changed \
                 and conn._zp_expires >= now \
                 and conn._zp_created > self._retire_before:
-            with self._lock:
-                if conn._zp_state is USED and conn._zp_key is None \
-                        and not self._closed:
+            # (A closed connection has status UNKNOWN, not IDLE.)
+            lock = self._lock
+            lock.acquire()
+            try:
+                fast = conn._zp_state is USED and conn._zp_key is None \
+                    and not self._closed
+                if fast:
                     conn._zp_managed = None
                     conn._zp_owner = None
                     conn._zp_last_used = now
@@ -485,10 +521,11 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
                     else:
                         conn._zp_state = IDLE
                         self._idle.append(conn)
-                    returned, conn = conn, None
-            if conn is None:
+            finally:
+                lock.release()
+            if fast:
                 if _subscribers:
-                    events.notify(events.ConnectionReturned, self, returned)
+                    events.notify(events.ConnectionReturned, self, conn)
                 return
         self._claim_return(conn)
         conn._zp_managed = None
@@ -500,6 +537,11 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
             self._discard(conn, reason, lost)
             return
         self._put_back(conn)
+
+    def release(self, conn, close=False):
+        """Take back a connection checked out with ``acquire`` (the pool's
+        own return, as ``acquire`` is its own checkout)."""
+        CorePool.putconn(self, conn, None, close)
 
     def _put_back(self, conn):
         """Make a sound connection available: first waiter, else idle."""

@@ -90,7 +90,7 @@ class IConnectionPool(Interface):
         another one was given when the pool was created.
         """)
 
-    def getconn(key=None):
+    def getconn(key=None, timeout=None):
         """Take a connection out of the pool and return it.
 
         This is psycopg2's ``AbstractConnectionPool.getconn``, for code that
@@ -101,8 +101,9 @@ class IConnectionPool(Interface):
         With a *key*, the same connection is returned for the same key until
         it is put back, as psycopg2's pools do.
 
-        Opens the pool first if it was not open.  Waits up to ``timeout``
-        seconds when every connection is busy, and then raises
+        Opens the pool first if it was not open.  Waits up to *timeout*
+        seconds (the pool's ``timeout`` when None) when every connection
+        is busy, and then raises
         ``zpgpool.errors.PoolTimeout``.  Raises ``zpgpool.errors.PoolClosed``
         when the pool is closed.  A connection that cannot be made raises
         ``zpgpool.ConnectError``, which is also the

@@ -1,6 +1,7 @@
-"""The psycopg2.pool contract on top of the pool: ``getconn(key=None)``,
-``putconn(conn, key=None, close=False)`` and ``closeall()``, so that code
-written for psycopg2's pools keeps working.
+"""The keyed half of the psycopg2.pool contract (``getconn(key)``,
+``putconn(conn, key=...)``) and ``closeall()``, so that code written for
+psycopg2's pools keeps working. The unkeyed ``getconn()``/``putconn()``
+are the pool's hot path, in core.py; they come here when given a key.
 
 ``KeyedContract`` is mixed into ``CorePool`` (core.py); it uses the pool's
 ``acquire``, ``release``, ``_shut``, ``label`` and, under ``_lock``, the
@@ -15,10 +16,9 @@ from zpgpool.errors import PoolClosed
 class KeyedContract:
     """psycopg2's keyed checkout and return, and its ``closeall``."""
 
-    def getconn(self, key=None):
-        """Take a connection; with a ``key``, the one held under that key."""
-        if key is None:
-            return self.acquire()
+    def _getconn_keyed(self, key):
+        """``getconn(key)``: the connection held under ``key``, else a new
+        checkout, held under it from now on."""
         with self._lock:
             # As psycopg2: a closed pool refuses keys it still remembers.
             if self._closed:
@@ -38,8 +38,9 @@ class KeyedContract:
             return other
         return conn
 
-    def putconn(self, conn=None, key=None, close=False):
-        """Return a connection taken with ``getconn``."""
+    def _putconn_keyed(self, conn, key, close):
+        """``putconn`` given a key, or no connection: find or check the
+        connection held under the key, then return it the usual way."""
         if conn is None:
             if key is None:
                 raise ConnectionMisuse("%s: putconn() needs a connection or "
@@ -49,10 +50,10 @@ class KeyedContract:
             if conn is None:
                 raise ConnectionMisuse("%s: no connection is held under key"
                                        " %r" % (self.label, key))
-        elif key is not None and getattr(conn, "_zp_key", None) != key:
+        elif getattr(conn, "_zp_key", None) != key:
             raise ConnectionMisuse("%s: the connection is not held under key "
                                    "%r" % (self.label, key))
-        self.release(conn, close=close)
+        self.release(conn, close)
 
     def closeall(self):
         """Close every connection, in use or not, and the pool itself.
