@@ -474,6 +474,32 @@ class RetryTests(_Base):
         self.assertEqual(self.values(), ["again", "mid"])
         self.assertEqual(pool.stats()["in_use"], 0)
 
+    def test_session_lost_with_the_error_caught_never_commits(self):
+        from zpgpool import SessionLost
+        pool = self._makeOne()
+        cur = pool.connection().cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('lost')")
+        self.sql("SELECT pg_terminate_backend(%s)",
+                 (pool.connection().get_backend_pid(),))
+        try:
+            cur.execute("SELECT 1")
+        except psycopg2.OperationalError:
+            pass    # the application swallows the error and commits
+        # The work went with the session: the commit must not succeed as if
+        # it had been saved; retrying the whole transaction is safe.
+        with self.assertRaises(SessionLost) as caught:
+            transaction.commit()
+        self.assertIn("'dm'", str(caught.exception))
+        self.assertIn("before COMMIT", str(caught.exception))
+        self.assertTrue(pool.thread_local.state.dm.should_retry(
+            caught.exception))
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+        self.insert(pool, "next")
+        transaction.commit()
+        self.assertEqual(self.values(), ["next"])
+        self.assertEqual(pool.stats()["in_use"], 0)
+
     def test_session_lost_during_commit_is_commit_unknown(self):
         from zpgpool import CommitUnknown
         from tests.poolhelpers import start

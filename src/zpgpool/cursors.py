@@ -91,13 +91,13 @@ def _guarded(base, takes_query, bundles):
                 args = (query,) + args[1:]
             elif not isinstance(query, bytes):
                 query = None
+        effect = KEEPS_SESSION if query is None else statement_effect(query)
         try:
-            begin = managed.before_statement(
-                conn, KEEPS_SESSION if query is None
-                else statement_effect(query), self.name is not None)
+            begin = managed.before_statement(conn, effect,
+                                             self.name is not None)
             if begin is not None:
                 if not bundles or query is None or self.name is not None \
-                        or statement_effect(query) & CONTROLS_TRANSACTION:
+                        or effect & CONTROLS_TRANSACTION:
                     _execute(conn, begin)
                 elif type(query) is str:
                     # One message: psycopg2 sends a query string as one

@@ -324,6 +324,7 @@ class ThreadState:
                 # A named cursor is declared WITH HOLD (see cursor()).
                 self.dm.dirty = True
         if conn.get_transaction_status() == _IDLE:
+            self.dm.begun = True
             return self.begin
         return None
 
@@ -379,6 +380,7 @@ class _DataManager:
         self.txn = txn
         self.finished = False
         self.broken = False
+        self.begun = False      # its BEGIN went to the server
         self.dirty = False      # a statement changed session state
         # A failed transaction's session changes still to undo after its
         # ROLLBACK (a transaction in error cannot run the reset itself).
@@ -392,12 +394,26 @@ class _DataManager:
 
     def _committable(self):
         """Whether there is anything to commit; raise if it cannot be."""
-        if self.conn is None:
+        conn = self.conn
+        if conn is None:
             raise ConnectionMisuse("%s: the connection of this transaction "
                                    "was lost" % self.pool.label)
-        if not self._pending():
+        if conn.closed:
+            if not self.begun:
+                return False    # lost, but it held no work
+            # Its work went with the session (the server rolls back the
+            # transaction of a session that ends): never a silent
+            # success, even when the statement that found it dead had
+            # its error caught.
+            self.broken = True
+            raise translate_error(psycopg2.OperationalError(
+                "%s: the connection was lost before COMMIT was sent; the "
+                "server rolled the transaction back, so nothing of it was "
+                "committed" % self.pool.label), conn)
+        status = conn.get_transaction_status()
+        if status == _IDLE:
             return False    # no statement ran: nothing to send
-        if self.conn.get_transaction_status() == _INERROR:
+        if status == _INERROR:
             # PostgreSQL would answer COMMIT with a silent ROLLBACK.
             raise PoolError(
                 "%s: cannot commit: a statement failed earlier in this "
