@@ -675,13 +675,17 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
         False when another thread was lent it meanwhile, or the pool let it
         go; the caller then takes a connection the usual way.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if self._parked.get(conn) is not holder:
                 return False
             del self._parked[conn]
             conn._zp_state = USED
             self._in_use += 1
             self._checkouts += 1
+        finally:
+            lock.release()
         now = _monotonic()
         if self._held_times is not None:
             conn._zp_taken = now
@@ -708,7 +712,9 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
             self.release(conn)
             return False
         conn._zp_last_used = now = _monotonic()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             if not self._waiters and conn._zp_state is USED:
                 if self._held_times is not None:
                     self._held_times.record(now - conn._zp_taken)
@@ -716,6 +722,8 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
                 conn._zp_state = PARKED
                 self._parked[conn] = holder
                 return True
+        finally:
+            lock.release()
         conn._zp_owner = None
         self.release(conn)
         return False
