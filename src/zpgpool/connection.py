@@ -86,7 +86,6 @@ class PooledConnection(_ext.connection):
 
     _zp_pool = None       # the pool that opened it
     _zp_state = GONE      # a State; changed only under the pool's lock
-    _zp_pid = None        # the process that opened it (see fork in core.py)
     _zp_created = 0.0     # time.monotonic() when opened
     _zp_expires = 0.0     # when its lifetime ends (inf: never)
     _zp_last_used = 0.0   # when it was last returned or checked
@@ -107,7 +106,6 @@ class PooledConnection(_ext.connection):
         """Start the pool's record of a connection it has just opened."""
         self._zp_pool = pool
         self._zp_state = NEW
-        self._zp_pid = os.getpid()
         self._zp_created = self._zp_last_used = self._zp_taken = now
         self._zp_checked = now
         self._zp_expires = expires
@@ -209,16 +207,15 @@ def neutralize(conn):
         os.dup2(devnull, fd)
     finally:
         os.close(devnull)
-    conn._zp_pid = os.getpid()
 
 
 def close_quietly(conn):
-    """Close ``conn``; one inherited from a parent process is only
-    detached, since closing it would end the parent's session (libpq sends
-    Terminate)."""
-    if conn._zp_pid != os.getpid():
-        neutralize(conn)
-        return
+    """Close ``conn``, whatever state its socket is in.
+
+    A connection inherited across fork is never closed in the child: fork.py
+    has detached it (``neutralize``) right after the fork, so its close
+    cannot end the parent's session.
+    """
     try:
         conn.close()
     except Exception:  # pragma: no cover - close() on a dead socket
