@@ -40,6 +40,7 @@ from zope.component import getUtility
 
 from zpgpool.errors import PoolError
 from zpgpool.interfaces import IConnectionPool
+from zpgpool.testing.support import _execute
 
 
 #: Seconds after which a check gives up waiting for something that should
@@ -63,14 +64,7 @@ def wait_for(predicate, what, timeout=WAIT):
 
 def query(dsn, sql, params=None):
     """Run one statement on a connection of its own; return the rows."""
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall() if cur.description else None
-    finally:
-        conn.close()
+    return _execute(dsn, sql, params)
 
 
 def backend_pids(dsn, application_name):
