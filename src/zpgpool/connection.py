@@ -48,11 +48,11 @@ def is_disconnect(exc, conn=None):
     Decided by the connection's state and the SQLSTATE, not by the message,
     which varies with libpq, SSL and the platform.
     """
-    if conn is not None:
-        if conn.closed:
-            return True
-        if conn.get_transaction_status() == _ext.TRANSACTION_STATUS_UNKNOWN:
-            return True
+    # A closed or broken connection's status is UNKNOWN too (libpq says
+    # so for any connection that is not CONNECTION_OK).
+    if conn is not None and \
+            conn.get_transaction_status() == _ext.TRANSACTION_STATUS_UNKNOWN:
+        return True
     code = getattr(exc, "pgcode", None)
     if code:
         return code.startswith("08") or code in _DISCONNECT_SQLSTATES
