@@ -94,12 +94,14 @@ class OutageTests(_Base):
 
     def test_long_outage_fails_new_callers_at_once(self):
         server = self.layer.server
-        pool = self._makeOne(minconn=0, maxconn=16, timeout=1.0,
+        # A time-out long enough that a caller who waits it out is far
+        # from the bound below, even on a loaded machine.
+        pool = self._makeOne(minconn=0, maxconn=16, timeout=4.0,
                              connect_timeout=2)
         server.stop("fast")
         with self.assertRaises(ConnectError):
             pool.getconn()          # waited out its whole time-out
-        wait_for(lambda: pool.stats()["outage_seconds"] > 1.0,
+        wait_for(lambda: pool.stats()["outage_seconds"] > 4.0,
                  "the outage to outlast the pool's timeout")
         durations = []
         errors = []
@@ -118,7 +120,7 @@ class OutageTests(_Base):
         self.assertEqual(len(errors), 16)
         # One of them may probe the server once (a refused connect is
         # quick); none waits a time-out.
-        self.assertLess(max(durations), 0.9, durations)
+        self.assertLess(max(durations), 2.0, durations)
         self.assertTrue(any("longer than the pool's timeout" in e
                             for e in errors), errors)
         server.start()
