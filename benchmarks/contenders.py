@@ -445,12 +445,18 @@ class _FloorDataManager:
     of the transaction's first statement, as zpgpool does.
     """
 
-    def __init__(self, conn, tm, bundled):
+    def __init__(self, conn, tm, bundled, twophase=False):
         self.conn = conn
         self.transaction_manager = tm
         self._get = tm.get
         self.bundled = bundled
         self.txn = None
+        # Two-phase (bundled only): PREPARE TRANSACTION in the vote,
+        # COMMIT PREPARED in tpc_finish, with a gid of plain characters.
+        self.twophase = twophase
+        self._gids = ("bench-floor-2pc:%d:%d" % (id(self), n)
+                      for n in itertools.count())
+        self.gid = None
         if bundled:
             conn.autocommit = True
             conn.cursor_factory = _BeginBundlingCursor
@@ -471,7 +477,11 @@ class _FloorDataManager:
 
     def abort(self, txn):
         self.txn = None
-        if self.bundled:
+        if self.gid is not None:
+            gid, self.gid = self.gid, None
+            psycopg2.extensions.cursor(self.conn).execute(
+                "ROLLBACK PREPARED '%s'" % gid)
+        elif self.bundled:
             self._send("ROLLBACK")
         else:
             self.conn.rollback()    # sends nothing when no BEGIN was sent
@@ -483,13 +493,21 @@ class _FloorDataManager:
         pass
 
     def tpc_vote(self, txn):
-        if self.bundled:
+        if self.twophase:
+            if self.conn.get_transaction_status() != _IDLE:
+                self.gid = next(self._gids)
+                self._send("PREPARE TRANSACTION '%s'" % self.gid)
+        elif self.bundled:
             self._send("COMMIT")
         else:
             self.conn.commit()
 
     def tpc_finish(self, txn):
         self.txn = None
+        if self.gid is not None:
+            gid, self.gid = self.gid, None
+            psycopg2.extensions.cursor(self.conn).execute(
+                "COMMIT PREPARED '%s'" % gid)
 
     tpc_abort = abort
 
@@ -519,6 +537,7 @@ class ZopeFloor(Contender):
     limited = False
     zope = True
     bundled = False
+    twophase = False
 
     def setup(self, size, timeout=30.0):
         self._conns = []
@@ -527,7 +546,7 @@ class ZopeFloor(Contender):
         conn = psycopg2.connect(self.dsn)
         self._conns.append(conn)
         tm = transaction.manager
-        dm = _FloorDataManager(conn, tm, self.bundled)
+        dm = _FloorDataManager(conn, tm, self.bundled, self.twophase)
         connection = dm.connection
 
         def op_noop():
@@ -559,6 +578,17 @@ class ZopeFloorBundled(ZopeFloor):
             "The design zpgpool's Zope path implements, without a pool: "
             "zpgpool's own floor.")
     bundled = True
+
+
+class ZopeFloorBundledTwoPhase(ZopeFloorBundled):
+    key = "zope-floor-bundled-2pc"
+    label = "floor: minimal two-phase data manager, BEGIN bundled"
+    twophase = True
+    micro = False
+    note = ("The bundled floor with PREPARE TRANSACTION in tpc_vote and "
+            "COMMIT PREPARED in tpc_finish: three round trips, the design "
+            "zpgpool's two-phase Zope path implements, without a pool: "
+            "its own two-phase floor.")
 
 
 class ZpgpoolZope(Contender):
@@ -777,6 +807,7 @@ ALL = (
     RawFloor,
     ZopeFloor,
     ZopeFloorBundled,
+    ZopeFloorBundledTwoPhase,
     ZpgpoolZope,
     ZpgpoolZopeTwoPhase,
     RawTwoPhase,

@@ -55,6 +55,7 @@ THREADS = (1, 4, 16, 64)
 FLOOR = C.RawFloor.key
 ZOPE_FLOOR = C.ZopeFloor.key
 BUNDLED_FLOOR = C.ZopeFloorBundled.key
+TWOPHASE_FLOOR = C.ZopeFloorBundledTwoPhase.key
 WORKLOAD_TITLES = {
     "noop": "checkout + return, no SQL (pure pool overhead)",
     "select1": "checkout + SELECT 1 + commit + return",
@@ -991,7 +992,7 @@ class Report:
     def _label(cls):
         if cls.key in ("zpgpool", "zpgpool-zope", "zpgpool-zope-2pc"):
             return "**%s**" % cls.label
-        if cls.key in (ZOPE_FLOOR, BUNDLED_FLOOR):
+        if cls.key in (ZOPE_FLOOR, BUNDLED_FLOOR, TWOPHASE_FLOOR):
             return "*%s*" % cls.label
         return cls.label
 
@@ -1119,7 +1120,8 @@ class Report:
                         else "threads")
                 else:
                     head = "**met**"
-                refs = ((BUNDLED_FLOOR, "raw-2pc", "zope.sqlalchemy-2pc")
+                refs = ((TWOPHASE_FLOOR, BUNDLED_FLOOR, "raw-2pc",
+                         "zope.sqlalchemy-2pc")
                         if twophase else
                         (BUNDLED_FLOOR, ZOPE_FLOOR, "zope.sqlalchemy"))
                 lines.append("%s: %s: %s%s%s" % (
@@ -1129,18 +1131,20 @@ class Report:
         return lines
 
     def _distance(self, workload, key):
-        """zpgpool's Zope path over its own floor, paired by repetition."""
+        """zpgpool's Zope path over its own floor (the two-phase one for
+        the two-phase path), paired by repetition."""
+        floor = TWOPHASE_FLOOR if key.endswith("2pc") else BUNDLED_FLOOR
         own = []
         for t in self.s.threads:
             mine = self.times.get((workload, t, key), [])
-            base = self.times.get((workload, t, BUNDLED_FLOOR), [])
+            base = self.times.get((workload, t, floor), [])
             pairs = [a / b for a, b in zip(mine, base) if b]
             if pairs:
                 own.append((t, med(pairs)))
         if not own:
             return ""
         return "; over its own floor (%s): %s" % (
-            C.BY_KEY[BUNDLED_FLOOR].label,
+            C.BY_KEY[floor].label,
             ", ".join("%d: %.2f×" % g for g in own))
 
     def _getconn_target(self):
@@ -1516,6 +1520,8 @@ def run_micro(report, active, dsn, s, t0):
 
 def run_exhaustions(report, active, dsn, s, t0):
     chosen = [cls for cls in active if cls.limited and not cls.twophase]
+    if not chosen:
+        return      # --contenders named no pool that can run out
     for rep in range(s.ex_reps):
         shift = rep % len(chosen)
         for cls in chosen[shift:] + chosen[:shift]:
