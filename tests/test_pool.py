@@ -418,7 +418,15 @@ class ReturnTests(PoolTestBase):
         self.assertFalse(third.readonly)
         self.assertEqual(third.isolation_level,
                          psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+        # psycopg2's older call, too.
+        third.set_isolation_level(
+            psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE)
         pool.putconn(third)
+        fourth = pool.getconn()
+        self.assertIs(fourth, conn)
+        self.assertEqual(fourth.isolation_level,
+                         psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+        pool.putconn(fourth)
 
     def test_in_transaction_is_rolled_back(self):
         table = self.make_table()
