@@ -17,8 +17,8 @@ another and prints three tables:
    zpgpool's own share of each step.
 2. **Calls inside the steps.** zpgpool's own functions on the path (the
    thread state's ``connection()`` and ``before_statement()``, the data
-   manager's ``tpc_*`` calls, ``binding.take``, the pool's ``_unpark`` and
-   ``_park``, the statements the data manager sends) wrapped with a timer:
+   manager's ``tpc_*`` calls, ``binding.take``, the pool's ``unpark`` and
+   ``park``, the statements the data manager sends) wrapped with a timer:
    calls per transaction, time per call including what it calls, and its
    own time (without the wrapped calls inside it). The wrapper costs a
    little per call, measured and shown.
@@ -309,15 +309,15 @@ def zpgpool_calls():
     from zpgpool import binding
     from zpgpool import datamanager as dm
     from zpgpool import pool as pool_module
+    from zpgpool.core import CorePool
     calls = [
         (pool_module.ConnectionPool, "connection",
          "ConnectionPool.connection()"),
         (dm.ThreadState, "connection", "ThreadState.connection()"),
         (dm.ThreadState, "_join", "ThreadState._join() (once per txn)"),
         (binding, "take", "binding.take() (the thread's connection)"),
-        (pool_module.ConnectionPool, "_unpark", "ConnectionPool._unpark()"),
-        (pool_module.ConnectionPool, "_acquire",
-         "ConnectionPool._acquire() (when not parked)"),
+        (CorePool, "unpark", "CorePool.unpark()"),
+        (CorePool, "acquire", "CorePool.acquire() (when not parked)"),
         (transaction.Transaction, "join", "Transaction.join() [transaction package]"),
         (dm.ThreadState, "cursor", "ThreadState.cursor()"),
         (dm.ThreadState, "before_statement",
@@ -335,11 +335,10 @@ def zpgpool_calls():
         (dm, "_execute", "datamanager._execute() (COMMIT, PREPARE, ...: "
                          "a round trip)"),
         (dm.ThreadState, "ended", "ThreadState.ended() (txn over)"),
-        (pool_module.ConnectionPool, "_park", "ConnectionPool._park()"),
-        (pool_module.ConnectionPool, "getconn", "ConnectionPool.getconn()"),
-        (pool_module.ConnectionPool, "putconn", "ConnectionPool.putconn()"),
-        (pool_module.ConnectionPool, "_release",
-         "ConnectionPool._release()"),
+        (CorePool, "park", "CorePool.park()"),
+        (CorePool, "getconn", "CorePool.getconn()"),
+        (CorePool, "putconn", "CorePool.putconn()"),
+        (CorePool, "release", "CorePool.release()"),
     ]
     seen = set()
     unique = []

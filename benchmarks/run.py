@@ -768,6 +768,7 @@ class Report:
         self.skipped = []         # (label, why)
         self.trips = RoundTrips()
         self.note = ""            # --note, said at the top of the report
+        self.profile = None       # profile_hotpath.py's tables, as text
 
     def add_cell(self, rep_results, threads):
         floor = rep_results.get(FLOOR, {})
@@ -954,6 +955,21 @@ class Report:
         for line in self.targets():
             w("- " + line)
         w("")
+        if self.profile:
+            w("## Profile: where zpgpool's time goes")
+            w("")
+            w("The tables of `benchmarks/profile_hotpath.py`, run against "
+              "the same server right after the measurements above: each "
+              "step of one transaction for raw psycopg2, the bundled floor "
+              "and zpgpool side by side (one thread), zpgpool's own calls "
+              "inside them, and getconn/putconn beside psycopg2's "
+              "ThreadedConnectionPool. They say which part of a missed "
+              "target is zpgpool's Python and which is the round trips.")
+            w("")
+            w("```")
+            out.extend(self.profile.rstrip().splitlines())
+            w("```")
+            w("")
         w("## Other checks")
         w("")
         for line in self.checks():
@@ -1342,7 +1358,7 @@ def main(argv=None):
                         "what else ran on the machine meanwhile")
     parser.add_argument("--skip", nargs="+", default=(),
                         choices=("count", "threads", "micro", "exhaustion",
-                                 "memory"),
+                                 "memory", "profile"),
                         help="parts of the run to leave out")
     args = parser.parse_args(argv)
     s = Settings(args)
@@ -1413,6 +1429,8 @@ def main(argv=None):
             run_exhaustions(report, active, dsn, s, t0)
         if "memory" not in args.skip:
             run_memory(report, dsn, s, t0)
+        if "profile" not in args.skip:
+            run_profile(report, dsn, s, t0)
         query(dsn, "DROP TABLE IF EXISTS zpgpool_bench")
     finally:
         if server is not None:
@@ -1516,6 +1534,19 @@ def run_micro(report, active, dsn, s, t0):
     finally:
         for contender in opened:
             contender.teardown()
+
+
+def run_profile(report, dsn, s, t0):
+    """Keep profile_hotpath.py's tables for the report."""
+    import contextlib
+    import io
+    import profile_hotpath
+    log(t0, "profiling the request path (profile_hotpath.py)")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        profile_hotpath.main(["--dsn", dsn,
+                              "-n", "2000" if s.quick else "10000"])
+    report.profile = out.getvalue()
 
 
 def run_exhaustions(report, active, dsn, s, t0):
