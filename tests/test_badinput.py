@@ -215,6 +215,25 @@ class BadInputTests(_Base):
         self.assertEqual((stats["in_use"], stats["idle"]), (0, 1))
         self.assertServes(pool)
 
+    def test_a_call_timeout_that_is_no_number_of_seconds(self):
+        pool = self._makeOne(maxconn=1)
+        held = pool.getconn()
+        calls = (pool.getconn, lambda timeout: pool.checkout(timeout).__enter__())
+        for value in ("1", -1, float("nan"), True, [1]):
+            for call in calls:
+                self.assertRaisesMessage(
+                    InvalidOption,
+                    ["zpgpool pool %r" % self.name, "timeout must be a "
+                     "number of seconds >= 0", "None for the pool's timeout",
+                     "got %r" % (value,)],
+                    call, timeout=value)
+        # Nothing was left waiting for the connection that comes back.
+        self.assertEqual(pool.stats()["waiting"], 0)
+        pool.putconn(held)
+        self.assertIs(pool.getconn(timeout=0), held)
+        pool.putconn(held)
+        self.assertServes(pool)
+
     def test_use_after_close(self):
         pool = self._makeOne()
         conn = pool.getconn()

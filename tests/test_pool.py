@@ -690,6 +690,30 @@ class WaitingTests(PoolTestBase):
         pool.putconn(b)
         self.assertGreater(pool.stats()["wait_time"], 0)
 
+    def test_an_interrupted_wait_leaves_no_waiter_behind(self):
+        import signal
+
+        class Interrupted(Exception):
+            pass
+
+        def interrupt(signum, frame):
+            raise Interrupted()
+        pool = self._makeOne(maxconn=1, timeout=WAIT)
+        held = pool.getconn()
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        # As Ctrl-C would, in the main thread, while it waits.
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with self.assertRaises(Interrupted):
+            pool.getconn()
+        self.assertEqual(pool.stats()["waiting"], 0)
+        # The connection that comes back goes to the idle stack, not to
+        # the caller that left.
+        pool.putconn(held)
+        self.assertIs(pool.getconn(timeout=0), held)
+        pool.putconn(held)
+        self.assertEqual(pool.stats()["in_use"], 0)
+
     def test_timeout_zero_fails_at_once(self):
         pool = self._makeOne(maxconn=1, timeout=0)
         conn = pool.getconn()

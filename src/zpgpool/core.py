@@ -55,6 +55,7 @@ from zpgpool.keyed import KeyedContract
 from zpgpool.lifecycle import Lifecycle
 from zpgpool.maintenance import Backoff
 from zpgpool.options import OPTIONS
+from zpgpool.options import check_call_timeout
 from zpgpool.options import check_options
 from zpgpool.options import label as _pool_label
 from zpgpool.reporting import Reporting
@@ -201,7 +202,9 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
         (the pool's ``timeout`` when None); with a ``key``, the one held
         under that key (keyed.py)."""
         if key is not None:
-            return self._getconn_keyed(key)
+            return self._getconn_keyed(key, timeout)
+        if timeout is not None:
+            timeout = check_call_timeout(self.label, timeout)
         # The hot path, for getconn() and connection() alike: kept short
         # on purpose (see benchmarks/).
         lock = self._lock
@@ -358,7 +361,15 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
         return conn
 
     def _wait(self, waiter, start, timeout):
-        got = waiter.lock.acquire(timeout=timeout) if timeout > 0 else False
+        try:
+            got = waiter.lock.acquire(timeout=timeout) if timeout > 0 \
+                else False
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, a signal handler's error):
+            # never leave a waiter behind that a returned connection, or
+            # the place to open one, would go to and be lost with.
+            self._abandon_wait(waiter)
+            raise
         with self._lock:
             waited = _monotonic() - start
             self._counters["wait_time"] += waited
@@ -380,6 +391,18 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
             return self.getconn(None, max(0.0, timeout - waited))
         events.notify(events.ConnectionCheckedOut, self, conn, waited)
         return conn
+
+    def _abandon_wait(self, waiter):
+        """Take ``waiter`` off the queue; pass on what it was given."""
+        with self._lock:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.conn is not None:
+                self._in_use -= 1
+                self._hand_over(waiter.conn)
+            elif waiter.permit:
+                self._size -= 1
+                self._pass_place_on()
 
     def _connect_for_caller(self, deadline):
         """Open a connection for a caller who holds a reserved place, and

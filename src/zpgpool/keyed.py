@@ -16,7 +16,7 @@ from zpgpool.errors import PoolClosed
 class KeyedContract:
     """psycopg2's keyed checkout and return, and its ``closeall``."""
 
-    def _getconn_keyed(self, key):
+    def _getconn_keyed(self, key, timeout=None):
         """``getconn(key)``: the connection held under ``key``, else a new
         checkout, held under it from now on."""
         with self._lock:
@@ -26,7 +26,7 @@ class KeyedContract:
             conn = self._keys.get(key)
         if conn is not None:
             return conn
-        conn = self.acquire()
+        conn = self.acquire(timeout)
         with self._lock:
             other = self._keys.get(key)
             if other is None:

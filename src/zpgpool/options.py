@@ -172,6 +172,19 @@ def size_problem(minconn, maxconn):
     return None
 
 
+def check_call_timeout(pool_label, value):
+    """Check the ``timeout`` given to one call (getconn, checkout, ...):
+    seconds as the option takes them; None means the pool's own."""
+    if value is None:
+        return None
+    try:
+        return OPTIONS["timeout"].check(value)
+    except _Bad as exc:
+        raise InvalidOption("%s: timeout must be %s (None for the pool's "
+                            "timeout), got %r" % (pool_label, exc, value)
+                            ) from None
+
+
 def check_options(options):
     """Return every option, checked and with the defaults filled in.
 
