@@ -221,6 +221,28 @@ class StatementKindTests(_Base):
             self.assertEqual(self.sent(), ["BEGIN; SELECT 7 AS v",
                                            "ROLLBACK"])
 
+    def test_connection_factories_choose_the_cursor(self):
+        # A connection_factory's own cursor() is honoured on a managed
+        # connection too, as on one from getconn(), and BEGIN still goes
+        # with the first statement.
+        import io
+        pool = self._makeOne(name="rt_dict", connect_kwargs={
+            "connection_factory": psycopg2.extras.RealDictConnection})
+        self.mark(pool)
+        cur = pool.connection().cursor()
+        cur.execute("SELECT 7 AS v")
+        self.assertEqual(cur.fetchone(), {"v": 7})
+        transaction.commit()
+        self.assertEqual(self.sent(), ["BEGIN; SELECT 7 AS v", "COMMIT"])
+        pool = self._makeOne(name="rt_log", connect_kwargs={
+            "connection_factory": psycopg2.extras.LoggingConnection})
+        log = io.StringIO()
+        pool.connection().initialize(log)
+        cur = pool.connection().cursor()
+        cur.execute("SELECT 'logged'")
+        transaction.commit()
+        self.assertIn("SELECT 'logged'", log.getvalue())
+
     def test_error_class_pgcode_and_diag_are_the_statements(self):
         cur = self._cursor()
         with self.assertRaises(psycopg2.errors.DivisionByZero) as caught:

@@ -165,8 +165,6 @@ class PooledConnection(_ext.connection):
         managed = self._zp_managed
         if managed is not None:
             return managed.cursor(self, args, kw)
-        # super(), not psycopg2's connection: a connection_factory such as
-        # RealDictConnection or LoggingConnection overrides these too.
         return super().cursor(*args, **kw)
 
 
@@ -177,7 +175,10 @@ def _connection_class(factory):
     """Return a PooledConnection class that also derives from ``factory``.
 
     Users may pass psycopg2's ``connection_factory`` (for example
-    LoggingConnection); the pool still needs its own behaviour on top.
+    LoggingConnection); the pool still needs its own behaviour. The
+    factory's methods come first and reach the pool's through super(), as
+    psycopg2's factories all do: so RealDictConnection's cursor() picks
+    its cursor class, and the pool then makes a managed cursor of that.
     """
     if factory is None or issubclass(factory, PooledConnection):
         return factory or PooledConnection
@@ -186,7 +187,7 @@ def _connection_class(factory):
                         "psycopg2.extensions.connection, got %r" % (factory,))
     cls = _connection_classes.get(factory)
     if cls is None:
-        cls = type("Pooled" + factory.__name__, (PooledConnection, factory), {})
+        cls = type("Pooled" + factory.__name__, (factory, PooledConnection), {})
         _connection_classes[factory] = cls
     return cls
 
