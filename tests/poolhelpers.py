@@ -52,6 +52,30 @@ def server_pid(conn):
         return cur.fetchone()[0]
 
 
+class TableChecks:
+    """For a TestCase with a ``layer`` (its ``dsn``) and a ``name`` no
+    other test uses: a table of the test's own, its rows, and a check that
+    a connection works."""
+
+    def make_table(self):
+        """A table of this test's own, dropped afterwards."""
+        table = "t_" + self.name
+        query(self.layer.dsn, "CREATE TABLE %s (v int)" % table)
+        self.addCleanup(query, self.layer.dsn, "DROP TABLE %s" % table)
+        return table
+
+    def rows(self, table):
+        return [r[0] for r in query(
+            self.layer.dsn, "SELECT v FROM %s ORDER BY v" % table)]
+
+    def assertWorks(self, conn):
+        """``conn`` answers a query; its transaction is rolled back."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT 42")
+            self.assertEqual(cur.fetchone(), (42,))
+        conn.rollback()
+
+
 class Worker(threading.Thread):
     """A thread that keeps the result or the exception of its target."""
 
