@@ -1,13 +1,17 @@
 """Helpers shared by the pool and binding tests.
 
 Everything here works against the real throwaway server: it counts
-backends in ``pg_stat_activity``, runs threads that must finish, and
-captures what the ``zpgpool`` logger says.
+backends in ``pg_stat_activity``, runs threads that must finish, kills a
+process in the middle of a commit, and captures what the ``zpgpool``
+logger says.
 """
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
+import textwrap
 import threading
 import traceback
 import uuid
@@ -21,6 +25,8 @@ from zpgpool.testing.faults import WAIT  # noqa: F401
 from zpgpool.testing.faults import backend_pids  # noqa: F401
 from zpgpool.testing.faults import query  # noqa: F401
 from zpgpool.testing.faults import wait_for  # noqa: F401
+
+from tests.support import python_env
 
 
 #: A server that cannot prepare transactions (two-phase unavailable).
@@ -44,6 +50,30 @@ def server_pid(conn):
     with conn.cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
         return cur.fetchone()[0]
+
+
+class TableChecks:
+    """For a TestCase with a ``layer`` (its ``dsn``) and a ``name`` no
+    other test uses: a table of the test's own, its rows, and a check that
+    a connection works."""
+
+    def make_table(self):
+        """A table of this test's own, dropped afterwards."""
+        table = "t_" + self.name
+        query(self.layer.dsn, "CREATE TABLE %s (v int)" % table)
+        self.addCleanup(query, self.layer.dsn, "DROP TABLE %s" % table)
+        return table
+
+    def rows(self, table):
+        return [r[0] for r in query(
+            self.layer.dsn, "SELECT v FROM %s ORDER BY v" % table)]
+
+    def assertWorks(self, conn):
+        """``conn`` answers a query; its transaction is rolled back."""
+        with conn.cursor() as cur:
+            cur.execute("SELECT 42")
+            self.assertEqual(cur.fetchone(), (42,))
+        conn.rollback()
 
 
 class Worker(threading.Thread):
@@ -197,3 +227,54 @@ def run_cli(*argv):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         status = cli.main(list(argv))
     return status, out.getvalue(), err.getvalue()
+
+
+# Run by crash_in_commit() in a Python of its own: one transaction that
+# writes VALUE through a two-phase pool on each server (and, given a
+# FileStorage, in ZODB's root), and a participant that kills the process
+# in one phase of the commit.
+_CRASH = textwrap.dedent("""
+    import os, signal, sys, transaction
+    from zpgpool import ConnectionPool
+    table, value, path, killer_key, phase = sys.argv[1:6]
+    if path:
+        import ZODB, ZODB.FileStorage
+        zconn = ZODB.DB(ZODB.FileStorage.FileStorage(path)).open()
+        zconn.root()["value"] = value
+    for name, dsn in zip(sys.argv[6::2], sys.argv[7::2]):
+        pool = ConnectionPool(dsn, name=name, twophase=True)
+        pool.connection().cursor().execute(
+            "INSERT INTO %s (value) VALUES (%%s)" % table, (value,))
+
+    class Killer:
+        transaction_manager = transaction.manager
+        def sortKey(self):
+            return killer_key
+        def abort(self, txn):
+            pass
+        tpc_begin = commit = tpc_abort = tpc_finish = tpc_vote = abort
+        def die(self, txn):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    killer = Killer()
+    setattr(killer, phase, killer.die)
+    transaction.get().join(killer)
+    transaction.commit()
+""")
+
+
+def crash_in_commit(testcase, pools, table, killer_key, phase,
+                    value="crash", zodb_path=None, timeout=60):
+    """Commit, in a Python of its own, a transaction that inserts ``value``
+    into ``table`` through a two-phase pool for each (name, dsn) of
+    ``pools`` (and sets ``value`` in the root of the FileStorage at
+    ``zodb_path``, if given); a participant sorted at ``killer_key``
+    kills the process with SIGKILL in ``phase`` (``tpc_vote`` or
+    ``tpc_finish``).  The test fails unless the process died so."""
+    args = [table, value, zodb_path or "", killer_key, phase]
+    for name, dsn in pools:
+        args += [name, dsn]
+    proc = subprocess.run([sys.executable, "-c", _CRASH, *args],
+                          env=python_env(), timeout=timeout,
+                          capture_output=True)
+    testcase.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)

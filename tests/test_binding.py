@@ -22,8 +22,8 @@ from zpgpool.testing import POSTGRES_LAYER
 
 from .poolhelpers import WAIT
 from .poolhelpers import LogCapture
+from .poolhelpers import TableChecks
 from .poolhelpers import close_pool
-from .poolhelpers import query
 from .poolhelpers import run_in_child
 from .poolhelpers import server_pid
 from .poolhelpers import start
@@ -34,7 +34,7 @@ from .poolhelpers import wait_for
 IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
 
-class BindingTestBase(unittest.TestCase):
+class BindingTestBase(TableChecks, unittest.TestCase):
 
     layer = POSTGRES_LAYER
 
@@ -62,22 +62,6 @@ class BindingTestBase(unittest.TestCase):
         pool = ConnectionPool(self.layer.dsn, **kw)
         self.addCleanup(close_pool, self, pool)
         return pool
-
-    def make_table(self):
-        table = "t_" + self.name
-        query(self.layer.dsn, "CREATE TABLE %s (v int)" % table)
-        self.addCleanup(query, self.layer.dsn, "DROP TABLE %s" % table)
-        return table
-
-    def rows(self, table):
-        return [r[0] for r in query(self.layer.dsn,
-                                    "SELECT v FROM %s ORDER BY v" % table)]
-
-    def assertWorks(self, conn):
-        with conn.cursor() as cur:
-            cur.execute("SELECT 42")
-            self.assertEqual(cur.fetchone(), (42,))
-        conn.rollback()
 
     def released(self, pool, in_use=0):
         """Wait until the pool counts ``in_use`` connections out."""

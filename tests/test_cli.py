@@ -43,22 +43,6 @@ SITE = """\
 </configure>
 """
 
-ZOPE_CONF = """\
-%%define INSTANCE %s
-instancehome $INSTANCE
-
-<zodb_db main>
-    <filestorage>
-      path $INSTANCE/var/Data.fs
-    </filestorage>
-    mount-point /
-</zodb_db>
-
-<environment>
-  # The site's database.
-%s</environment>
-"""
-
 from tests.poolhelpers import NO_TWOPHASE_LAYER
 from zpgpool.pool import hide_passwords
 
@@ -67,6 +51,7 @@ from tests.poolhelpers import closed_port
 from tests.poolhelpers import run_cli as run
 from tests.poolhelpers import with_params
 from tests.support import python_env
+from tests.zopehelpers import zope_conf
 
 
 def password_of(dsn):
@@ -117,8 +102,7 @@ class CommandTestCase(unittest.TestCase):
     def write_zope_conf(self, environment, name='zope.conf'):
         """Write a zope.conf as mkwsgiinstance makes one, whose
         <environment> section sets ``environment``; return its path."""
-        lines = ''.join('  %s %s\n' % item for item in environment.items())
-        return self.write_file(ZOPE_CONF % (self.tmp, lines), name)
+        return self.write_file(zope_conf(self.tmp, environment), name)
 
 
 class CommandLineTests(CommandTestCase):

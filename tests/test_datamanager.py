@@ -2,7 +2,6 @@
 PostgreSQL server."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,9 @@ from zpgpool.testing import POSTGRES_LAYER
 
 
 from tests.poolhelpers import NO_TWOPHASE_LAYER
+from tests.poolhelpers import crash_in_commit
 from tests.poolhelpers import query
+from tests.scaleouthelpers import run_threads
 from tests.support import python_env
 
 JOIN_TIMEOUT = 60
@@ -81,6 +82,71 @@ class _Base(unittest.TestCase):
         cur.execute("INSERT INTO %s (value) VALUES (%%s)" % self.table,
                     (value,))
         cur.close()
+
+    def value_in_next_transaction(self, pool, query):
+        """What *query* returns (first column, first row) on *pool*'s
+        connection, in a transaction that is then aborted."""
+        cur = pool.connection().cursor()
+        cur.execute(query)
+        value = cur.fetchone()[0]
+        transaction.abort()
+        return value
+
+    def session_statement(self, statement, changes_session):
+        """Run *statement* through a new one-connection pool, in the
+        current transaction, and check whether the data manager takes it
+        for a change of session state; return the pool and the backend's
+        pid."""
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        conn.cursor().execute(statement)
+        self.assertEqual(pool.thread_local.state.dm.dirty, changes_session)
+        return pool, conn.get_backend_pid()
+
+    def assertDuplicateFailsCommit(self, pool):
+        """Insert one value twice through *pool* in the current
+        transaction: the deferred unique constraint fails its COMMIT (or
+        PREPARE), and aborting it leaves no row."""
+        self.insert(pool, "dup")
+        self.insert(pool, "dup")
+        with self.assertRaises(psycopg2.errors.UniqueViolation):
+            transaction.commit()
+        transaction.abort()
+        self.assertEqual(self.values(), [])
+
+    def assertZODBConflictFailsCommit(self, db, pool):
+        """Write ZODB's root in a transaction that also inserts a row
+        through *pool*, while another connection commits a change to the
+        root first: the commit fails with ConflictError, and leaves no
+        row."""
+        import ZODB.POSException
+        zconn = db.open()
+        zconn.root()["value"] = 0
+        transaction.commit()
+        tm2 = transaction.TransactionManager()
+        zconn2 = db.open(transaction_manager=tm2)
+        zconn2.root()["value"] = 2
+        zconn.root()["value"] = 1
+        tm2.commit()
+        zconn2.close()
+        self.insert(pool, "with zodb")
+        with self.assertRaises(ZODB.POSException.ConflictError):
+            transaction.commit()
+        transaction.abort()
+        zconn.close()
+        self.assertEqual(self.values(), [])
+
+
+def attempts(work, times):
+    """Run ``work(n)`` as attempt n = 1, 2, ... of one transaction, which
+    ``transaction.manager.attempts(times)`` retries after a TransientError;
+    return how many attempts it took."""
+    tries = 0
+    for attempt in transaction.manager.attempts(times):
+        with attempt:
+            tries += 1
+            work(tries)
+    return tries
 
 
 class OnePhaseTests(_Base):
@@ -185,12 +251,7 @@ class OnePhaseTests(_Base):
 
     def test_deferred_constraint_fails_in_vote(self):
         pool = self._makeOne()
-        self.insert(pool, "dup")
-        self.insert(pool, "dup")   # deferred: fails only at COMMIT
-        with self.assertRaises(psycopg2.errors.UniqueViolation):
-            transaction.commit()
-        transaction.abort()
-        self.assertEqual(self.values(), [])
+        self.assertDuplicateFailsCommit(pool)
         self.insert(pool, "ok")
         transaction.commit()
         self.assertEqual(self.values(), ["ok"])
@@ -213,16 +274,11 @@ class OnePhaseTests(_Base):
         transaction.abort()
 
     def test_local_settings_keep_the_connection_clean_without_reset(self):
-        pool = self._makeOne(maxconn=1)
-        conn = pool.connection()
-        cur = conn.cursor()
-        cur.execute("SET LOCAL statement_timeout = 1234")
-        self.assertFalse(pool.thread_local.state.dm.dirty)
+        pool, _ = self.session_statement(
+            "SET LOCAL statement_timeout = 1234", changes_session=False)
         transaction.commit()
-        cur = pool.connection().cursor()
-        cur.execute("SHOW statement_timeout")
-        self.assertEqual(cur.fetchone()[0], "0")
-        transaction.abort()
+        self.assertEqual(self.value_in_next_transaction(
+            pool, "SHOW statement_timeout"), "0")
 
     def test_transaction_characteristics_are_sent_with_begin(self):
         pool = self._makeOne(isolation_level="SERIALIZABLE", readonly=True)
@@ -309,32 +365,22 @@ class OnePhaseTests(_Base):
 
     def test_more_threads_than_connections(self):
         pool = self._makeOne(maxconn=4, timeout=60)
-        errors = []
         pids = set()
         lock = threading.Lock()
 
         def work(n):
-            try:
-                for i in range(5):
-                    with transaction.manager:
-                        conn = pool.connection()
-                        with lock:
-                            pids.add(conn.get_backend_pid())
-                        cur = conn.cursor()
-                        cur.execute("INSERT INTO dm_items (value) VALUES (%s)",
-                                    ("%d-%d" % (n, i),))
-                        cur.execute("SELECT pg_sleep(0.005)")
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+            for i in range(5):
+                with transaction.manager:
+                    conn = pool.connection()
+                    with lock:
+                        pids.add(conn.get_backend_pid())
+                    cur = conn.cursor()
+                    cur.execute("INSERT INTO dm_items (value) VALUES (%s)",
+                                ("%d-%d" % (n, i),))
+                    cur.execute("SELECT pg_sleep(0.005)")
 
-        threads = [threading.Thread(target=work, args=(n,))
-                   for n in range(16)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(JOIN_TIMEOUT)
-        self.assertFalse(any(t.is_alive() for t in threads))
-        self.assertEqual(errors, [])
+        # Fails if a thread raised or hangs.
+        run_threads([lambda n=n: work(n) for n in range(16)], JOIN_TIMEOUT)
         self.assertEqual(len(self.values()), 80)
         self.assertLessEqual(len(pids), 4)
         stats = pool.stats()
@@ -445,32 +491,24 @@ class RetryTests(_Base):
         conn = pool.connection()
         transaction.commit()        # parked, bound to this thread
         self.sql("SELECT pg_terminate_backend(%s)", (conn.get_backend_pid(),))
-        attempts = 0
-        for attempt in transaction.manager.attempts(3):
-            with attempt:
-                attempts += 1
-                cur = pool.connection().cursor()
-                cur.execute("INSERT INTO dm_items (value) VALUES ('again')")
-        self.assertEqual(attempts, 2)
+        self.assertEqual(attempts(lambda n: self.insert(pool, "again"), 3), 2)
         self.assertEqual(self.values(), ["again"])
+
         # A session lost after statements ran, before COMMIT was sent, is
         # retryable too: the server rolled the whole transaction back, so
         # running all of it again is safe.
-        attempts = 0
-        for attempt in transaction.manager.attempts(3):
-            with attempt:
-                attempts += 1
-                cur = pool.connection().cursor()
-                cur.execute("INSERT INTO dm_items (value) VALUES ('mid')")
-                if attempts == 1:
-                    self.sql("SELECT pg_terminate_backend(%s)",
-                             (pool.connection().get_backend_pid(),))
-                    with self.assertRaises(SessionLost) as caught:
-                        cur.execute("SELECT 1")
-                    self.assertIsInstance(caught.exception,
-                                          psycopg2.OperationalError)
-                    raise caught.exception
-        self.assertEqual(attempts, 2)
+        def lose_the_first(n):
+            cur = pool.connection().cursor()
+            cur.execute("INSERT INTO dm_items (value) VALUES ('mid')")
+            if n == 1:
+                self.sql("SELECT pg_terminate_backend(%s)",
+                         (pool.connection().get_backend_pid(),))
+                with self.assertRaises(SessionLost) as caught:
+                    cur.execute("SELECT 1")
+                self.assertIsInstance(caught.exception,
+                                      psycopg2.OperationalError)
+                raise caught.exception
+        self.assertEqual(attempts(lose_the_first, 3), 2)
         self.assertEqual(self.values(), ["again", "mid"])
         self.assertEqual(pool.stats()["in_use"], 0)
 
@@ -548,37 +586,24 @@ class RetryTests(_Base):
         threads_n, rounds = 4, 5
         barrier = threading.Barrier(threads_n)
         retries = []
-        errors = []
+
+        def increment(n, r, tries):
+            cur = pool.connection().cursor()
+            cur.execute("SELECT n FROM dm_counter")
+            value = cur.fetchone()[0]
+            if r == 0 and tries == 1:
+                barrier.wait(JOIN_TIMEOUT)
+            cur.execute("UPDATE dm_counter SET n = %s", (value + 1,))
+            cur.execute("INSERT INTO dm_items (value) VALUES (%s)",
+                        ("%d-%d" % (n, r),))
 
         def work(n):
-            try:
-                for r in range(rounds):
-                    tries = 0
-                    for attempt in transaction.manager.attempts(50):
-                        with attempt:
-                            tries += 1
-                            cur = pool.connection().cursor()
-                            cur.execute("SELECT n FROM dm_counter")
-                            value = cur.fetchone()[0]
-                            if r == 0 and tries == 1:
-                                barrier.wait(JOIN_TIMEOUT)
-                            cur.execute("UPDATE dm_counter SET n = %s",
-                                        (value + 1,))
-                            cur.execute(
-                                "INSERT INTO dm_items (value) VALUES (%s)",
-                                ("%d-%d" % (n, r),))
-                    retries.append(tries - 1)
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+            for r in range(rounds):
+                tries = attempts(lambda tries: increment(n, r, tries), 50)
+                retries.append(tries - 1)
 
-        threads = [threading.Thread(target=work, args=(n,))
-                   for n in range(threads_n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(JOIN_TIMEOUT * 2)
-        self.assertFalse(any(t.is_alive() for t in threads))
-        self.assertEqual(errors, [])
+        run_threads([lambda n=n: work(n) for n in range(threads_n)],
+                    JOIN_TIMEOUT * 2)
         self.assertEqual(self.sql("SELECT n FROM dm_counter"),
                          [(threads_n * rounds,)])
         # Every unit of work committed exactly once.
@@ -589,26 +614,36 @@ class RetryTests(_Base):
         self.assertEqual(pool.stats()["in_use"], 0)
 
 
-class _FailingVote:
-    """A resource that votes after zpgpool and fails: stands for any other
-    data manager (a second database, a mail queue) vetoing the commit."""
+class _Hook:
+    """A participant sorted at ``key`` that runs ``action(txn)`` in one
+    phase (``tpc_vote`` or ``tpc_finish``) and does nothing otherwise: it
+    puts a test's action between two of zpgpool's steps, where a real
+    failure (a backend killed after PREPARE, another resource's veto) can
+    be provoked on demand, or records when it is called."""
 
-    def __init__(self, tm, check=None):
-        self.transaction_manager = tm
-        self.check = check
+    def __init__(self, key, phase, action):
+        self.transaction_manager = transaction.manager
+        self.key = key
+        setattr(self, phase, action)
 
     def sortKey(self):
-        return "~~~ after zpgpool"
+        return self.key
 
     def abort(self, txn):
         pass
 
-    tpc_begin = commit = tpc_abort = tpc_finish = abort
+    tpc_begin = commit = tpc_abort = tpc_vote = tpc_finish = abort
 
-    def tpc_vote(self, txn):
-        if self.check is not None:
-            self.check()
+
+def _veto(check=None):
+    """A participant that votes after zpgpool and fails, having run
+    ``check()``: it stands for any other data manager (a second database,
+    a mail queue) vetoing the commit."""
+    def vote(txn):
+        if check is not None:
+            check()
         raise RuntimeError("vetoed by another resource")
+    return _Hook("~~~ after zpgpool", "tpc_vote", vote)
 
 
 class TwoPhaseTests(_Base):
@@ -632,7 +667,7 @@ class TwoPhaseTests(_Base):
         def check():
             seen.extend(self.sql("SELECT gid FROM pg_prepared_xacts"))
 
-        transaction.get().join(_FailingVote(transaction.manager, check))
+        transaction.get().join(_veto(check))
         with self.assertRaises(RuntimeError):
             transaction.commit()
         transaction.abort()
@@ -662,38 +697,16 @@ class TwoPhaseTests(_Base):
         zconn.root()["value"] = "committed"
         transaction.commit()
         zconn.root()["value"] = "must not land"
-        self.insert(pool, "dup")
-        self.insert(pool, "dup")  # deferred unique: PREPARE fails
-        with self.assertRaises(psycopg2.errors.UniqueViolation):
-            transaction.commit()
-        transaction.abort()
+        self.assertDuplicateFailsCommit(pool)
         zconn.close()
         other = db.open()
         self.assertEqual(other.root()["value"], "committed")
         other.close()
-        self.assertEqual(self.values(), [])
         self.assertNothingPrepared()
 
     def test_zodb_conflict_leaves_no_row_and_nothing_prepared(self):
-        import ZODB.POSException
-        db = self._zodb()
-        pool = self._makeOne(twophase=True)
-        zconn = db.open()
-        zconn.root()["value"] = 0
-        transaction.commit()
-        # Another connection commits a change to the same object first.
-        tm2 = transaction.TransactionManager()
-        zconn2 = db.open(transaction_manager=tm2)
-        zconn2.root()["value"] = 2
-        zconn.root()["value"] = 1
-        tm2.commit()
-        zconn2.close()
-        self.insert(pool, "with zodb")
-        with self.assertRaises(ZODB.POSException.ConflictError):
-            transaction.commit()
-        transaction.abort()
-        zconn.close()
-        self.assertEqual(self.values(), [])
+        self.assertZODBConflictFailsCommit(self._zodb(),
+                                           self._makeOne(twophase=True))
         self.assertNothingPrepared()
 
     def test_zodb_and_postgres_commit_together(self):
@@ -713,31 +726,10 @@ class TwoPhaseTests(_Base):
         from zpgpool import ConnectionPool
         from zpgpool.datamanager import list_prepared
         from zpgpool.datamanager import recover
-        script = textwrap.dedent("""
-            import os, signal, sys, transaction
-            from zpgpool import ConnectionPool
-            pool = ConnectionPool(sys.argv[1], name="dm", twophase=True)
-            cur = pool.connection().cursor()
-            cur.execute("INSERT INTO dm_items (value) VALUES ('in doubt')")
-
-            class Killer:
-                transaction_manager = transaction.manager
-                def sortKey(self):
-                    return "~~~ after zpgpool"
-                def abort(self, txn):
-                    pass
-                tpc_begin = commit = tpc_abort = tpc_finish = abort
-                def tpc_vote(self, txn):
-                    # zpgpool has prepared by now: die before COMMIT PREPARED.
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            transaction.get().join(Killer())
-            transaction.commit()
-        """)
-        proc = subprocess.run([sys.executable, "-c", script, self.dsn],
-                              env=python_env(), timeout=JOIN_TIMEOUT,
-                              capture_output=True)
-        self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+        # Killed after zpgpool prepared, before COMMIT PREPARED.
+        crash_in_commit(self, [("dm", self.dsn)], self.table,
+                        "~~~ after zpgpool", "tpc_vote", value="in doubt",
+                        timeout=JOIN_TIMEOUT)
         self.assertEqual(self.values(), [])
         pool = ConnectionPool(self.dsn, name="dm")
         self.pools.append(pool)
@@ -755,33 +747,6 @@ class TwoPhaseTests(_Base):
         self.assertEqual(self.values(), ["in doubt"])
         self.assertNothingPrepared()
 
-    _ZODB_CRASH = textwrap.dedent("""
-        import os, signal, sys, transaction, ZODB, ZODB.FileStorage
-        from zpgpool import ConnectionPool
-        dsn, path, killer_key, phase = sys.argv[1:5]
-        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
-        pool = ConnectionPool(dsn, name="dm", twophase=True)
-        zconn = db.open()
-        zconn.root()["value"] = "crash"
-        cur = pool.connection().cursor()
-        cur.execute("INSERT INTO dm_items (value) VALUES ('crash')")
-
-        class Killer:
-            transaction_manager = transaction.manager
-            def sortKey(self):
-                return killer_key
-            def abort(self, txn):
-                pass
-            tpc_begin = commit = tpc_abort = tpc_finish = tpc_vote = abort
-            def die(self, txn):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        killer = Killer()
-        setattr(killer, phase, killer.die)
-        transaction.get().join(killer)
-        transaction.commit()
-    """)
-
     def _crash_and_recover(self, killer_key, phase):
         from zpgpool import ConnectionPool
         from zpgpool.datamanager import recover
@@ -793,11 +758,8 @@ class TwoPhaseTests(_Base):
         path = os.path.join(tmp, "Data.fs")
         db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
         db.close()
-        proc = subprocess.run(
-            [sys.executable, "-c", self._ZODB_CRASH, self.dsn, path,
-             killer_key, phase], env=python_env(), timeout=JOIN_TIMEOUT,
-            capture_output=True)
-        self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+        crash_in_commit(self, [("dm", self.dsn)], self.table, killer_key,
+                        phase, zodb_path=path, timeout=JOIN_TIMEOUT)
         storage = ZODB.FileStorage.FileStorage(path)
         db = ZODB.DB(storage)
         self.addCleanup(db.close)
@@ -839,10 +801,8 @@ class TwoPhaseTests(_Base):
         self.pools.append(pool)
         self.insert(pool, "a")
         seen = []
-        transaction.get().join(_FailingVote(
-            transaction.manager,
-            lambda: seen.extend(self.sql("SELECT gid FROM pg_prepared_xacts")
-                                )))
+        transaction.get().join(_veto(lambda: seen.extend(
+            self.sql("SELECT gid FROM pg_prepared_xacts"))))
         with self.assertRaises(RuntimeError):
             transaction.commit()
         transaction.abort()
@@ -881,12 +841,7 @@ class SeveralPoolsTests(_Base):
     def _prepare_fails(self, one_phase_name, two_phase_name):
         one, two = self._pair(one_phase_name, two_phase_name)
         self.insert(one, "from one-phase")
-        self.insert(two, "dup")
-        self.insert(two, "dup")   # deferred unique: PREPARE fails
-        with self.assertRaises(psycopg2.errors.UniqueViolation):
-            transaction.commit()
-        transaction.abort()
-        self.assertEqual(self.values(), [])
+        self.assertDuplicateFailsCommit(two)    # at PREPARE
         self.assertNothingPrepared()
         # Both pools serve the next transaction.
         self.insert(one, "next one")
@@ -904,12 +859,7 @@ class SeveralPoolsTests(_Base):
     def _commit_fails(self, one_phase_name, two_phase_name):
         one, two = self._pair(one_phase_name, two_phase_name)
         self.insert(two, "from two-phase")
-        self.insert(one, "dup")
-        self.insert(one, "dup")   # deferred unique: COMMIT fails
-        with self.assertRaises(psycopg2.errors.UniqueViolation):
-            transaction.commit()
-        transaction.abort()
-        self.assertEqual(self.values(), [])
+        self.assertDuplicateFailsCommit(one)    # at COMMIT
         # The two-phase pool had prepared when the COMMIT failed, and its
         # prepared transaction was rolled back.
         self.assertNothingPrepared()
@@ -924,12 +874,12 @@ class SeveralPoolsTests(_Base):
         one, two = self._pair("a", "b")
         order = []
         # Whatever the names: a two-phase participant named to sort last.
-        transaction.get().join(_RecordingVote(transaction.manager, order,
-                                              "~~~~ zzz"))
+        transaction.get().join(_Hook("~~~~ zzz", "tpc_vote",
+                                     lambda txn: order.append("~~~~ zzz")))
         self.insert(one, "x")
         self.insert(two, "y")
-        transaction.get().join(_RecordingVote(transaction.manager, order,
-                                              "\uffff late"))
+        transaction.get().join(_Hook("\uffff late", "tpc_vote",
+                                     lambda txn: order.append("\uffff late")))
         one_key = one.thread_local.state.dm.sortKey()
         keys = sorted([one_key, two.thread_local.state.dm.sortKey(), "~~~~ zzz",
                        "\uffff late", "/tmp/Data.fs:1", "~sqlalchemy:1"])
@@ -941,26 +891,11 @@ class SeveralPoolsTests(_Base):
     def test_one_phase_votes_after_zodb(self):
         import ZODB
         import ZODB.MappingStorage
-        import ZODB.POSException
         db = ZODB.DB(ZODB.MappingStorage.MappingStorage())
         self.addCleanup(db.close)
-        pool = self._makeOne(name="a")
-        zconn = db.open()
-        zconn.root()["value"] = 0
-        transaction.commit()
-        tm2 = transaction.TransactionManager()
-        zconn2 = db.open(transaction_manager=tm2)
-        zconn2.root()["value"] = 2
-        zconn.root()["value"] = 1
-        tm2.commit()
-        zconn2.close()
-        self.insert(pool, "with zodb")
-        with self.assertRaises(ZODB.POSException.ConflictError):
-            transaction.commit()
-        transaction.abort()
-        zconn.close()
-        # ZODB failed its vote before the one-phase pool sent COMMIT.
-        self.assertEqual(self.values(), [])
+        # No row: ZODB failed its vote before the one-phase pool sent
+        # COMMIT.
+        self.assertZODBConflictFailsCommit(db, self._makeOne(name="a"))
 
     def test_second_writable_one_phase_pool_is_refused(self):
         from zpgpool import ConnectionMisuse
@@ -1035,26 +970,6 @@ class SeveralPoolsTests(_Base):
         transaction.commit()
         self.assertEqual(self.values(), ["alone"])
         session.close()
-
-
-class _RecordingVote:
-    """A two-phase participant that records when it votes."""
-
-    def __init__(self, tm, order, key):
-        self.transaction_manager = tm
-        self.order = order
-        self.key = key
-
-    def sortKey(self):
-        return self.key
-
-    def abort(self, txn):
-        pass
-
-    tpc_begin = commit = tpc_abort = tpc_finish = abort
-
-    def tpc_vote(self, txn):
-        self.order.append(self.key)
 
 
 class SessionResetTests(_Base):
@@ -1144,10 +1059,8 @@ class SessionResetTests(_Base):
         cur = pool.connection().cursor()
         cur.execute("LISTEN zp_channel")
         transaction.commit()
-        cur = pool.connection().cursor()
-        cur.execute("SELECT count(*) FROM pg_listening_channels()")
-        self.assertEqual(cur.fetchone()[0], 0)
-        transaction.abort()
+        self.assertEqual(self.value_in_next_transaction(
+            pool, "SELECT count(*) FROM pg_listening_channels()"), 0)
 
     def test_aborted_transaction_releases_session_locks_before_rollback(self):
         pool = self._makeOne(maxconn=1)
@@ -1195,26 +1108,6 @@ class SessionResetTests(_Base):
 # -- what the mutation list (tests/mutations.toml) showed untested --------------
 
 
-class _Hook:
-    """A participant sorted at ``key`` that runs ``action(txn)`` in one
-    phase (``tpc_vote`` or ``tpc_finish``) and does nothing otherwise: it
-    puts a test's action between two of zpgpool's steps, where a real
-    failure (a backend killed after PREPARE) can be provoked on demand."""
-
-    def __init__(self, key, phase, action):
-        self.transaction_manager = transaction.manager
-        self.key = key
-        setattr(self, phase, action)
-
-    def sortKey(self):
-        return self.key
-
-    def abort(self, txn):
-        pass
-
-    tpc_begin = commit = tpc_abort = tpc_vote = tpc_finish = abort
-
-
 class DeadlockTests(_Base):
 
     def test_deadlock_is_retryable_and_both_commit(self):
@@ -1225,43 +1118,30 @@ class DeadlockTests(_Base):
         pool = self._makeOne(maxconn=2, timeout=JOIN_TIMEOUT)
         barrier = threading.Barrier(2)
         first_errors = []
-        errors = []
 
-        def work(first, second):
+        def update(first, second, tries):
+            if tries > 1:
+                # Let the survivor commit first: retried at once, the
+                # victim may take its first row back before the survivor
+                # is granted it, and deadlock again.
+                time.sleep(0.2 * tries)
+            cur = pool.connection().cursor()
             try:
-                tries = 0
-                for attempt in transaction.manager.attempts(5):
-                    with attempt:
-                        tries += 1
-                        if tries > 1:
-                            # Let the survivor commit first: retried at
-                            # once, the victim may take its first row back
-                            # before the survivor is granted it, and
-                            # deadlock again.
-                            time.sleep(0.2 * tries)
-                        cur = pool.connection().cursor()
-                        try:
-                            cur.execute("UPDATE dm_pair SET n = n + 1 WHERE "
-                                        "id = %s", (first,))
-                            if tries == 1:
-                                # Each holds one row and wants the other's.
-                                barrier.wait(JOIN_TIMEOUT)
-                            cur.execute("UPDATE dm_pair SET n = n + 1 WHERE "
-                                        "id = %s", (second,))
-                        except psycopg2.Error as exc:
-                            first_errors.append(exc)
-                            raise
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
+                cur.execute("UPDATE dm_pair SET n = n + 1 WHERE id = %s",
+                            (first,))
+                if tries == 1:
+                    # Each holds one row and wants the other's.
+                    barrier.wait(JOIN_TIMEOUT)
+                cur.execute("UPDATE dm_pair SET n = n + 1 WHERE id = %s",
+                            (second,))
+            except psycopg2.Error as exc:
+                first_errors.append(exc)
+                raise
 
-        threads = [threading.Thread(target=work, args=(1, 2)),
-                   threading.Thread(target=work, args=(2, 1))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(JOIN_TIMEOUT)
-        self.assertFalse(any(t.is_alive() for t in threads))
-        self.assertEqual(errors, [])
+        # Fails if a thread raised or hangs.
+        run_threads([lambda: attempts(lambda n: update(1, 2, n), 5),
+                     lambda: attempts(lambda n: update(2, 1, n), 5)],
+                    JOIN_TIMEOUT)
         # PostgreSQL broke the deadlock by failing one of the two (on a
         # loaded machine perhaps more than once).
         self.assertGreaterEqual(len(first_errors), 1, first_errors)
@@ -1286,27 +1166,19 @@ class SessionChangeDetectionTests(_Base):
             "pg_stat_activity a WHERE a.pid = %s", (pid,))[0]
 
     def test_session_advisory_lock_is_released_before_commit(self):
-        pool = self._makeOne(maxconn=1)
-        conn = pool.connection()
-        cur = conn.cursor()
-        cur.execute("SELECT pg_advisory_lock(4711)")
-        self.assertTrue(pool.thread_local.state.dm.dirty)
+        pool, pid = self.session_statement("SELECT pg_advisory_lock(4711)",
+                                           changes_session=True)
         self.insert(pool, "locked")
         transaction.commit()
         self.assertEqual(self.values(), ["locked"])
         # Released inside the transaction: COMMIT was the last statement.
-        self.assertEqual(self._backend_state(conn.get_backend_pid()),
-                         ("COMMIT", 0))
+        self.assertEqual(self._backend_state(pid), ("COMMIT", 0))
 
     def test_transaction_advisory_lock_needs_no_reset(self):
-        pool = self._makeOne(maxconn=1)
-        conn = pool.connection()
-        cur = conn.cursor()
-        cur.execute("SELECT pg_advisory_xact_lock(4712)")
-        self.assertFalse(pool.thread_local.state.dm.dirty)
+        _, pid = self.session_statement("SELECT pg_advisory_xact_lock(4712)",
+                                        changes_session=False)
         transaction.commit()
-        self.assertEqual(self._backend_state(conn.get_backend_pid()),
-                         ("COMMIT", 0))
+        self.assertEqual(self._backend_state(pid), ("COMMIT", 0))
 
     def test_an_xact_word_elsewhere_hides_no_session_change(self):
         from zpgpool.datamanager import changes_session
@@ -1333,10 +1205,9 @@ class SessionChangeDetectionTests(_Base):
         cur = pool.connection().cursor()
         cur.execute("SELECT set_config('zpgpool.alone', 'x', false)")
         transaction.commit()
-        cur = pool.connection().cursor()
-        cur.execute("SELECT current_setting('zpgpool.alone', true)")
-        self.assertIn(cur.fetchone()[0], (None, ""))
-        transaction.abort()
+        self.assertIn(self.value_in_next_transaction(
+            pool, "SELECT current_setting('zpgpool.alone', true)"),
+            (None, ""))
 
     def test_named_cursor_does_not_outlive_its_transaction(self):
         pool = self._makeOne(maxconn=1)
@@ -1346,10 +1217,8 @@ class SessionChangeDetectionTests(_Base):
         self.assertEqual(cur.fetchall(), [(1,), (2,), (3,)])
         self.assertTrue(pool.thread_local.state.dm.dirty)
         transaction.commit()
-        check = pool.connection().cursor()
-        check.execute("SELECT count(*) FROM pg_cursors")
-        self.assertEqual(check.fetchone()[0], 0)
-        transaction.abort()
+        self.assertEqual(self.value_in_next_transaction(
+            pool, "SELECT count(*) FROM pg_cursors"), 0)
 
     def test_transaction_without_statements_sends_nothing(self):
         for twophase in (False, True):

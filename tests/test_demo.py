@@ -196,6 +196,20 @@ class DemoCheckTests(unittest.TestCase):
     def tearDown(self):
         zope.component.testing.tearDown()
 
+    def failed_check(self, app, clients, notes):
+        """Run the demo's check against *app*, served by the demo's web
+        server: it must fail; return the lines it wrote."""
+        web = cli._WebServer(app, '127.0.0.1', 0, 2)
+        web.start()
+        try:
+            out = io.StringIO()
+            self.assertFalse(run_check(web.url, clients=clients, notes=notes,
+                                       out=out))
+        finally:
+            web.stop()
+        self.assertFalse(web.thread.is_alive())
+        return out.getvalue().splitlines()
+
     def test_demo_check(self):
         dsn = self.layer.new_database('zpgpool_demo')
         status, out, err = run('demo', '--check', '--dsn', dsn,
@@ -397,15 +411,7 @@ class DemoCheckTests(unittest.TestCase):
             start_response('200 OK', [('Content-Type', ctype)])
             return [body]
 
-        web = cli._WebServer(wrong, '127.0.0.1', 0, 2)
-        web.start()
-        try:
-            out = io.StringIO()
-            self.assertFalse(run_check(web.url, clients=2, notes=2, out=out))
-        finally:
-            web.stop()
-        self.assertFalse(web.thread.is_alive())
-        lines = out.getvalue().splitlines()
+        lines = self.failed_check(wrong, clients=2, notes=2)
         self.assertEqual(lines[0], 'FAIL  GET / shows the notes page: '
                                    'answered 200 text/html')
         self.assertRegex(lines[1], r"^FAIL  POST /notes from several clients"
@@ -444,14 +450,7 @@ class DemoCheckTests(unittest.TestCase):
             start_response('404 Not Found', [('Content-Type', 'text/plain')])
             return [b'not here']
 
-        web = cli._WebServer(wrong, '127.0.0.1', 0, 2)
-        web.start()
-        try:
-            out = io.StringIO()
-            self.assertFalse(run_check(web.url, clients=1, notes=1, out=out))
-        finally:
-            web.stop()
-        lines = out.getvalue().splitlines()
+        lines = self.failed_check(wrong, clients=1, notes=1)
         self.assertEqual(lines[0], 'FAIL  GET / shows the notes page: '
                                    'answered 404 text/plain')
         self.assertRegex(lines[1], r"^FAIL  POST /notes from several clients"

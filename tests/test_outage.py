@@ -42,6 +42,18 @@ class _Base(unittest.TestCase):
         return [r.getMessage() for r in self.log.records
                 if r.levelname == "WARNING" and text in r.getMessage()]
 
+    def assertFailsAtOnce(self, dsn):
+        """A pool on *dsn* gives up on its first attempt to connect, well
+        within its time-out, with a permanent ConnectError; return the
+        pool and the error."""
+        pool = self._makeOne(dsn, minconn=0, timeout=WAIT)
+        begun = time.monotonic()
+        with self.assertRaises(ConnectError) as caught:
+            pool.getconn()
+        self.assertLess(time.monotonic() - begun, WAIT / 2)
+        self.assertTrue(caught.exception.permanent)
+        return pool, caught.exception
+
 
 class OutageTests(_Base):
 
@@ -151,25 +163,14 @@ class PermanentFailureTests(_Base):
     layer = POSTGRES_LAYER
 
     def test_missing_database_fails_at_once(self):
-        pool = self._makeOne(with_params(self.layer.dsn, dbname="no_such_db"),
-                             minconn=0, timeout=WAIT)
-        begun = time.monotonic()
-        with self.assertRaises(ConnectError) as caught:
-            pool.getconn()
-        self.assertLess(time.monotonic() - begun, WAIT / 2)
-        self.assertTrue(caught.exception.permanent)
-        self.assertIn('database "no_such_db" does not exist',
-                      str(caught.exception))
+        pool, error = self.assertFailsAtOnce(
+            with_params(self.layer.dsn, dbname="no_such_db"))
+        self.assertIn('database "no_such_db" does not exist', str(error))
         self.assertEqual(pool.stats()["connections_failed"], 1)
 
     def test_missing_role_fails_at_once(self):
-        pool = self._makeOne(with_params(self.layer.dsn, user="no_such_role"),
-                             minconn=0, timeout=WAIT)
-        begun = time.monotonic()
-        with self.assertRaises(ConnectError) as caught:
-            pool.getconn()
-        self.assertLess(time.monotonic() - begun, WAIT / 2)
-        self.assertTrue(caught.exception.permanent)
+        self.assertFailsAtOnce(with_params(self.layer.dsn,
+                                           user="no_such_role"))
 
 
 class MissingRoleTests(_Base):
@@ -180,15 +181,9 @@ class MissingRoleTests(_Base):
     layer = PRIVATE_POSTGRES_LAYER
 
     def test_missing_role_without_password_fails_at_once(self):
-        dsn = self.layer.server.socket_dsn(user="no_such_role")
-        pool = self._makeOne(dsn, minconn=0, timeout=WAIT)
-        begun = time.monotonic()
-        with self.assertRaises(ConnectError) as caught:
-            pool.getconn()
-        self.assertLess(time.monotonic() - begun, WAIT / 2)
-        self.assertIn('role "no_such_role" does not exist',
-                      str(caught.exception))
-        self.assertTrue(caught.exception.permanent)
+        pool, error = self.assertFailsAtOnce(
+            self.layer.server.socket_dsn(user="no_such_role"))
+        self.assertIn('role "no_such_role" does not exist', str(error))
         self.assertEqual(pool.stats()["connections_failed"], 1)
 
 

@@ -16,25 +16,16 @@ level 2 (the main suite runs level 1 and so leaves it out); without Plone
 installed, the layer fails with a message saying so.  Each test uses keys
 of its own, so that the tests share the one site.
 """
-import concurrent.futures
-import sys
-import time
 import unittest
-import uuid
-
-import psycopg2
 
 from tests.plonehelpers import PLONE_LAYER
 from tests.plonehelpers import SCRIPT_DOCUMENT
 from tests.plonehelpers import SITE_ID
+from tests.sitechecks import SiteChecks
+from tests.sitechecks import WorkerThreadChecks
 
 
-def report(message):
-    """Show a measured figure in the test output (-vv)."""
-    print('\n    [test_plone] %s' % message, file=sys.stderr)
-
-
-class PloneTestCase(unittest.TestCase):
+class PloneTestCase(SiteChecks, unittest.TestCase):
 
     layer = PLONE_LAYER
     # zope.testrunner's level 2: the main suite (level 1, in zpgpool's own
@@ -44,25 +35,7 @@ class PloneTestCase(unittest.TestCase):
 
     @property
     def plone(self):
-        return self.layer.plone
-
-    def key(self):
-        return '%s-%s' % (self._testMethodName.replace('_', '-')[:40],
-                          uuid.uuid4().hex[:8])
-
-    def sql(self, statement, params=None):
-        """Run *statement* on a connection of the test's own, autocommit;
-        return its rows."""
-        conn = psycopg2.connect(self.layer.dsn)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute(statement, params)
-                if cursor.description is not None:
-                    return cursor.fetchall()
-                return None
-        finally:
-            conn.close()
+        return self.layer.zope
 
     def token(self):
         """A CSRF token for the manager the tests log in as."""
@@ -119,16 +92,6 @@ class PloneTestCase(unittest.TestCase):
         return sum(head in line and path in line
                    for line in self.plone.event_log()[since:].splitlines())
 
-    def prepared(self):
-        return self.sql('SELECT gid FROM pg_prepared_xacts')
-
-    def concurrently(self, calls, clients=None):
-        """Run the callables *calls* from *clients* threads (default: one
-        per call); return their results in order."""
-        with concurrent.futures.ThreadPoolExecutor(
-                clients or len(calls)) as executor:
-            return list(executor.map(lambda call: call(), calls))
-
 
 class InstallTests(PloneTestCase):
 
@@ -143,9 +106,9 @@ class InstallTests(PloneTestCase):
         self.assertEqual(tables, {
             'zpgpool_plone_content', 'zpgpool_plone_note',
             'zpgpool_plone_vote', 'zpgpool_plone_counter'})
-        report('creating the Plone site took %.1f s, starting Zope %.1f s'
-               % (self.layer.timings['create site'],
-                  self.layer.timings['start Zope']))
+        self.report('creating the Plone site took %.1f s, starting Zope'
+                    ' %.1f s' % (self.layer.timings['create site'],
+                                 self.layer.timings['start Zope']))
 
     def test_the_pools_are_registered_when_zope_starts_and_open_nothing(self):
         # The layer read the stats once the server answered, before any
@@ -263,10 +226,10 @@ class RequestTransactionTests(PloneTestCase):
                 self.assertAllFor(key, result)
             else:
                 self.assertNothingFor(key)
-        report('%d concurrent adds (%d clients): %d ZODB conflicts retried'
-               ' (the server logged %d retries), %d requests failed'
-               % (len(keys), threads, retries, logged,
-                  sum(not r.ok for r in results)))
+        self.report('%d concurrent adds (%d clients): %d ZODB conflicts'
+                    ' retried (the server logged %d retries), %d requests'
+                    ' failed' % (len(keys), threads, retries, logged,
+                                 sum(not r.ok for r in results)))
         self.assertTrue(any(r.ok for r in results), results)
         # A request that failed was retried too, as often as allowed.
         self.assertGreaterEqual(logged, retries)
@@ -397,10 +360,10 @@ class SerializableTests(PloneTestCase):
                          list(range(1, requests + 1)))
         retries = [r.json['retries'] for r in results]
         logged = self.retries_logged('@@zpgpool-counter', since)
-        report('%d concurrent SERIALIZABLE increments from %d clients: '
-               '%d retries in all (per request: %s; the server logged %d), '
-               '0 failed' % (requests, threads, sum(retries), retries,
-                             logged))
+        self.report('%d concurrent SERIALIZABLE increments from %d clients:'
+                    ' %d retries in all (per request: %s; the server logged'
+                    ' %d), 0 failed' % (requests, threads, sum(retries),
+                                        retries, logged))
         self.assertGreater(sum(retries), 0)
         self.assertEqual(logged, sum(retries))
 
@@ -410,7 +373,7 @@ class SerializableTests(PloneTestCase):
         than Zope's default allows: with max-conflict-retries 4 the request
         succeeds; five collisions exhaust the retries, and the request
         fails without changing the counter."""
-        retries = self.layer.plone.retries
+        retries = self.plone.retries
         name = self.counter()
         result = self.add('@@zpgpool-counter', name=name, collide=retries)
         self.assertEqual(result.status, 200, result)
@@ -423,119 +386,12 @@ class SerializableTests(PloneTestCase):
         self.assertEqual(self.count(name), 1)
 
 
-class ThreadConnectionTests(PloneTestCase):
+class ThreadConnectionTests(WorkerThreadChecks, PloneTestCase):
 
-    def backends(self, rounds, **params):
-        """The answers of *rounds* rounds of one ``@@zpgpool-backend``
-        request per worker thread at once."""
-        seen = []
-        for _ in range(rounds):
-            seen += self.concurrently(
-                [lambda: self.plone.get('@@zpgpool-backend', **params)]
-                * self.layer.threads)
-        return seen
+    backend_view = '@@zpgpool-backend'
+    sleepers_within = 20
 
-    def test_each_worker_thread_keeps_its_connection(self):
-        results = self.backends(rounds=8)
-        self.assertTrue(all(r.ok for r in results), results)
-        pids = {}
-        for r in results:
-            pids.setdefault(r.json['thread'], set()).add(
-                r.json['backend_pid'])
-        report('backend pids per worker thread over %d requests: %s'
-               % (len(results), {t: sorted(p) for t, p in pids.items()}))
-        self.assertGreater(len(pids), 1)
-        for thread, thread_pids in pids.items():
-            self.assertEqual(len(thread_pids), 1, (thread, thread_pids))
-        all_pids = [p for thread_pids in pids.values() for p in thread_pids]
-        self.assertEqual(len(all_pids), len(set(all_pids)))
-
-    def test_a_restart_between_requests_costs_at_most_one_per_thread(self):
-        """PostgreSQL restarts while no request is in flight.  A thread's
-        dead connection is pinged once another was found dead, and a
-        session lost by a request's first statement is retried by the
-        publisher; the bound asserted is one failed request per worker
-        thread, and none once every thread has answered."""
-        threads = self.layer.threads
-        before = self.backends(rounds=3)
-        self.assertTrue(all(r.ok for r in before), before)
-        old_pids = {r.json['backend_pid'] for r in before}
-        try:
-            self.layer.server.stop('fast')
-            self.layer.server.start()
-            after = []
-            for _ in range(20):
-                after += self.backends(rounds=1)
-                served = {r.json['thread'] for r in after if r.ok}
-                if len(served) == threads and len(after) >= 20:
-                    break
-            self.assertEqual(len(served), threads, after)
-            failed = [r for r in after if not r.ok]
-            retried = sum(r.json['attempt'] - 1 for r in after if r.ok)
-            report('after a PostgreSQL restart between requests: %d of %d '
-                   'requests failed (bound: %d), %d retried by the publisher'
-                   % (len(failed), len(after), threads, retried))
-            self.assertLessEqual(len(failed), threads, failed)
-            self.assertTrue(all(r.status == 500 for r in failed), failed)
-            self.assertFalse(old_pids & {r.json['backend_pid']
-                                         for r in after if r.ok})
-            again = self.backends(rounds=2)
-            self.assertTrue(all(r.ok for r in again), again)
-        finally:
-            # The site's other pools still hold dead connections, which
-            # would fail the first requests of the next tests.
-            self.layer.plone.restart()
-
-    def test_a_restart_costs_only_the_requests_in_flight(self):
-        """One request per worker thread is in flight, sleeping in
-        PostgreSQL, when the server stops: only those may fail (the sleep
-        is their first statement, so a lost session is retryable and the
-        publisher may run them again), and no request after them does."""
-        threads = self.layer.threads
-        before = self.backends(rounds=2)
-        self.assertTrue(all(r.ok for r in before), before)
-        executor = concurrent.futures.ThreadPoolExecutor(threads)
-        try:
-            in_flight = [executor.submit(self.plone.get, '@@zpgpool-backend',
-                                         sleep=5)
-                         for _ in range(threads)]
-            self.wait_for_sleepers(threads)
-            self.layer.server.stop('fast')
-            self.layer.server.start()
-            in_flight = [f.result() for f in in_flight]
-        finally:
-            executor.shutdown()
-        try:
-            statuses = [r.status for r in in_flight]
-            self.assertTrue(set(statuses) <= {200, 500}, in_flight)
-            retried = sum(r.json['attempt'] - 1 for r in in_flight if r.ok)
-            after = self.backends(rounds=5)
-            failed = [r for r in after if not r.ok]
-            report('a PostgreSQL restart with %d requests in flight: %d of '
-                   'them failed, %d retries by the publisher; %d of the %d '
-                   'requests after it failed'
-                   % (len(in_flight), statuses.count(500), retried,
-                      len(failed), len(after)))
-            self.assertEqual(failed, [])
-        finally:
-            self.layer.plone.restart()
-
-    def wait_for_sleepers(self, count, timeout=20):
-        deadline = time.monotonic() + timeout
-        # The first statement of a transaction travels behind its BEGIN.
-        while self.sql("SELECT count(*) FROM pg_stat_activity WHERE query"
-                       " LIKE '%SELECT pg_sleep(%' AND pid <>"
-                       " pg_backend_pid()")[0][0] < count:
-            self.assertLess(time.monotonic(), deadline,
-                            'the requests did not reach PostgreSQL')
-            time.sleep(0.05)
-
-    def test_the_site_writes_after_a_restart(self):
-        try:
-            self.layer.server.stop('fast')
-            self.layer.server.start()
-        finally:
-            self.layer.plone.restart()
+    def assertWrites(self):
         key = self.key()
         result = self.add(key=key)
         self.assertEqual(result.status, 200, result)

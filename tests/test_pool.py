@@ -30,6 +30,7 @@ from zpgpool.testing import PRIVATE_POSTGRES_LAYER
 
 from .poolhelpers import WAIT
 from .poolhelpers import LogCapture
+from .poolhelpers import TableChecks
 from .poolhelpers import backend_pids
 from .poolhelpers import close_pool
 from .poolhelpers import is_in
@@ -43,7 +44,7 @@ from .poolhelpers import wait_for
 from .poolhelpers import with_params
 
 
-class PoolTestBase(unittest.TestCase):
+class PoolTestBase(TableChecks, unittest.TestCase):
 
     layer = POSTGRES_LAYER
 
@@ -67,23 +68,6 @@ class PoolTestBase(unittest.TestCase):
     def backends(self):
         """Backend pids of this test's pool, as the server sees them."""
         return backend_pids(self.layer.dsn, self.app_name)
-
-    def make_table(self):
-        """A table of this test's own, dropped afterwards."""
-        table = "t_" + self.name
-        query(self.layer.dsn, "CREATE TABLE %s (v int)" % table)
-        self.addCleanup(query, self.layer.dsn, "DROP TABLE %s" % table)
-        return table
-
-    def rows(self, table):
-        return [r[0] for r in query(
-            self.layer.dsn, "SELECT v FROM %s ORDER BY v" % table)]
-
-    def assertWorks(self, conn):
-        with conn.cursor() as cur:
-            cur.execute("SELECT 42")
-            self.assertEqual(cur.fetchone(), (42,))
-        conn.rollback()
 
 
 # -- the psycopg2.pool contract -----------------------------------------------

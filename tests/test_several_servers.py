@@ -3,11 +3,7 @@ all commit or none, also when a process dies between the PREPAREs, and
 ``zpgpool recover --zodb`` resolves what each server was left holding."""
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import textwrap
 import unittest
 
 import psycopg2
@@ -17,9 +13,9 @@ import transaction
 from zpgpool.testing import POSTGRES_LAYER
 from zpgpool.testing import PostgresLayer
 
+from tests.poolhelpers import crash_in_commit
 from tests.poolhelpers import query
 from tests.poolhelpers import run_cli
-from tests.support import python_env
 
 
 #: A second server beside the shared one.
@@ -36,38 +32,6 @@ SITE_ZCML = """\
   <zpgpool:pool name="second" dsn="{second}" twophase="true" />
 </configure>
 """
-
-# Run in a process of its own, which a resource kills at a chosen moment
-# of the commit: the pools "first" and "second" on the two servers, and a
-# FileStorage, all written in one transaction.
-CRASH = textwrap.dedent("""
-    import os, signal, sys, transaction, ZODB, ZODB.FileStorage
-    from zpgpool import ConnectionPool
-    first_dsn, second_dsn, path, killer_key, phase = sys.argv[1:6]
-    db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
-    pools = [ConnectionPool(first_dsn, name="first", twophase=True),
-             ConnectionPool(second_dsn, name="second", twophase=True)]
-    zconn = db.open()
-    zconn.root()["value"] = "crash"
-    for pool in pools:
-        pool.connection().cursor().execute(
-            "INSERT INTO ss_items (value) VALUES ('crash')")
-
-    class Killer:
-        transaction_manager = transaction.manager
-        def sortKey(self):
-            return killer_key
-        def abort(self, txn):
-            pass
-        tpc_begin = commit = tpc_abort = tpc_finish = tpc_vote = abort
-        def die(self, txn):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    killer = Killer()
-    setattr(killer, phase, killer.die)
-    transaction.get().join(killer)
-    transaction.commit()
-""")
 
 
 class SeveralServersTests(unittest.TestCase):
@@ -173,13 +137,14 @@ class SeveralServersTests(unittest.TestCase):
         self.assertEqual(self.prepared(), [0, 0])
 
     def _crash(self, killer_key, phase):
+        """Kill, at *killer_key* in *phase* of its commit, a process that
+        writes "crash" through the pools "first" and "second" on the two
+        servers and in a FileStorage, all in one transaction."""
         import ZODB.FileStorage
         ZODB.FileStorage.FileStorage(self.path).close()   # an empty one
-        proc = subprocess.run(
-            [sys.executable, "-c", CRASH, self.dsns[0], self.dsns[1],
-             self.path, killer_key, phase],
-            env=python_env(), timeout=JOIN_TIMEOUT, capture_output=True)
-        self.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+        crash_in_commit(self, zip(("first", "second"), self.dsns),
+                        "ss_items", killer_key, phase, zodb_path=self.path,
+                        timeout=JOIN_TIMEOUT)
 
     def _recover(self):
         zcml = os.path.join(self.tmp, "site.zcml")

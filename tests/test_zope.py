@@ -10,46 +10,20 @@ reads it in a fresh request, that is a fresh ZODB transaction.
 
 Each test uses keys of its own, so that the tests share the one site.
 """
-import concurrent.futures
-import sys
-import time
 import unittest
-import uuid
 
-import psycopg2
-
+from tests.sitechecks import SiteChecks
+from tests.sitechecks import WorkerThreadChecks
 from tests.zopehelpers import ZOPE_LAYER
 
 
-def report(message):
-    """Show a measured figure in the test output (-vv)."""
-    print('\n    [test_zope] %s' % message, file=sys.stderr)
-
-
-class ZopeTestCase(unittest.TestCase):
+class ZopeTestCase(SiteChecks, unittest.TestCase):
 
     layer = ZOPE_LAYER
 
     @property
     def zope(self):
         return self.layer.zope
-
-    def key(self):
-        return '%s-%s' % (self._testMethodName, uuid.uuid4().hex[:8])
-
-    def sql(self, statement, params=None):
-        """Run *statement* on a connection of the test's own, autocommit;
-        return its rows."""
-        conn = psycopg2.connect(self.layer.dsn)
-        try:
-            conn.autocommit = True
-            with conn.cursor() as cursor:
-                cursor.execute(statement, params)
-                if cursor.description is not None:
-                    return cursor.fetchall()
-                return None
-        finally:
-            conn.close()
 
     def rows(self, key):
         return self.sql('SELECT text, attempt FROM example_note'
@@ -60,20 +34,10 @@ class ZopeTestCase(unittest.TestCase):
         self.assertEqual(result.status, 200, result)
         return result.json['committed']
 
-    def prepared(self):
-        return self.sql('SELECT gid FROM pg_prepared_xacts')
-
     def read(self, key):
         result = self.zope.get('@@example-read', key=key)
         self.assertEqual(result.status, 200, result)
         return result.json
-
-    def concurrently(self, calls, clients=None):
-        """Run the callables *calls* from *clients* threads (default: one
-        per call); return their results in order."""
-        with concurrent.futures.ThreadPoolExecutor(
-                clients or len(calls)) as executor:
-            return list(executor.map(lambda call: call(), calls))
 
 
 class RequestTransactionTests(ZopeTestCase):
@@ -195,9 +159,9 @@ class TwoPhaseTests(ZopeTestCase):
             else:
                 self.assertEqual(self.rows(key), [])
                 self.assertEqual(self.read(key)['zodb'], None)
-        report('%d concurrent two-phase writes to one persistent mapping: '
-               '%d ZODB conflicts retried, %d requests failed'
-               % (len(keys), retries, sum(not r.ok for r in results)))
+        self.report('%d concurrent two-phase writes to one persistent'
+                    ' mapping: %d ZODB conflicts retried, %d requests failed'
+                    % (len(keys), retries, sum(not r.ok for r in results)))
         self.assertGreater(retries, 0)
         self.assertEqual(self.prepared(), [])
 
@@ -243,9 +207,9 @@ class SerializableTests(ZopeTestCase):
         self.assertEqual(sorted(r.json['n'] for r in results),
                          list(range(1, requests + 1)))
         retries = [r.json['retries'] for r in results]
-        report('%d concurrent SERIALIZABLE increments from %d clients: '
-               '%d retries in all (per request: %s)'
-               % (requests, ZOPE_LAYER.threads, sum(retries), retries))
+        self.report('%d concurrent SERIALIZABLE increments from %d clients:'
+                    ' %d retries in all (per request: %s)'
+                    % (requests, ZOPE_LAYER.threads, sum(retries), retries))
         self.assertGreater(sum(retries), 0)
 
 
@@ -286,137 +250,17 @@ class CounterTests(ZopeTestCase):
         self.assertEqual(self.counter(name), [(2,)])
 
 
-class ThreadConnectionTests(ZopeTestCase):
+class ThreadConnectionTests(WorkerThreadChecks, ZopeTestCase):
 
-    def backends(self, rounds, pool='example'):
-        """The answers of *rounds* rounds of one ``@@example-backend``
-        request per worker thread at once."""
-        seen = []
-        for _ in range(rounds):
-            results = self.concurrently(
-                [lambda: self.zope.get('@@example-backend', pool=pool)]
-                * ZOPE_LAYER.threads)
-            for r in results:
-                seen.append(r)
-        return seen
-
-    def test_each_worker_thread_keeps_its_connection(self):
-        results = self.backends(rounds=6)
-        self.assertTrue(all(r.ok for r in results), results)
-        pids = {}
-        for r in results:
-            pids.setdefault(r.json['thread'], set()).add(
-                r.json['backend_pid'])
-        report('backend pids per worker thread over %d requests: %s'
-               % (len(results), {t: sorted(p) for t, p in pids.items()}))
-        self.assertGreater(len(pids), 1)
-        for thread, thread_pids in pids.items():
-            self.assertEqual(len(thread_pids), 1, (thread, thread_pids))
-        # Different threads, different connections.
-        all_pids = [p for thread_pids in pids.values() for p in thread_pids]
-        self.assertEqual(len(all_pids), len(set(all_pids)))
-
-    def restart_costs(self, pool):
-        """Restart PostgreSQL between requests, then send rounds of
-        requests until every worker thread has answered; check and report
-        how many failed."""
-        before = self.backends(rounds=3, pool=pool)
-        self.assertTrue(all(r.ok for r in before), before)
-        old_pids = {r.json['backend_pid'] for r in before}
-        try:
-            self.layer.server.stop('fast')
-            self.layer.server.start()
-            after = []
-            for _ in range(20):
-                after += self.backends(rounds=1, pool=pool)
-                served = {r.json['thread'] for r in after if r.ok}
-                if len(served) == ZOPE_LAYER.threads and len(after) >= 20:
-                    break
-            self.assertEqual(len(served), ZOPE_LAYER.threads, after)
-            failed = [r for r in after if not r.ok]
-            report('pool %r, after a PostgreSQL restart between requests: '
-                   '%d of %d requests failed (bound: %d, one per worker '
-                   'thread)' % (pool, len(failed), len(after),
-                                ZOPE_LAYER.threads))
-            # A thread meets its dead connection at most once.  Which
-            # requests those are depends on the order the connections were
-            # opened in: a connection found dead retires those opened
-            # before it, not those opened after it.
-            self.assertLessEqual(len(failed), ZOPE_LAYER.threads, failed)
-            self.assertTrue(all(r.status == 500 for r in failed), failed)
-            new_pids = {r.json['backend_pid'] for r in after if r.ok}
-            self.assertFalse(old_pids & new_pids)
-            # Every thread has a live connection now: nothing fails.
-            again = self.backends(rounds=2, pool=pool)
-            self.assertTrue(all(r.ok for r in again), again)
-        finally:
-            # The site's other pools still hold dead connections, which
-            # would fail the first requests of the next tests: start the
-            # site afresh.
-            self.layer.zope.restart()
-
-    def test_a_restart_between_requests_costs_at_most_one_per_thread(self):
-        """Between requests no request is in flight, so none should fail:
-        a thread's dead connection is pinged once another was found dead,
-        and a session lost by a request's first statement is retried by
-        the publisher.  The figure is reported; the bound asserted is one
-        failed request per worker thread."""
-        self.restart_costs('example')
+    backend_view = '@@example-backend'
 
     def test_a_restart_with_health_check_after_0(self):
-        """The same with health_check_after="0" (pool "examplechecked"),
-        which pings every connection before use."""
-        self.restart_costs('examplechecked')
+        """A restart between requests costs at most one request per thread
+        with health_check_after="0" (pool "examplechecked") too, which
+        pings every connection before use."""
+        self.restart_costs(pool='examplechecked')
 
-    def test_a_restart_costs_only_the_requests_in_flight(self):
-        """One request per worker thread is in flight, sleeping in
-        PostgreSQL, when the server stops: only those may fail, and no
-        request after the restart does, because each thread's broken
-        connection is discarded with the request that met it.  (The sleep
-        is the request's first statement, so its lost session is a
-        SessionLost that the publisher may retry on a new connection; a
-        retried request succeeds.)"""
-        before = self.backends(rounds=2)
-        self.assertTrue(all(r.ok for r in before), before)
-        executor = concurrent.futures.ThreadPoolExecutor(ZOPE_LAYER.threads)
-        try:
-            in_flight = [executor.submit(self.zope.get, '@@example-backend',
-                                         sleep=5)
-                         for _ in range(ZOPE_LAYER.threads)]
-            self.wait_for_sleepers(ZOPE_LAYER.threads)
-            self.layer.server.stop('fast')
-            self.layer.server.start()
-            in_flight = [f.result() for f in in_flight]
-        finally:
-            executor.shutdown()
-        try:
-            statuses = [r.status for r in in_flight]
-            self.assertTrue(set(statuses) <= {200, 500}, statuses)
-            after = self.backends(rounds=5)
-            failed = [r for r in after if not r.ok]
-            report('a restart with %d requests in flight: %d of them '
-                   'failed (the others were retried by the publisher), '
-                   'and %d of the %d requests after it'
-                   % (len(in_flight), statuses.count(500), len(failed),
-                      len(after)))
-            self.assertEqual(failed, [])
-        finally:
-            self.layer.zope.restart()
-
-    def wait_for_sleepers(self, count, timeout=10):
-        deadline = time.monotonic() + timeout
-        # The first statement of a transaction travels behind its BEGIN.
-        while self.sql("SELECT count(*) FROM pg_stat_activity WHERE query"
-                       " LIKE '%SELECT pg_sleep(%' AND pid <>"
-                       " pg_backend_pid()")[0][0] < count:
-            self.assertLess(time.monotonic(), deadline,
-                            'the requests did not reach PostgreSQL')
-            time.sleep(0.05)
-
-    def test_the_site_writes_after_a_restart(self):
-        self.layer.server.stop('fast')
-        self.layer.server.start()
-        self.layer.zope.restart()
+    def assertWrites(self):
         key = self.key()
         result = self.zope.get('@@example-write', key=key, text='again')
         self.assertEqual(result.status, 200, result)

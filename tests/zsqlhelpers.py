@@ -25,19 +25,16 @@ import base64
 import html
 import json
 import os
-import subprocess
-import sys
-import urllib.error
 import urllib.parse
 import urllib.request
 
 import psycopg2
 
 from tests.zopehelpers import DSN_ENV
-from tests.zopehelpers import HTTPResult
 from tests.zopehelpers import ZOPE_POSTGRES_LAYER
 from tests.zopehelpers import ZopeInstance
 from tests.zopehelpers import ZopeLayer
+from tests.zopehelpers import fetch
 
 MANAGER = ('admin', 'zsql-secret')
 
@@ -206,9 +203,10 @@ class ZSQLInstance(ZopeInstance):
     """The Zope instance of zopehelpers with zpgpool.zope loaded, the
     tests directory importable, and a manager user."""
 
+    site_zcml = SITE_ZCML
+
     def make_home(self):
         super().make_home()
-        self.write('etc/site.zcml', SITE_ZCML)
         # Zope makes a manager from this file when the ZODB has no user.
         self.write('inituser', '%s:%s\n' % MANAGER)
         # The tests directory is importable in Zope without more: its
@@ -226,31 +224,14 @@ class ZSQLInstance(ZopeInstance):
         if auth is not None:
             token = base64.b64encode(('%s:%s' % auth).encode()).decode()
             request.add_header('Authorization', 'Basic ' + token)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return HTTPResult(response.status,
-                                  response.read().decode('utf-8'))
-        except urllib.error.HTTPError as e:
-            with e:
-                return HTTPResult(e.code, e.read().decode('utf-8', 'replace'))
+        return fetch(request, timeout)
 
     def zconsole(self, script_text):
         """Run *script_text* with ``zconsole run`` against the instance's
         zope.conf (the server must be stopped: FileStorage is locked);
         return its output."""
-        path = os.path.join(self.home, 'script.py')
-        with open(path, 'w', encoding='utf-8') as f:
-            f.write(script_text)
-        done = subprocess.run(
-            [sys.executable, '-c',
-             'from Zope2.utilities.zconsole import main; main()',
-             'run', os.path.join(self.home, 'etc', 'zope.conf'), path],
-            cwd=self.home, env=self.environ(), capture_output=True,
-            text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError('zconsole failed (%s):\n%s\n%s' % (
-                done.returncode, done.stdout, done.stderr))
-        return done.stdout
+        self.write('script.py', script_text)
+        return self.run_zconsole('script.py')
 
 
 def text_of(result):
@@ -310,8 +291,9 @@ class ZSQLLayer(ZopeLayer):
     """A Zope 6 site with zpgpool.zope and ZSQL Methods (see the module's
     docstring), beside a private PostgreSQL server."""
 
-    def setUp(self):
-        self.dsn = self.postgres.new_database('zpgpool_zsql')
+    database = 'zpgpool_zsql'
+
+    def make_instance(self):
         conn = psycopg2.connect(self.dsn)
         try:
             conn.autocommit = True
@@ -321,16 +303,12 @@ class ZSQLLayer(ZopeLayer):
             conn.close()
         # Generous retries: the SERIALIZABLE test has four requests
         # collide on one row.
-        self.zope = ZSQLInstance(self.dsn, threads=self.threads, retries=10)
-        try:
-            self.zope.start()
-            SiteBuilder(self.zope).build()
-        except BaseException:
-            self.zope.cleanup()
-            self.zope = None
-            raise
+        return ZSQLInstance(self.dsn, threads=self.threads, retries=10)
+
+    def make_site(self):
+        self.zope.start()
+        SiteBuilder(self.zope).build()
 
 
 #: The Zope site of this module, over zopehelpers' private PostgreSQL.
-ZSQL_LAYER = ZSQLLayer('ZSQL_LAYER', ZOPE_POSTGRES_LAYER)
-ZSQL_LAYER.__module__ = __name__
+ZSQL_LAYER = ZSQLLayer('ZSQL_LAYER', ZOPE_POSTGRES_LAYER, module=__name__)
