@@ -1,10 +1,11 @@
-"""The pool itself: sizing, waiting, checkout and return, health,
-lifetime, discarding, and lending parked connections.
+"""The pool itself: sizing, waiting, checkout and return, and discarding.
 
 Its other concerns are mixed in from the floor below: the psycopg2.pool
 contract (keyed.py), opening and closing (lifecycle.py), the figures
-(reporting.py) and the session settings (session.py); fork safety is
-fork.py's, and a caller's connect with its retries is the connector's.
+(reporting.py), the session settings (session.py), a connection's
+fitness (health.py) and threads' parked connections (parking.py); fork
+safety is fork.py's, and a caller's connect with its retries is the
+connector's.
 
 Lock discipline: ``CorePool._lock`` protects the pool's bookkeeping (the
 idle stack, the waiters, the counters, the parked connections and each
@@ -41,7 +42,6 @@ from zpgpool.connection import RETURNING
 from zpgpool.connection import USED
 from zpgpool.connection import _connection_class
 from zpgpool.connection import close_quietly
-from zpgpool.connection import server_fits
 from zpgpool.conninfo import ConnInfo
 from zpgpool.conninfo import default_application_name
 from zpgpool.connector import Connector
@@ -51,6 +51,7 @@ from zpgpool.errors import InvalidOption
 from zpgpool.errors import PoolClosed
 from zpgpool.errors import PoolTimeout
 from zpgpool.histogram import Histogram
+from zpgpool.health import HealthChecks
 from zpgpool.keyed import KeyedContract
 from zpgpool.lifecycle import Lifecycle
 from zpgpool.maintenance import Backoff
@@ -58,6 +59,7 @@ from zpgpool.options import OPTIONS
 from zpgpool.options import check_call_timeout
 from zpgpool.options import check_options
 from zpgpool.options import label as _pool_label
+from zpgpool.parking import Parking
 from zpgpool.reporting import Reporting
 from zpgpool.session import SessionReset
 
@@ -102,7 +104,8 @@ class _Waiter:
 
 
 
-class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
+class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
+               HealthChecks, Parking):
     """A thread-safe pool of PostgreSQL connections, without the Zope
     integration; ``ConnectionPool`` (pool.py) documents the options."""
 
@@ -244,61 +247,6 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
                 conn._zp_warned = False
             return conn
 
-    def _usable(self, conn, timeout=None):
-        """Check a connection about to be handed out; discard it if it is
-        not fit. A ping takes at most ``validation_timeout`` seconds, and at
-        most the caller's ``timeout`` when that is shorter.
-
-        The one fitness test. The hot path in ``acquire`` calls it only
-        when the same conditions, inlined there, say it has work to do.
-        """
-        now = _monotonic()
-        reason = self._stale(conn, now)
-        if reason is not None:
-            self._discard(conn, reason)
-            return False
-        if now - conn._zp_last_used >= self._check_after \
-                or conn._zp_last_used < self._check_before \
-                or now - conn._zp_checked >= self._recheck_after:
-            # Idle long enough for its session to have died (a server
-            # restart in the night), or unused since another connection
-            # was found dead.
-            bound = self.validation_timeout
-            if timeout is not None and 0 < timeout < bound:
-                bound = timeout
-            return self._ping(conn, bound)
-        return True
-
-    def _stale(self, conn, now):
-        """Why ``conn`` must not be used again, or None: its lifetime is
-        over, or it was opened before a connection found dead."""
-        if conn._zp_expires < now:
-            return "lifetime"
-        if conn._zp_created <= self._retire_before:
-            return "retired"
-        return None
-
-    def _ping(self, conn, bound):
-        """Ask the server whether it is still the kind the pool wants, for
-        at most ``bound`` seconds on a silent network; discard the
-        connection if it fails, or if its server no longer fits."""
-        try:
-            fits = server_fits(conn, self._conninfo.target_session_attrs,
-                               bound)
-        except psycopg2.Error:
-            self._discard(conn, "broken", lost=True)
-            return False
-        conn._zp_last_used = conn._zp_checked = _monotonic()
-        # A pool that prefers standbys keeps its primary while no standby
-        # can be reached.
-        if fits or (self._conninfo.target_session_attrs == "prefer-standby"
-                    and not self._connector.standby_reachable(
-                        max(self._check_after, 1.0))):
-            return True
-        self._discard(conn, "server no longer %s"
-                      % self._conninfo.target_session_attrs)
-        return False
-
     def _acquire_slow(self, timeout):
         if timeout is None:
             timeout = self.timeout
@@ -345,20 +293,6 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
             return self._connect_for_caller(start + timeout)
         events.notify(events.PoolExhausted, self, waiting)
         return self._wait(waiter, start, timeout)
-
-    def _steal_parked(self):
-        """Take the connection parked longest by an idle thread.
-
-        Called with the lock held. The thread that parked it notices at the
-        start of its next transaction and takes another.
-        """
-        conn = next(iter(self._parked))
-        del self._parked[conn]
-        conn._zp_owner = None
-        conn._zp_managed = None
-        conn._zp_state = USED
-        self._in_use += 1
-        return conn
 
     def _wait(self, waiter, start, timeout):
         try:
@@ -645,29 +579,13 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
         if refill:
             self._wakeup.set()
 
-    def _retire_older(self, lost):
-        """Retire the idle connections opened before ``lost``, whose
-        session died; return them. Called with the lock held."""
-        self._counters["connections_lost"] += 1
-        # Connections opened after it may have died with it (a server
-        # restart): each is pinged before its next use.
-        self._check_before = _monotonic()
-        if lost._zp_created <= self._retire_before:
-            return []
-        self._retire_before = lost._zp_created
-        stale = [c for c in self._idle if c._zp_created <= self._retire_before]
-        for c in stale:
-            self._forget(c)
-        self._counters["connections_discarded"] += len(stale)
-        return stale
-
     # -- For zpgpool's own modules -------------------------------------------------
     #
     # binding.py and datamanager.py use the pool through these members only:
     #
     #   acquire(timeout=None)   take a healthy connection (see "checkout")
     #   release(conn, close=False)  hand one back (see "return")
-    #   park(conn, holder), unpark(conn, holder)  below
+    #   park(conn, holder), unpark(conn, holder)  parking.py
     #   label                   how errors and logs name the pool
     #   thread_local            a threading.local for binding.py
     #   twophase_checked        set by datamanager.py once the server was
@@ -691,62 +609,3 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset):
                            " the connection is discarded", self.label, exc)
             return False
         return True
-
-    def unpark(self, conn, holder):
-        """Take back a connection parked by ``holder``'s thread.
-
-        False when another thread was lent it meanwhile, or the pool let it
-        go; the caller then takes a connection the usual way.
-        """
-        lock = self._lock
-        lock.acquire()
-        try:
-            if self._parked.get(conn) is not holder:
-                return False
-            del self._parked[conn]
-            conn._zp_state = USED
-            self._in_use += 1
-            self._checkouts += 1
-        finally:
-            lock.release()
-        now = _monotonic()
-        if self._held_times is not None:
-            conn._zp_taken = now
-        # Its session may have died while it was parked; pinged like a
-        # connection from the idle stack, so the thread's next request
-        # does not fail. (_usable's conditions, inlined as in acquire.)
-        if conn._zp_expires < now or conn._zp_created <= self._retire_before \
-                or now - conn._zp_last_used >= self._check_after \
-                or conn._zp_last_used < self._check_before \
-                or now - conn._zp_checked >= self._recheck_after:
-            return self._usable(conn)
-        return True
-
-    def park(self, conn, holder):
-        """Keep a connection bound to its thread between transactions.
-
-        The connection must be idle (no open transaction). If another thread
-        is waiting, it gets the connection instead, and the owner takes
-        another at its next transaction. Returns True when parked.
-        """
-        if conn.closed or conn.get_transaction_status() != _OK_STATUS \
-                or self._closed:
-            conn._zp_owner = None
-            self.release(conn)
-            return False
-        conn._zp_last_used = now = _monotonic()
-        lock = self._lock
-        lock.acquire()
-        try:
-            if not self._waiters and conn._zp_state is USED:
-                if self._held_times is not None:
-                    self._held_times.record(now - conn._zp_taken)
-                self._in_use -= 1
-                conn._zp_state = PARKED
-                self._parked[conn] = holder
-                return True
-        finally:
-            lock.release()
-        conn._zp_owner = None
-        self.release(conn)
-        return False
