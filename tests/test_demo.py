@@ -478,8 +478,11 @@ class DemoProcessTests(unittest.TestCase):
     def start(self, *args):
         """Start ``zpgpool demo *args``; return the process and what it
         printed until it was ready."""
+        # With faulthandler, SIGABRT makes it print every thread's stack:
+        # what stop() asks for when it hangs.
         proc = subprocess.Popen(
-            [sys.executable, '-m', 'zpgpool', 'demo'] + list(args),
+            [sys.executable, '-X', 'faulthandler', '-m', 'zpgpool', 'demo']
+            + list(args),
             env=python_env(), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         self.addCleanup(self.kill, proc)
@@ -522,7 +525,19 @@ class DemoProcessTests(unittest.TestCase):
         """Send ``signum``; return the exit status and the rest of the
         output."""
         proc.send_signal(signum)
-        status = proc.wait(60)
+        try:
+            status = proc.wait(60)
+        except subprocess.TimeoutExpired:  # pragma: no cover - a hang
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(30)
+            rest = []
+            while True:
+                line = self.output.get(timeout=30)
+                if line is None:
+                    break
+                rest.append(line)
+            self.fail('the demo did not stop within 60 s of signal %d; its '
+                      'threads:\n%s' % (signum, ''.join(rest)))
         rest = []
         while True:
             line = self.output.get(timeout=60)
