@@ -79,12 +79,14 @@ class GaugeTests(MetricsTestCase):
         cur = pool.connection().cursor()
         cur.execute("SELECT 1")
         transaction.commit()
-        # ... one in use, one idle.
+        # ... one in use, two idle (each state its own count).
         held = pool.getconn()
-        pool.putconn(pool.getconn())
+        first, second = pool.getconn(), pool.getconn()
+        pool.putconn(first)
+        pool.putconn(second)
         samples = parse(self.only(pool))
-        expected = {"in_use": 1, "bound_idle": 1, "idle": 1,
-                    "connecting": 0, "free": 2}
+        expected = {"in_use": 1, "bound_idle": 1, "idle": 2,
+                    "connecting": 0, "free": 1}
         for state, count in expected.items():
             self.assertEqual(value(samples, "zpgpool_connections", "p",
                                    state=state), count, state)
@@ -99,7 +101,32 @@ class GaugeTests(MetricsTestCase):
         self.assertEqual(value(samples, "zpgpool_connections", "p",
                                state="in_use"), 0)
         self.assertEqual(value(samples, "zpgpool_connections", "p",
-                               state="idle"), 2)
+                               state="idle"), 3)
+
+    def test_a_place_being_connected_is_not_free(self):
+        import psycopg2.extensions
+        from tests.faulthelpers import TcpProxy
+        from tests.poolhelpers import with_params
+        params = psycopg2.extensions.parse_dsn(self.layer.dsn)
+        proxy = TcpProxy((params.get("host", "127.0.0.1"),
+                          int(params.get("port", 5432))))
+        self.addCleanup(proxy.close)
+        pool = ConnectionPool(
+            with_params(self.layer.dsn, **proxy.dsn_params()),
+            name=unique_name("metrics"), minconn=0, maxconn=3, timeout=30)
+        self.addCleanup(close_pool, self, pool)
+        proxy.silent()
+        caller = start(self, lambda: pool.putconn(pool.getconn()))
+        wait_for(lambda: pool.stats()["connecting"] == 1, "a connect")
+        samples = parse(self.only(pool))
+        self.assertEqual(value(samples, "zpgpool_connections", "p",
+                               state="connecting"), 1)
+        self.assertEqual(value(samples, "zpgpool_connections", "p",
+                               state="free"), 2)
+        self.assertEqual(sum(v for _labels, v in
+                             samples["zpgpool_connections"]["p"]), 3)
+        proxy.heal()
+        caller.finish(self)
 
 
 class CounterTests(MetricsTestCase):
