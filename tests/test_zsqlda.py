@@ -484,9 +484,13 @@ class DBQueryTests(InProcessTestCase):
         table = 'zsql_%s' % uuid.uuid4().hex[:8]
         query(self.dsn, 'CREATE TABLE %s (n int NOT NULL, s varchar(9))'
               % table)
+        query(self.dsn, 'CREATE VIEW %s_v AS SELECT n FROM %s'
+              % (table, table))
         tables = self.db.tables()
         self.assertIn({'table_schema': 'public', 'table_name': table,
                        'table_type': 'TABLE'}, tables)
+        self.assertIn({'table_schema': 'public', 'table_name': table + '_v',
+                       'table_type': 'VIEW'}, tables)
         self.assertEqual(self.db.columns(table), [
             {'name': 'n', 'type': 'integer', 'short_type': 'int4',
              'nullable': False, 'width': None},
