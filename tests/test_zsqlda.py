@@ -450,6 +450,11 @@ class DBQueryTests(InProcessTestCase):
         self.assertIn('one result set', str(caught.exception))
         self.assertIn('(b)', str(caught.exception))
 
+    def test_of_two_alike_result_sets_the_last_comes_back(self):
+        items, rows = self.db.query('SELECT 1 AS a\0SELECT 2 AS a')
+        self.assertEqual([i['name'] for i in items], ['a'])
+        self.assertEqual(rows, [[2]])
+
     def test_the_transaction_commits_and_aborts_the_work(self):
         table = 'zsql_%s' % uuid.uuid4().hex[:8]
         query(self.dsn, 'CREATE TABLE %s (n int)' % table)
