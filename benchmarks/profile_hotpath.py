@@ -310,13 +310,14 @@ def zpgpool_calls():
     from zpgpool import datamanager as dm
     from zpgpool import pool as pool_module
     from zpgpool.core import CorePool
+    from zpgpool.parking import Parking
     calls = [
         (pool_module.ConnectionPool, "connection",
          "ConnectionPool.connection()"),
         (dm.ThreadState, "connection", "ThreadState.connection()"),
         (dm.ThreadState, "_join", "ThreadState._join() (once per txn)"),
         (binding, "take", "binding.take() (the thread's connection)"),
-        (CorePool, "unpark", "CorePool.unpark()"),
+        (Parking, "unpark", "Parking.unpark()"),
         (CorePool, "acquire", "CorePool.acquire() (when not parked)"),
         (transaction.Transaction, "join", "Transaction.join() [transaction package]"),
         (dm.ThreadState, "cursor", "ThreadState.cursor()"),
@@ -335,7 +336,7 @@ def zpgpool_calls():
         (dm, "_execute", "datamanager._execute() (COMMIT, PREPARE, ...: "
                          "a round trip)"),
         (dm.ThreadState, "ended", "ThreadState.ended() (txn over)"),
-        (CorePool, "park", "CorePool.park()"),
+        (Parking, "park", "Parking.park()"),
         (CorePool, "getconn", "CorePool.getconn()"),
         (CorePool, "putconn", "CorePool.putconn()"),
         (CorePool, "release", "CorePool.release()"),
