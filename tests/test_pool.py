@@ -44,6 +44,11 @@ from .poolhelpers import wait_for
 from .poolhelpers import with_params
 
 
+class SlottedConnection(psycopg2.extensions.connection):
+    """A connection factory with slots of its own."""
+    __slots__ = ("opened_for",)
+
+
 class PoolTestBase(TableChecks, unittest.TestCase):
 
     layer = POSTGRES_LAYER
@@ -1480,6 +1485,9 @@ class BadInputTests(PoolTestBase):
                            application_name=5)
         self.assertInvalid("connection_factory must be a subclass",
                            connect_kwargs={"connection_factory": dict})
+        self.assertInvalid("SlottedConnection declares __slots__, which",
+                           connect_kwargs={
+                               "connection_factory": SlottedConnection})
         with self.assertRaises(InvalidOption) as cm:
             ConnectionPool(self.layer.dsn, name=5)
         self.assertIn("option 'name' must be a string, got 5",

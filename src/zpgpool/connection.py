@@ -84,23 +84,40 @@ class PooledConnection(_ext.connection):
     the transaction.
     """
 
-    _zp_pool = None       # the pool that opened it
-    _zp_state = GONE      # a State; changed only under the pool's lock
-    _zp_created = 0.0     # time.monotonic() when opened
-    _zp_expires = 0.0     # when its lifetime ends (inf: never)
-    _zp_last_used = 0.0   # when it was last returned or checked
-    _zp_checked = 0.0     # when a health check last succeeded
-    _zp_taken = 0.0       # when it was last checked out
-    _zp_stack = None      # where it was checked out, with leak_threshold
-    _zp_warned = False    # reported as a possible leak since that checkout
-    _zp_key = None        # the getconn() key it is held under
-    _zp_owner = None      # the thread binding (binding.Holder) it belongs to
-    _zp_managed = None    # the transaction integration's guard, when managed
-    # set_session() or a transaction characteristic changed by a borrower:
-    # the pool's own settings are restored when it comes back.
-    _zp_session_changed = False
-    # A plain cursor the data manager sends COMMIT and the like on.
-    _zp_cursor = None
+    # Slots, not instance attributes: the pool reads and writes these on
+    # every checkout and return, and a slot costs a quarter of what a
+    # __dict__ entry of a psycopg2 connection subclass costs. __dict__
+    # stays, for the attributes of connection factories and users.
+    __slots__ = (
+        "_zp_pool",       # the pool that opened it
+        "_zp_state",      # a State; changed only under the pool's lock
+        "_zp_created",    # time.monotonic() when opened
+        "_zp_expires",    # when its lifetime ends (inf: never)
+        "_zp_last_used",  # when it was last returned or checked
+        "_zp_checked",    # when a health check last succeeded
+        "_zp_taken",      # when it was last checked out
+        "_zp_stack",      # where it was checked out, with leak_threshold
+        "_zp_warned",     # reported as a possible leak since that checkout
+        "_zp_key",        # the getconn() key it is held under
+        "_zp_owner",      # the thread binding (binding.Holder) it belongs to
+        "_zp_managed",    # the transaction integration's guard, when managed
+        # set_session() or a transaction characteristic changed by a
+        # borrower: the pool's own settings are restored when it comes back.
+        "_zp_session_changed",
+        "_zp_cursor",     # a plain cursor the data manager sends COMMIT on
+        "__dict__",
+    )
+
+    def _zp_init(self):
+        """Give every slot its value for a connection the pool does not
+        hold yet; called right after the connect (no __init__: the
+        connect stays psycopg2's own call)."""
+        self._zp_pool = self._zp_stack = self._zp_key = None
+        self._zp_owner = self._zp_managed = self._zp_cursor = None
+        self._zp_state = GONE
+        self._zp_created = self._zp_expires = self._zp_last_used = 0.0
+        self._zp_checked = self._zp_taken = 0.0
+        self._zp_warned = self._zp_session_changed = False
 
     def _zp_open(self, pool, now, expires):
         """Start the pool's record of a connection it has just opened."""
@@ -187,7 +204,18 @@ def _connection_class(factory):
                         "psycopg2.extensions.connection, got %r" % (factory,))
     cls = _connection_classes.get(factory)
     if cls is None:
-        cls = type("Pooled" + factory.__name__, (factory, PooledConnection), {})
+        try:
+            cls = type("Pooled" + factory.__name__,
+                       (factory, PooledConnection), {})
+        except TypeError:
+            # Both classes add slots to psycopg2's connection: Python
+            # cannot lay out one object with both.
+            raise TypeError(
+                "connection_factory %s.%s declares __slots__, which the "
+                "pool's own connection class has too; give it no "
+                "__slots__, or derive it from zpgpool.connection."
+                "PooledConnection" % (factory.__module__,
+                                      factory.__qualname__)) from None
         _connection_classes[factory] = cls
     return cls
 

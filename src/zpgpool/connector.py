@@ -97,6 +97,7 @@ class Connector:
                 self.label, self.conninfo.target, message))
             error.permanent = permanent
             raise error from None
+        conn._zp_init()
         try:
             self.prepare(conn)
             if self.configure is not None:
