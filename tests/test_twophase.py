@@ -6,6 +6,7 @@ Prepared transactions are made here with plain psycopg2 connections and
 them, so that several pools' and databases' in-doubt transactions can sit
 side by side.
 """
+import os
 import unittest
 
 import psycopg2
@@ -20,6 +21,7 @@ from zpgpool.twophase import recover
 from zpgpool.twophase import resolve_prepared
 
 from tests.poolhelpers import query
+from tests.poolhelpers import run_in_child
 
 
 class TwoPhaseTestBase(unittest.TestCase):
@@ -79,6 +81,20 @@ class GidTests(TwoPhaseTestBase):
         gids = {new_gid(pool) for _ in range(100)}
         self.assertEqual(len(gids), 100)
         self.assertTrue(all(g.startswith("zpgpool:uniq:") for g in gids))
+
+    def test_a_forked_child_names_its_own_gids(self):
+        # The child starts with the parent's counter: only its process id
+        # keeps the two from preparing the same gid.
+        pool = self._makeOne("forked")
+        parent = new_gid(pool)
+        self.assertIn(":%d:" % os.getpid(), parent)
+
+        def child():
+            gid = new_gid(pool)
+            assert ":%d:" % os.getpid() in gid, gid
+            assert ":%d:" % os.getppid() not in gid, gid
+        code, message = run_in_child(child)
+        self.assertEqual((code, message), (0, "ok"))
 
     def test_long_names_are_shortened_and_still_commit(self):
         # PostgreSQL allows gids of at most 200 bytes.

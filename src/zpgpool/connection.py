@@ -73,6 +73,9 @@ def _characteristic(name):
     return property(base.__get__, set_value, doc=base.__doc__)
 
 
+_connection_cursor = _ext.connection.cursor
+
+
 class PooledConnection(_ext.connection):
     """A psycopg2 connection that knows its pool.
 
@@ -81,7 +84,7 @@ class PooledConnection(_ext.connection):
     transaction integration manages the connection, ``_zp_managed`` holds
     the object that guards it (see datamanager.py); then committing or
     rolling back by hand is refused, because the transaction manager owns
-    the transaction.
+    the transaction, and a cursor is one of its managed cursor classes.
     """
 
     # Slots, not instance attributes: the pool reads and writes these on
@@ -180,9 +183,15 @@ class PooledConnection(_ext.connection):
 
     def cursor(self, *args, **kw):
         managed = self._zp_managed
-        if managed is not None:
-            return managed.cursor(self, args, kw)
-        return super().cursor(*args, **kw)
+        if managed is None:
+            # (psycopg2's own class always comes next in the order.)
+            return _connection_cursor(self, *args, **kw)
+        if not args and not kw \
+                and self.cursor_factory is managed.plain_factory:
+            # The usual conn.cursor() in a transaction, in one call.
+            return _connection_cursor(self,
+                                      cursor_factory=managed.cursor_class)
+        return managed.cursor(self, args, kw)
 
 
 _connection_classes = {}

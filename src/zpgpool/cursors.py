@@ -19,6 +19,7 @@ from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import SessionLost
 from zpgpool.statements import CONTROLS_TRANSACTION
 from zpgpool.statements import KEEPS_SESSION
+from zpgpool.statements import known_effect
 from zpgpool.statements import statement_effect
 
 
@@ -91,7 +92,12 @@ def _guarded(base, takes_query, bundles):
                 args = (query,) + args[1:]
             elif not isinstance(query, bytes):
                 query = None
-        effect = KEEPS_SESSION if query is None else statement_effect(query)
+        if query is None:
+            effect = KEEPS_SESSION
+        else:
+            effect = known_effect(query)
+            if effect is None:
+                effect = statement_effect(query)
         try:
             begin = managed.before_statement(conn, effect,
                                              self.name is not None)

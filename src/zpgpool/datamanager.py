@@ -106,17 +106,18 @@ def _refuse_second_one_phase_writer(pool, txn):
             % (pool.label, other.name))
 
 
-def _foreign_one_phase_votes(txn):
-    """The other packages' resources in ``txn`` that will COMMIT
-    irrevocably in their vote, as far as zpgpool can recognise them.
+def _foreign_one_phase_votes(resources):
+    """The other packages' resources among a transaction's ``resources``
+    that will COMMIT irrevocably in their vote, as far as zpgpool can
+    recognise them.
 
     zope.sqlalchemy's one-phase session commits in its vote, and keeps a
     transaction (``tx``) until then only when it has work to commit. The
     transaction package offers no public list of a transaction's
-    resources, hence the defensive look at its attribute.
+    resources, hence the defensive look at its attribute (the caller's).
     """
     found = []
-    for resource in getattr(txn, "_resources", ()):
+    for resource in resources:
         cls = type(resource)
         if cls.__name__ == "SessionDataManager" \
                 and cls.__module__ == "zope.sqlalchemy.datamanager" \
@@ -148,29 +149,33 @@ class ThreadState:
         self.data_manager = TwoPhaseDataManager if pool.twophase \
             else OnePhaseDataManager
         self.begin = begin_statement(pool)
+        # A writable one-phase pool: at most one per transaction.
+        self.writer = not (pool.twophase or pool.readonly)
+        self.gid_key = gid_prefix(pool) + "gid"
         self.sort_key = (TWO_PHASE_SORT_KEY if pool.twophase
                          else ONE_PHASE_SORT_KEY) % pool.name
-        # The managed cursor class of the connection's cursor_factory.
-        self._factory = self._cursor_class = None
+        # The connection's cursor_factory, and its managed cursor class:
+        # PooledConnection.cursor() makes a plain conn.cursor() of that.
+        self.plain_factory = None
+        self.cursor_class = _managed_cursor_class(_ext.cursor)
         holder.manager = self
 
     def connection(self):
         try:
             txn = self._get_transaction()
         except transaction.interfaces.NoTransaction:
-            txn = self._current_transaction()
+            raise self._no_transaction() from None
         if txn is self.txn:
             return self.conn
         return self._join(txn)
 
-    def _current_transaction(self):
-        try:
-            return self._get_transaction()
-        except transaction.interfaces.NoTransaction:
-            raise ConnectionMisuse(
-                "%s: no transaction is active: the transaction manager is in "
-                "explicit mode, so call its begin() before using the "
-                "connection" % self.pool.label) from None
+    def _no_transaction(self):
+        """The error for a use outside a transaction of an explicit
+        transaction manager."""
+        return ConnectionMisuse(
+            "%s: no transaction is active: the transaction manager is in "
+            "explicit mode, so call its begin() before using the "
+            "connection" % self.pool.label)
 
     def _join(self, txn):
         dm = self.dm
@@ -179,8 +184,7 @@ class ThreadState:
             # example it was dropped); never carry its work over.
             dm.abort(dm.txn)
         pool = self.pool
-        writer = not (pool.twophase or pool.readonly)
-        if writer:
+        if self.writer:
             _refuse_second_one_phase_writer(pool, txn)
         conn = binding.take(pool, self.holder)
         conn._zp_managed = self
@@ -196,7 +200,7 @@ class ThreadState:
             # Recorded with the other resources' commit (ZODB keeps it in
             # its transaction record), so that recovery can later tell
             # whether they committed; see zodb_decider().
-            txn.setExtendedInfo(gid_prefix(pool) + "gid", dm.xid)
+            txn.setExtendedInfo(self.gid_key, dm.xid)
         self.conn = conn
         self.dm = dm
         self.txn = txn
@@ -308,7 +312,10 @@ class ThreadState:
                 "earlier transaction or another thread and has since gone "
                 "back to the pool; call pool.connection() again"
                 % self.pool.label)
-        txn = self._current_transaction()
+        try:
+            txn = self._get_transaction()
+        except transaction.interfaces.NoTransaction:
+            raise self._no_transaction() from None
         if txn is not self.txn:
             self._join(txn)
             if self.conn is not conn:
@@ -337,14 +344,13 @@ class ThreadState:
     def cursor(self, conn, args, kw):
         """A cursor whose statements join the current transaction."""
         if not args and not kw:
-            # The usual conn.cursor(): one class per connection factory.
+            # A plain conn.cursor() on a connection whose cursor_factory
+            # changed: remember the managed class of the new one.
             factory = conn.cursor_factory
-            if factory is not self._factory or self._cursor_class is None:
-                self._cursor_class = _managed_cursor_class(
-                    factory or _ext.cursor)
-                self._factory = factory
+            self.cursor_class = _managed_cursor_class(factory or _ext.cursor)
+            self.plain_factory = factory
             return _ext.connection.cursor(conn,
-                                          cursor_factory=self._cursor_class)
+                                          cursor_factory=self.cursor_class)
         factory = kw.pop("cursor_factory", None) or conn.cursor_factory \
             or _ext.cursor
         if (args[0] if args else kw.get("name")) is not None:
@@ -370,7 +376,16 @@ class _DataManager:
     connection died, and may be called more than once.
     """
 
+    # Each transaction has a data manager of its own: these start as the
+    # class's, which is cheaper than setting them in __init__.
     xid = None          # the two-phase transaction id
+    finished = False
+    broken = False
+    begun = False       # its BEGIN went to the server
+    dirty = False       # a statement changed session state
+    # A failed transaction's session changes still to undo after its
+    # ROLLBACK (a transaction in error cannot run the reset itself).
+    reset_after = False
 
     def __init__(self, state, conn, txn):
         self.state = state
@@ -378,13 +393,6 @@ class _DataManager:
         self.transaction_manager = state.tm
         self.conn = conn
         self.txn = txn
-        self.finished = False
-        self.broken = False
-        self.begun = False      # its BEGIN went to the server
-        self.dirty = False      # a statement changed session state
-        # A failed transaction's session changes still to undo after its
-        # ROLLBACK (a transaction in error cannot run the reset itself).
-        self.reset_after = False
 
     def _pending(self):
         """Whether the server holds an open transaction for us."""
@@ -524,7 +532,10 @@ class OnePhaseDataManager(_DataManager):
     def commit(self, txn):
         if self.pool.readonly or not self._pending():
             return
-        others = _foreign_one_phase_votes(txn)
+        # (Alone in its transaction, as it mostly is, there is no other.)
+        resources = getattr(txn, "_resources", ())
+        others = _foreign_one_phase_votes(resources) \
+            if len(resources) > 1 else ()
         if others:
             raise ConnectionMisuse(
                 "%s: cannot commit one-phase beside %s, which also commits "

@@ -32,9 +32,9 @@ class Parking:
         lock = self._lock
         lock.acquire()
         try:
-            if self._parked.get(conn) is not holder:
+            # Only its owner parks a connection, so an entry is holder's.
+            if self._parked.pop(conn, None) is not holder:
                 return False
-            del self._parked[conn]
             conn._zp_state = USED
             self._in_use += 1
             self._checkouts += 1
@@ -60,8 +60,8 @@ class Parking:
         is waiting, it gets the connection instead, and the owner takes
         another at its next transaction. Returns True when parked.
         """
-        if conn.closed or conn.get_transaction_status() != _OK_STATUS \
-                or self._closed:
+        # (A closed connection's status is UNKNOWN.)
+        if conn.get_transaction_status() != _OK_STATUS or self._closed:
             conn._zp_owner = None
             self.release(conn)
             return False

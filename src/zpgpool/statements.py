@@ -56,6 +56,9 @@ ONE_PHASE_SESSION_RESET = SESSION_RESET + "; UNLISTEN *"
 ROLLBACK_SESSION_RESET = "SELECT pg_advisory_unlock_all(); DEALLOCATE ALL"
 
 _effects = {}
+# The effect of a query seen before, else None: statement_effect() without
+# a Python call, for the managed cursors' hot path.
+known_effect = _effects.get
 
 
 def statement_effect(query):

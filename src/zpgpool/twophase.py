@@ -44,11 +44,22 @@ _gid_counter = itertools.count(1)
 _hostname = _safe_name(socket.gethostname())
 
 
+def _name_process():
+    """Host and process id, for the gids of this process (a forked child
+    shares the parent's counter, so it must differ here)."""
+    global _process
+    _process = "%s:%d" % (_hostname, os.getpid())
+
+
+_name_process()
+os.register_at_fork(after_in_child=_name_process)
+
+
 def new_gid(pool):
     """A transaction id for ``pool`` that no other transaction has: host,
     process, a counter and the time, after the pool's prefix."""
-    return "%s%s:%d:%d:%x" % (gid_prefix(pool), _hostname, os.getpid(),
-                              next(_gid_counter), int(time.time()))
+    return "%s%s:%d:%x" % (gid_prefix(pool), _process, next(_gid_counter),
+                           int(time.time()))
 
 
 def list_prepared(pool, older_than=0.0):
