@@ -221,6 +221,31 @@ class StatementKindTests(_Base):
             self.assertEqual(self.sent(), ["BEGIN; SELECT 7 AS v",
                                            "ROLLBACK"])
 
+    def test_a_changed_cursor_factory_is_followed(self):
+        # conn.cursor() makes a cursor of the connection's cursor_factory
+        # whenever it changes, managed all the same (BEGIN with the first
+        # statement, inside the transaction manager's transaction).
+        self.mark()
+        conn = self.pool.connection()
+        self.addCleanup(setattr, conn, "cursor_factory", None)
+        conn.cursor_factory = psycopg2.extras.RealDictCursor
+        cur = conn.cursor()
+        cur.execute("SELECT 7 AS v")
+        self.assertEqual(cur.fetchone(), {"v": 7})
+        conn.cursor_factory = None
+        cur = conn.cursor()
+        cur.execute("SELECT 8 AS v")
+        self.assertEqual(cur.fetchone(), (8,))
+        transaction.commit()
+        conn.cursor_factory = psycopg2.extras.NamedTupleCursor
+        cur = self.pool.connection().cursor()
+        cur.execute("SELECT 9 AS v")
+        self.assertEqual(cur.fetchone().v, 9)
+        transaction.abort()
+        self.assertEqual(self.sent(), [
+            "BEGIN; SELECT 7 AS v", "SELECT 8 AS v", "COMMIT",
+            "BEGIN; SELECT 9 AS v", "ROLLBACK"])
+
     def test_connection_factories_choose_the_cursor(self):
         # A connection_factory's own cursor() is honoured on a managed
         # connection too, as on one from getconn(), and BEGIN still goes
