@@ -1434,6 +1434,33 @@ class NeverCommittedTests(_Base):
         self.assertIn("'forgetful'", warnings[0])
         self.assertIn("a thread ended", warnings[0])
 
+    def test_a_thread_s_connection_goes_to_getconn_out_of_autocommit(self):
+        # connection() runs its connection in autocommit mode (the data
+        # manager sends BEGIN itself); once the thread has ended, a
+        # getconn() caller gets psycopg2's default, whose statements open
+        # a transaction.
+        pool = self._makeOne(name="handed-on", maxconn=1)
+
+        def work():
+            self.insert(pool, "committed")
+            transaction.commit()
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(JOIN_TIMEOUT)
+        from tests.poolhelpers import wait_for
+        wait_for(lambda: pool.stats()["idle"] == 1, "the connection back")
+        conn = pool.getconn()
+        try:
+            self.assertFalse(conn.autocommit)
+            conn.cursor().execute("SELECT 1")
+            self.assertEqual(conn.get_transaction_status(),
+                             ext.TRANSACTION_STATUS_INTRANS)
+        finally:
+            conn.rollback()
+            pool.putconn(conn)
+        self.assertEqual(self.values(), ["committed"])
+
     def test_thread_that_committed_is_not_warned_about(self):
         pool = self._makeOne(name="careful")
 

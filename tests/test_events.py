@@ -139,6 +139,50 @@ class NotifyTests(_SubscribersSaved, unittest.TestCase):
         events.notify(Probe, pool, 2)
         self.assertEqual(built, [(pool, 2)])
         self.assertEqual([e.waiting for e in received], [2])
+        # The answer is kept, but not past a change of the registry.
+        zope.component.getGlobalSiteManager().unregisterHandler(
+            received.append, (interfaces.IPoolExhausted,))
+        events.notify(Probe, pool, 3)
+        self.assertEqual(built, [(pool, 2)])
+
+    def test_a_local_site_sees_its_own_and_its_bases_handlers(self):
+        # A Zope or Plone site has a registry of its own, derived from the
+        # global one: a handler registered in either is found, whenever
+        # it is registered.
+        import zope.component.event
+        import zope.component.testing
+        from zope.interface.registry import Components
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        if zope.component.event.dispatch not in zope.event.subscribers:
+            zope.event.subscribers.append(zope.component.event.dispatch)
+        base = zope.component.getGlobalSiteManager()
+        local = Components("site", bases=(base,))
+        other = Components("other", bases=(base,))
+        current = [local]
+        zope.component.getSiteManager.sethook(
+            lambda context=None: current[0])
+        self.addCleanup(zope.component.getSiteManager.reset)
+        factory = events.PoolExhausted
+        pool = _makePool()
+        self.addCleanup(pool.close, 0)
+        received = []
+        events.notify(factory, pool, 1)
+        base.registerHandler(received.append, (interfaces.IPoolExhausted,))
+        events.notify(factory, pool, 2)
+        base.unregisterHandler(received.append, (interfaces.IPoolExhausted,))
+        events.notify(factory, pool, 3)
+        local.registerHandler(received.append, (interfaces.IPoolExhausted,))
+        # The other site changed as often, for another event.
+        other.registerHandler(received.append, (interfaces.IPoolClosed,))
+        events.notify(factory, pool, 4)
+        self.assertTrue(events.listening(factory))
+        current[0] = other      # another site: not this one's handler
+        self.assertFalse(events.listening(factory))
+        events.notify(factory, pool, 5)
+        current[0] = local
+        events.notify(factory, pool, 6)
+        self.assertEqual([e.waiting for e in received], [2, 4, 6])
 
 
 class PublishedEventTests(_SubscribersSaved, unittest.TestCase):

@@ -104,8 +104,9 @@ class PooledConnection(_ext.connection):
         "_zp_key",        # the getconn() key it is held under
         "_zp_owner",      # the thread binding (binding.Holder) it belongs to
         "_zp_managed",    # the transaction integration's guard, when managed
-        # set_session() or a transaction characteristic changed by a
-        # borrower: the pool's own settings are restored when it comes back.
+        # set_session(), autocommit or a transaction characteristic changed
+        # by a borrower (or by the transaction integration, which runs it
+        # in autocommit): the pool's own are restored when it comes back.
         "_zp_session_changed",
         "_zp_cursor",     # a plain cursor the data manager sends COMMIT on
         "__dict__",
@@ -156,8 +157,11 @@ class PooledConnection(_ext.connection):
 
     @autocommit.setter
     def autocommit(self, value):
-        if value and self._zp_managed is not None:
-            self._zp_managed.refuse("autocommit")
+        if value:
+            if self._zp_managed is not None:
+                self._zp_managed.refuse("autocommit")
+            # Undone when it comes back, as the other characteristics.
+            self._zp_session_changed = True
         _ext.connection.autocommit.__set__(self, value)
 
     def set_session(self, *args, **kw):

@@ -456,7 +456,6 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
         now = _monotonic()
         if not close and getattr(conn, "_zp_pool", None) is self \
                 and conn.get_transaction_status() == _OK_STATUS \
-                and not _get_autocommit(conn) \
                 and not conn._zp_session_changed \
                 and conn._zp_expires >= now \
                 and conn._zp_created > self._retire_before:

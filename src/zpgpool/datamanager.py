@@ -190,8 +190,10 @@ class ThreadState:
         conn._zp_managed = self
         if not _get_autocommit(conn):
             # The data manager sends BEGIN, COMMIT and ROLLBACK itself;
-            # psycopg2 must not send a BEGIN of its own.
+            # psycopg2 must not send a BEGIN of its own. (Undone if the
+            # connection goes back to the pool.)
             _set_autocommit(conn, True)
+            conn._zp_session_changed = True
         if self.twophase and not pool.twophase_checked:
             self._check_twophase(conn)
         dm = self.data_manager(self, conn, txn)
@@ -497,9 +499,11 @@ class _DataManager:
         error to raise).  Both happen in the vote, so that PostgreSQL can
         still make the whole transaction fail.
         """
-        if not self._committable():
-            return
         conn = self.conn
+        # The usual case, an open transaction, needs no closer look.
+        if (conn is None or conn.get_transaction_status() != _INTRANS) \
+                and not self._committable():
+            return
         if self.dirty:
             try:
                 _execute(conn, self._session_reset)
@@ -530,8 +534,8 @@ class OnePhaseDataManager(_DataManager):
         return self.state.sort_key
 
     def commit(self, txn):
-        if self.pool.readonly or not self._pending():
-            return
+        if self.pool.readonly or not self.begun:
+            return    # nothing it could commit
         # (Alone in its transaction, as it mostly is, there is no other.)
         resources = getattr(txn, "_resources", ())
         others = _foreign_one_phase_votes(resources) \

@@ -11,7 +11,9 @@ imported (in any Zope site), ``zope.event.subscribers`` holds its
 dispatcher for good, and building an event and dispatching it costs
 microseconds -- too much for every checkout. So when that dispatcher is the
 only subscriber, ``listening`` asks the current site manager whether any
-handler would receive the event class; zope.interface caches that answer.
+handler would receive the event class, and keeps the answer until that
+registry (or one it derives from) changes: asking again each time cost
+more than the rest of a checkout.
 """
 import dataclasses
 
@@ -26,6 +28,10 @@ from zpgpool import interfaces
 _seen = None          # a copy of zope.event.subscribers when last looked at
 _plain = False        # whether a subscriber other than zope.component's exists
 _specs = {}           # event class -> its implementedBy specification
+# event class -> (adapter registry, its generation, whether it has a
+# handler): zope.interface counts a registry's changes, and those of the
+# registries it derives from, in its _generation.
+_answers = {}
 
 
 def _component_dispatch():
@@ -48,11 +54,18 @@ def listening(factory):
         _seen = list(subscribers)
     if _plain:
         return True
+    registry = zope.component.getSiteManager().adapters
+    generation = getattr(registry, "_generation", None)
+    known = _answers.get(factory)
+    if known is not None and known[0] is registry \
+            and known[1] == generation is not None:
+        return known[2]
     spec = _specs.get(factory)
     if spec is None:
         spec = _specs[factory] = implementedBy(factory)
-    return bool(zope.component.getSiteManager().adapters.subscriptions(
-        (spec,), None))
+    answer = bool(registry.subscriptions((spec,), None))
+    _answers[factory] = (registry, generation, answer)
+    return answer
 
 
 def notify(factory, *args):
