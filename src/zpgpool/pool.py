@@ -68,7 +68,9 @@ class ConnectionPool(CorePool):
         ``zpgpool:NAME``.
     connect_kwargs
         A mapping of further libpq parameters (or ``connection_factory`` /
-        ``cursor_factory``) merged into the DSN.
+        ``cursor_factory``) merged into the DSN. A ``connection_factory``
+        is combined with the pool's own connection class, so it must not
+        declare ``__slots__``.
 
     Constructing a pool connects to nothing: bad options fail at once, a
     server that is down shows only at the first checkout.
