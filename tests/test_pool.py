@@ -399,12 +399,15 @@ class ReturnTests(PoolTestBase):
         self.assertEqual(cur.fetchone(), ("repeatable read", "off", "off"))
         cur.execute("INSERT INTO %s VALUES (1)" % table)   # not read-only
         again.rollback()
+        # Each characteristic alone is noticed and undone.
         again.readonly = True
-        again.autocommit = True
         pool.putconn(again)
         third = pool.getconn()
-        self.assertFalse(third.autocommit)
         self.assertFalse(third.readonly)
+        third.autocommit = True
+        pool.putconn(third)
+        third = pool.getconn()
+        self.assertFalse(third.autocommit)
         self.assertEqual(third.isolation_level,
                          psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
         # psycopg2's older call, too.
