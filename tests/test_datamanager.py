@@ -969,6 +969,14 @@ class SeveralPoolsTests(_Base):
         self.insert(pool, "alone")
         transaction.commit()
         self.assertEqual(self.values(), ["alone"])
+        # A pool that joined but sent nothing commits nothing: zope.sqlalchemy
+        # writing beside it is fine.
+        session.execute(sqlalchemy.text(
+            "INSERT INTO dm_items (value) VALUES ('only sqlalchemy')"))
+        zope.sqlalchemy.mark_changed(session)
+        pool.connection()
+        transaction.commit()
+        self.assertEqual(sorted(self.values()), ["alone", "only sqlalchemy"])
         session.close()
 
 
