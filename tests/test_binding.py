@@ -336,6 +336,29 @@ class ParkingTests(BindingTestBase):
         binding.put(pool, holder)
         self.assertEqual(pool.stats()["in_use"], 0)
 
+    def test_a_lent_connection_parked_by_its_new_thread_stays_its(self):
+        # A's parked connection is lent to B, whose thread parks it in
+        # turn. A, looking for its old connection, must leave B's parking
+        # alone: every connection stays counted, and B gets it back.
+        pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT)
+        holder_a = binding.holder_for(pool)
+        conn = binding.take(pool, holder_a)
+        pool.park(conn, holder_a)
+        holder_b = binding.Holder()
+
+        def b_takes_and_parks():
+            taken = binding.take(pool, holder_b)
+            pool.park(taken, holder_b)
+            return taken
+        self.assertIs(start(self, b_takes_and_parks).finish(self), conn)
+        self.assertFalse(pool.unpark(conn, holder_a))
+        stats = pool.stats()
+        self.assertEqual((stats["size"], stats["bound_idle"],
+                          stats["in_use"], stats["idle"]), (1, 1, 0, 0))
+        self.assertTrue(pool.unpark(conn, holder_b))
+        pool.release(conn)
+        self.assertEqual(pool.stats()["idle"], 1)
+
     def test_parking_hands_over_to_a_waiter(self):
         pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT)
         holder = binding.holder_for(pool)

@@ -32,9 +32,11 @@ class Parking:
         lock = self._lock
         lock.acquire()
         try:
-            # Only its owner parks a connection, so an entry is holder's.
-            if self._parked.pop(conn, None) is not holder:
+            # Another thread may have been lent it and parked it since:
+            # then the entry is that thread's, and stays.
+            if self._parked.get(conn) is not holder:
                 return False
+            del self._parked[conn]
             conn._zp_state = USED
             self._in_use += 1
             self._checkouts += 1
