@@ -52,7 +52,8 @@ def _name_process():
 
 
 _name_process()
-os.register_at_fork(after_in_child=_name_process)
+if hasattr(os, "register_at_fork"):   # POSIX only, as in fork.py
+    os.register_at_fork(after_in_child=_name_process)
 
 
 def new_gid(pool):
