@@ -1,7 +1,6 @@
 """Tests for zpgpool.testing's PgBouncer fixture, against the real
 pgbouncer program and a real PostgreSQL server."""
 import os
-import socket
 import threading
 import time
 import unittest
@@ -16,7 +15,9 @@ from zpgpool.testing import PgBouncerLayer
 from zpgpool.testing import PgBouncerUnavailable
 from zpgpool.testing import find_pgbouncer
 from zpgpool.testing import pgbouncer as pgbouncer_module
-from zpgpool.testing import program as program_module
+
+from tests.porthelpers import offered_first
+from tests.porthelpers import taken_port
 
 #: One server connection for every client: what transaction pooling is for.
 ONE_SERVER_CONNECTION_LAYER = PgBouncerLayer(
@@ -206,28 +207,14 @@ class BouncerTests(unittest.TestCase):
 
 
     def test_taken_port_on_first_start_picks_another(self):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(('127.0.0.1', 0))
-            s.listen()
-            taken = s.getsockname()[1]
-            ports = iter([taken])
-            real_free_port = program_module._free_port
-            program_module._free_port = (
-                lambda host: next(ports, None) or real_free_port(host))
-            try:
+        with taken_port() as taken:
+            with offered_first(taken):
                 bouncer = self.bouncer()
-            finally:
-                program_module._free_port = real_free_port
             self.assertNotEqual(bouncer.port, taken)
             self.assertEqual(fetch(bouncer.dsn(), 'SELECT 1'), [(1,)])
 
     def test_a_taken_fixed_port_is_an_error(self):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(('127.0.0.1', 0))
-            s.listen()
-            taken = s.getsockname()[1]
+        with taken_port() as taken:
             bouncer = PgBouncer(self.layer.server or self.layer.dsn,
                                 port=taken)
             self.addCleanup(bouncer.cleanup)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import psycopg2
 from zpgpool import testing
 from zpgpool.testing import asuser
 from zpgpool.testing import binaries
-from zpgpool.testing import program as programmod
 from zpgpool.testing import support
 from zpgpool.testing import watchdog
 from zpgpool.testing import POSTGRES_LAYER
@@ -31,6 +29,8 @@ from zpgpool.testing import PostgresServer
 from zpgpool.testing import PostgresServerError
 from zpgpool.testing import PostgresUnavailable
 
+from tests.porthelpers import offered_first
+from tests.porthelpers import taken_port
 from tests.support import python_env
 
 
@@ -290,10 +290,8 @@ class HelperTests(TempDirMixin, unittest.TestCase):
         self.assertFalse(watchdog._process_alive(2 ** 22 + 1))
 
     def test_port_in_use(self):
-        with socket.socket() as s:
-            s.bind(('127.0.0.1', 0))
-            s.listen()
-            self.assertTrue(support._port_in_use(s.getsockname()[1]))
+        with taken_port() as port:
+            self.assertTrue(support._port_in_use(port))
 
     def test_repr_before_start(self):
         server = PostgresServer()
@@ -648,10 +646,7 @@ class PrivateServerTests(unittest.TestCase):
 
     def test_restart_fails_clearly_when_the_port_is_taken(self):
         self.server.stop()
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(('127.0.0.1', self.server.port))
-            s.listen()
+        with taken_port(self.server.port):
             with self.assertRaises(PostgresServerError) as cm:
                 self.server.start(timeout=20)
         self.assertIn('Port %s' % self.server.port, str(cm.exception))
@@ -757,18 +752,8 @@ class ServerLifeCycleTests(unittest.TestCase):
         self.assertFalse(server.is_running())
 
     def test_taken_port_on_first_start_picks_another(self):
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(('127.0.0.1', 0))
-            s.listen()
-            taken = s.getsockname()[1]
-            ports = iter([taken])
-            real_free_port = support._free_port
-
-            def free_port(host):
-                return next(ports, None) or real_free_port(host)
-
-            with replaced(programmod, '_free_port', free_port):
+        with taken_port() as taken:
+            with offered_first(taken):
                 with PostgresServer() as server:
                     self.assertNotEqual(server.port, taken)
                     self.assertEqual(fetch(server.dsn(), 'SELECT 1'), [(1,)])
