@@ -27,7 +27,6 @@ from tests.poolhelpers import query
 from tests.poolhelpers import unique_name
 from tests.poolhelpers import wait_for
 from tests.scaleouthelpers import PROBE
-from tests.scaleouthelpers import ROLE
 from tests.scaleouthelpers import SESSION_CHANGES
 from tests.scaleouthelpers import ensure_role
 from tests.scaleouthelpers import leaked
@@ -56,23 +55,6 @@ STATEMENT_LOG_BOUNCER_LAYER = PgBouncerLayer(
     default_pool_size=1,
     # No health-check query of PgBouncer's own in the log.
     settings={"server_check_delay": 3600})
-
-
-def waiting_clients(bouncer, dbname="postgres"):
-    """PgBouncer's count of clients waiting for a server connection."""
-    conn = psycopg2.connect(bouncer.admin_dsn())
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SHOW POOLS")
-            names = [d[0] for d in cur.description]
-            for row in cur.fetchall():
-                row = dict(zip(names, row))
-                if row["database"] == dbname:
-                    return row["cl_waiting"]
-    finally:
-        conn.close()
-    return 0
 
 
 class _Base(unittest.TestCase):
@@ -139,7 +121,8 @@ class HandOffTests(_Base):
 
         def release_a():
             a_ready.wait(WAIT)
-            wait_for(lambda: waiting_clients(self.layer.bouncer) >= 1,
+            bouncer = self.layer.bouncer
+            wait_for(lambda: bouncer.show_pool()["cl_waiting"] >= 1,
                      "client B waiting in PgBouncer")
             a_go.set()
 

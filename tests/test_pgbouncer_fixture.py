@@ -35,22 +35,6 @@ def fetch(dsn, sql):
         conn.close()
 
 
-def pool(bouncer, dbname='postgres'):
-    """Return the row of SHOW POOLS for *dbname*, as a dict."""
-    conn = psycopg2.connect(bouncer.admin_dsn())
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute('SHOW POOLS')
-            names = [d[0] for d in cur.description]
-            for row in cur.fetchall():
-                if row[0] == dbname:
-                    return dict(zip(names, row))
-    finally:
-        conn.close()
-    raise AssertionError('no pool for %s' % dbname)
-
-
 def backend_pid(conn):
     with conn.cursor() as cur:
         cur.execute('SELECT pg_backend_pid()')
@@ -88,7 +72,7 @@ class TransactionPoolingTests(unittest.TestCase):
             backend_pid(second)))
         waiter.start()
         deadline = time.monotonic() + 30
-        while pool(self.layer.bouncer)['cl_waiting'] != 1:
+        while self.layer.bouncer.show_pool()['cl_waiting'] != 1:
             self.assertLess(time.monotonic(), deadline, 'nobody waits')
             time.sleep(0.02)
         self.assertEqual(seen, [])
@@ -99,7 +83,12 @@ class TransactionPoolingTests(unittest.TestCase):
 
     def test_admin_console(self):
         fetch(self.layer.dsn, 'SELECT 1')
-        self.assertEqual(pool(self.layer.bouncer)['pool_mode'], 'transaction')
+        bouncer = self.layer.bouncer
+        self.assertEqual(bouncer.show_pool()['pool_mode'], 'transaction')
+        user = psycopg2.extensions.parse_dsn(self.layer.dsn)['user']
+        self.assertEqual(bouncer.show_pool(user=user)['user'], user)
+        self.assertIsNone(bouncer.show_pool(user='nobody'))
+        self.assertIsNone(bouncer.show_pool('zpgpool_no_such_db'))
         config = dict((row[0], row[1]) for row in
                       self.layer.bouncer.admin('SHOW CONFIG'))
         self.assertEqual(config['default_pool_size'], '1')

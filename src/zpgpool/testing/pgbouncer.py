@@ -208,6 +208,16 @@ class PgBouncer(_Program):
         """Run *command* on the admin console; return its rows, or None."""
         return _execute(self.admin_dsn(), command)
 
+    def show_pool(self, dbname='postgres', user=None):
+        """Return PgBouncer's ``SHOW POOLS`` row for *dbname* (and *user*:
+        PgBouncer keeps a pool per database and user; by default the
+        first) as a dict of its columns (``cl_active``, ``cl_waiting``,
+        ``sv_idle``, ``pool_mode``, ...), or None while it has none."""
+        for row in _execute(self.admin_dsn(), 'SHOW POOLS', named=True):
+            if row['database'] == dbname and user in (None, row['user']):
+                return row
+        return None
+
     # -- files ------------------------------------------------------------
 
     def _write(self, name, text, mode=0o600):

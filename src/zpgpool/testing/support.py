@@ -54,7 +54,9 @@ def _port_in_use(port, host='127.0.0.1'):
     return False
 
 
-def _execute(dsn, sql, params=None):
+def _execute(dsn, sql, params=None, named=False):
+    """Run ``sql`` in autocommit mode; return its rows (as dicts of the
+    columns when ``named``), or None for a statement that returns none."""
     import psycopg2
     conn = psycopg2.connect(dsn)
     try:
@@ -63,7 +65,11 @@ def _execute(dsn, sql, params=None):
             cur.execute(sql, params)
             if cur.description is None:
                 return None
-            return cur.fetchall()
+            rows = cur.fetchall()
+            if named:
+                names = [column[0] for column in cur.description]
+                rows = [dict(zip(names, row)) for row in rows]
+            return rows
     finally:
         conn.close()
 
