@@ -16,23 +16,13 @@ from zpgpool.testing import PgBouncerUnavailable
 from zpgpool.testing import find_pgbouncer
 from zpgpool.testing import pgbouncer as pgbouncer_module
 
-from tests.porthelpers import offered_first
-from tests.porthelpers import taken_port
+from tests.fixturehelpers import fetch
+from tests.fixturehelpers import offered_first
+from tests.fixturehelpers import taken_port
 
 #: One server connection for every client: what transaction pooling is for.
 ONE_SERVER_CONNECTION_LAYER = PgBouncerLayer(
     'ONE_SERVER_CONNECTION_LAYER', default_pool_size=1)
-
-
-def fetch(dsn, sql):
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 def backend_pid(conn):

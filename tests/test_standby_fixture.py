@@ -12,16 +12,7 @@ from zpgpool.testing import PostgresServerError
 from zpgpool.testing import StandbyServer
 from zpgpool.testing import multihost_dsn
 
-
-def fetch(dsn, sql, params=None):
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-    finally:
-        conn.close()
+from tests.fixturehelpers import fetch
 
 
 def wait_for(what, check, timeout=30):

@@ -29,8 +29,9 @@ from zpgpool.testing import PostgresServer
 from zpgpool.testing import PostgresServerError
 from zpgpool.testing import PostgresUnavailable
 
-from tests.porthelpers import offered_first
-from tests.porthelpers import taken_port
+from tests.fixturehelpers import fetch
+from tests.fixturehelpers import offered_first
+from tests.fixturehelpers import taken_port
 from tests.support import python_env
 
 
@@ -68,16 +69,6 @@ def connect(dsn):
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     return conn
-
-
-def fetch(dsn, sql):
-    conn = connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-            return cur.fetchall()
-    finally:
-        conn.close()
 
 
 class TempDirMixin:

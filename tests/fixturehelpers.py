@@ -1,9 +1,24 @@
-"""A TCP port that is taken, for the tests of the fixtures that must cope
-with one (PostgresServer, PgBouncer)."""
+"""Helpers of the tests of zpgpool.testing's fixtures (PostgresServer,
+PgBouncer, StandbyServer): a query's rows, and a TCP port that is taken."""
 import contextlib
 import socket
 
+import psycopg2
+
 from zpgpool.testing import program
+
+
+def fetch(dsn, sql, params=None):
+    """The rows of one statement, run in autocommit mode on a connection
+    of its own."""
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager
