@@ -416,6 +416,35 @@ class OnePhaseTests(_Base):
         self.assertEqual(stats["timeouts"], 0)
         del ConnectionMisuse
 
+    def test_a_lent_connection_comes_without_its_thread_s_state(self):
+        # What the idle thread did to its connection on the client side
+        # -- a cursor factory, the notices it got, autocommit for the
+        # transaction integration -- does not reach the thread it is lent
+        # to, nor a getconn() caller.
+        from psycopg2.extras import RealDictCursor
+        pool = self._makeOne(maxconn=1, timeout=30)
+        mine = pool.connection()
+        mine.cursor_factory = RealDictCursor
+        mine.cursor().execute("DO $$BEGIN RAISE NOTICE 'mine'; END$$")
+        transaction.commit()       # parked, still this thread's
+        self.assertIn("mine", mine.notices[-1])
+        seen = []
+
+        def other():
+            with transaction.manager:
+                conn = pool.connection()
+                cur = conn.cursor()
+                cur.execute("SELECT 1 AS one")
+                seen.append((conn, list(conn.notices), cur.fetchone()))
+            conn = pool.getconn()
+            seen.append((conn, conn.cursor_factory, conn.autocommit))
+            pool.putconn(conn)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(JOIN_TIMEOUT)
+        self.assertEqual(seen, [(mine, [], (1,)), (mine, None, False)])
+
     def test_closed_pool(self):
         from zpgpool import PoolClosed
         pool = self._makeOne()

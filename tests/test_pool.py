@@ -44,6 +44,12 @@ from .poolhelpers import wait_for
 from .poolhelpers import with_params
 
 
+def _use_dict_cursors(conn):
+    """A pool's configure callable that gives its connections dict rows."""
+    from psycopg2.extras import DictCursor
+    conn.cursor_factory = DictCursor
+
+
 class SlottedConnection(psycopg2.extensions.connection):
     """A connection factory with slots of its own."""
     __slots__ = ("opened_for",)
@@ -419,6 +425,63 @@ class ReturnTests(PoolTestBase):
         self.assertEqual(fourth.isolation_level,
                          psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
         pool.putconn(fourth)
+
+    def test_returned_cursor_factory_is_restored(self):
+        from psycopg2.extras import DictCursor
+        from psycopg2.extras import RealDictCursor
+        pool = self._makeOne(maxconn=1)
+        conn = pool.getconn()
+        conn.cursor_factory = RealDictCursor
+        pool.putconn(conn)
+        again = pool.getconn()
+        self.assertIs(again, conn)
+        self.assertIsNone(again.cursor_factory)
+        with again.cursor() as cur:
+            cur.execute("SELECT 1 AS one")
+            self.assertEqual(cur.fetchone(), (1,))
+        again.rollback()
+        pool.putconn(again)
+        # The pool's own cursor_factory is what comes back, and so is one
+        # that configure chose: both are the connection's from the start.
+        for number, option in enumerate((
+                {"connect_kwargs": {"cursor_factory": DictCursor}},
+                {"configure": _use_dict_cursors})):
+            pool = self._makeOne(name="%s-%d" % (self.name, number),
+                                 maxconn=1, **option)
+            conn = pool.getconn()
+            self.assertIs(conn.cursor_factory, DictCursor)
+            conn.cursor_factory = None
+            pool.putconn(conn)
+            again = pool.getconn()
+            self.assertIs(again, conn)
+            self.assertIs(again.cursor_factory, DictCursor, option)
+            pool.putconn(again)
+
+    def test_borrower_s_notices_and_notifications_are_dropped(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.getconn()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("LISTEN zpgpool_test_channel")
+            cur.execute("NOTIFY zpgpool_test_channel, 'for the first'")
+            cur.execute("DO $$BEGIN RAISE NOTICE 'private'; END$$")
+            cur.execute("UNLISTEN *")
+        conn.autocommit = False
+        self.assertEqual(len(conn.notifies), 1)
+        self.assertIn("private", conn.notices[-1])
+        pool.putconn(conn)
+        again = pool.getconn()
+        self.assertIs(again, conn)
+        self.assertEqual((again.notices, again.notifies), ([], []))
+        # Also when nothing else sends it down the slow return.
+        with again.cursor() as cur:
+            cur.execute("DO $$BEGIN RAISE NOTICE 'private too'; END$$")
+        again.commit()
+        pool.putconn(again)
+        third = pool.getconn()
+        self.assertIs(third, conn)
+        self.assertEqual(third.notices, [])
+        pool.putconn(third)
 
     def test_in_transaction_is_rolled_back(self):
         table = self.make_table()

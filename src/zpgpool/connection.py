@@ -74,6 +74,9 @@ def _characteristic(name):
 
 
 _connection_cursor = _ext.connection.cursor
+# psycopg2's own cursor_factory attribute, past PooledConnection's property.
+_get_cursor_factory = _ext.connection.cursor_factory.__get__
+_set_cursor_factory = _ext.connection.cursor_factory.__set__
 
 
 class PooledConnection(_ext.connection):
@@ -108,6 +111,9 @@ class PooledConnection(_ext.connection):
         # by a borrower (or by the transaction integration, which runs it
         # in autocommit): the pool's own are restored when it comes back.
         "_zp_session_changed",
+        # the cursor_factory it had when the pool opened it (the pool's
+        # option, or what configure chose): restored when it comes back
+        "_zp_cursor_factory",
         "_zp_cursor",     # a plain cursor the data manager sends COMMIT on
         "__dict__",
     )
@@ -118,6 +124,7 @@ class PooledConnection(_ext.connection):
         connect stays psycopg2's own call)."""
         self._zp_pool = self._zp_stack = self._zp_key = None
         self._zp_owner = self._zp_managed = self._zp_cursor = None
+        self._zp_cursor_factory = None
         self._zp_state = GONE
         self._zp_created = self._zp_expires = self._zp_last_used = 0.0
         self._zp_checked = self._zp_taken = 0.0
@@ -130,6 +137,7 @@ class PooledConnection(_ext.connection):
         self._zp_created = self._zp_last_used = self._zp_taken = now
         self._zp_checked = now
         self._zp_expires = expires
+        self._zp_cursor_factory = _get_cursor_factory(self)
 
     def commit(self):
         if self._zp_managed is not None:
@@ -164,6 +172,15 @@ class PooledConnection(_ext.connection):
             self._zp_session_changed = True
         _ext.connection.autocommit.__set__(self, value)
 
+    def _change_cursor_factory(self, value):
+        # Allowed on a managed connection too (its cursors follow it), and
+        # undone when the connection changes hands, as the others.
+        self._zp_session_changed = True
+        _set_cursor_factory(self, value)
+
+    cursor_factory = property(_get_cursor_factory, _change_cursor_factory,
+                              doc=_ext.connection.cursor_factory.__doc__)
+
     def set_session(self, *args, **kw):
         if self._zp_managed is not None:
             self._zp_managed.refuse("set_session()")
@@ -191,7 +208,7 @@ class PooledConnection(_ext.connection):
             # (psycopg2's own class always comes next in the order.)
             return _connection_cursor(self, *args, **kw)
         if not args and not kw \
-                and self.cursor_factory is managed.plain_factory:
+                and _get_cursor_factory(self) is managed.plain_factory:
             # The usual conn.cursor() in a transaction, in one call.
             return _connection_cursor(self,
                                       cursor_factory=managed.cursor_class)

@@ -28,7 +28,6 @@ import threading
 import time
 import traceback
 
-import psycopg2
 import psycopg2.extensions as _ext
 import zope.event
 
@@ -66,8 +65,6 @@ from zpgpool.session import SessionReset
 
 logger = logging.getLogger("zpgpool")
 _monotonic = time.monotonic
-_get_autocommit = _ext.connection.autocommit.__get__
-_set_autocommit = _ext.connection.autocommit.__set__
 # zope.event's list of subscribers; the same list object for the life of
 # the process, so an empty one costs a single truth test on the hot path.
 _subscribers = zope.event.subscribers
@@ -279,14 +276,14 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
             # while it was parked); None makes the caller try again.
             if not self._usable(conn, timeout):
                 return None
-            if _get_autocommit(conn):
-                # Parked by the transaction integration, which runs it in
-                # autocommit mode; the caller expects psycopg2's default.
-                try:
-                    _set_autocommit(conn, False)
-                except psycopg2.Error:
-                    self._discard(conn, "broken", lost=True)
-                    return None
+            # It changes hands: reset as if its thread had returned it
+            # (that thread's connection ran in autocommit mode for the
+            # transaction integration, may have had another cursor
+            # factory, and has its notices).
+            reason, lost = self._reset_for_reuse(conn)
+            if reason is not None:
+                self._discard(conn, reason, lost)
+                return None
             return conn
         self._ensure_maintainer()
         if waiter is None:
@@ -452,11 +449,14 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
         """
         if key is not None or conn is None:
             return self._putconn_keyed(conn, key, close)
-        # The hot path: a sound, idle connection goes back under one lock.
+        # The hot path: a sound, idle connection goes back under one lock
+        # (one with a changed session, or messages its borrower received,
+        # takes the slow path, which resets it).
         now = _monotonic()
         if not close and getattr(conn, "_zp_pool", None) is self \
                 and conn.get_transaction_status() == _OK_STATUS \
                 and not conn._zp_session_changed \
+                and not conn.notices and not conn.notifies \
                 and conn._zp_expires >= now \
                 and conn._zp_created > self._retire_before:
             # (A closed connection has status UNKNOWN, not IDLE.)

@@ -1,7 +1,8 @@
 """The pool's session settings on its connections: a new connection's
 cursor factory and transaction characteristics, and bringing a returned
-connection back to them (rollback, autocommit off, characteristics
-restored) before anyone else gets it.
+connection back to them (rollback, autocommit off, cursor factory and
+characteristics restored, its borrower's notices and notifications
+dropped) before anyone else gets it.
 
 ``SessionReset`` is mixed into ``CorePool`` (core.py), whose return path
 calls ``_reset_for_reuse`` outside the lock; only the ``returned_bad``
@@ -13,6 +14,8 @@ import psycopg2.extensions as _ext
 
 _get_autocommit = _ext.connection.autocommit.__get__
 _set_autocommit = _ext.connection.autocommit.__set__
+_get_cursor_factory = _ext.connection.cursor_factory.__get__
+_set_cursor_factory = _ext.connection.cursor_factory.__set__
 _OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
 _ROLLBACK_STATUS = (_ext.TRANSACTION_STATUS_INTRANS,
                     _ext.TRANSACTION_STATUS_INERROR)
@@ -27,11 +30,11 @@ class SessionReset:
     def _prepare_connection(self, conn):
         """The pool's own setup of a new connection, before ``configure``."""
         if self._cursor_factory is not None:
-            conn.cursor_factory = self._cursor_factory
+            _set_cursor_factory(conn, self._cursor_factory)
         if self.isolation_level is not None or self.readonly \
                 or self.deferrable:
             # Kept by psycopg2 and sent with each BEGIN, never as SET.
-            self._restore_session(conn)
+            self._restore_characteristics(conn)
 
     def _reset_for_reuse(self, conn, close=False):
         """Bring a connection back to idle.
@@ -70,18 +73,29 @@ class SessionReset:
             if _get_autocommit(conn):
                 _set_autocommit(conn, False)
             if conn._zp_session_changed:
-                self._restore_session(conn)
+                if _get_cursor_factory(conn) is not conn._zp_cursor_factory:
+                    _set_cursor_factory(conn, conn._zp_cursor_factory)
+                self._restore_characteristics(conn)
+                conn._zp_session_changed = False
         except psycopg2.Error:
             return _LOST
+        _forget_messages(conn)
         return None, False
 
-    def _restore_session(self, conn):
-        """Give a borrower's connection back the pool's transaction
-        characteristics (those sent with psycopg2's BEGIN)."""
+    def _restore_characteristics(self, conn):
+        """Give a connection the pool's transaction characteristics (those
+        sent with psycopg2's BEGIN)."""
         _ext.connection.set_session(
             conn,
             isolation_level="DEFAULT" if self.isolation_level is None
             else self.isolation_level,
             readonly=self.readonly or "DEFAULT",
             deferrable=self.deferrable or "DEFAULT")
-        conn._zp_session_changed = False
+
+
+def _forget_messages(conn):
+    """Drop the notices and notifications a connection's borrower received:
+    they may tell the next one what it did."""
+    for received in (conn.notices, conn.notifies):
+        if received:
+            received.clear()
