@@ -11,11 +11,12 @@ counter is touched under ``_lock``.
 import psycopg2
 import psycopg2.extensions as _ext
 
+from zpgpool.connection import _get_cursor_factory
+from zpgpool.connection import _set_cursor_factory
+
 
 _get_autocommit = _ext.connection.autocommit.__get__
 _set_autocommit = _ext.connection.autocommit.__set__
-_get_cursor_factory = _ext.connection.cursor_factory.__get__
-_set_cursor_factory = _ext.connection.cursor_factory.__set__
 _OK_STATUS = _ext.TRANSACTION_STATUS_IDLE
 _ROLLBACK_STATUS = (_ext.TRANSACTION_STATUS_INTRANS,
                     _ext.TRANSACTION_STATUS_INERROR)
