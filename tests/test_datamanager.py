@@ -224,6 +224,8 @@ class OnePhaseTests(_Base):
         for action in (conn.commit, conn.rollback,
                        lambda: setattr(conn, "autocommit", True),
                        lambda: conn.tpc_begin("x"),
+                       lambda: conn.set_session(readonly=True),
+                       lambda: conn.set_client_encoding("LATIN1"),
                        conn.__enter__):
             with self.assertRaises(ConnectionMisuse) as caught:
                 action()

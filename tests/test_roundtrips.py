@@ -423,3 +423,66 @@ class HandBackTests(_Base):
         self.assertEqual(cur.fetchone(), (0,))
         conn.rollback()
         pool.putconn(conn)
+
+
+class GetconnReturnTests(_Base):
+    """What a return through putconn() sends: nothing, unless the borrower
+    changed its server session; then one DISCARD ALL (and what the pool's
+    configure sends again)."""
+
+    def borrow(self, pool, statements, commit=True):
+        """Run ``statements`` on ``pool``'s only connection, return it,
+        and give what the server logged for it from the first statement
+        on, return included."""
+        conn = pool.getconn()
+        self.pid = conn.get_backend_pid()
+        with open(self.layer.server.log_file, encoding="utf-8") as f:
+            f.seek(0, 2)
+            self.offset = f.tell()
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+        if commit:
+            conn.commit()
+        pool.putconn(conn)
+        return self.sent()
+
+    def test_a_return_that_changed_nothing_sends_nothing(self):
+        pool = self._makeOne(maxconn=1)
+        work = ["SET LOCAL work_mem = '7MB'", "SELECT 1"]
+        self.assertEqual(self.borrow(pool, work),
+                         ["BEGIN"] + work + ["COMMIT"])
+        self.assertEqual(self.borrow(pool, ["SELECT 1"], commit=False),
+                         ["BEGIN", "SELECT 1", "ROLLBACK"])
+
+    def test_a_changed_session_is_reset_once(self):
+        pool = self._makeOne(maxconn=1)
+        work = ["SET work_mem = '7MB'", "CREATE TEMP TABLE rt_tmp (x int)"]
+        self.assertEqual(self.borrow(pool, work),
+                         ["BEGIN"] + work + ["COMMIT", "DISCARD ALL"])
+        self.assertEqual(self.borrow(pool, work, commit=False),
+                         ["BEGIN"] + work + ["ROLLBACK", "DISCARD ALL"])
+        # The next borrower that changes nothing pays nothing.
+        self.assertEqual(self.borrow(pool, ["SELECT 1"]),
+                         ["BEGIN", "SELECT 1", "COMMIT"])
+
+    def test_configure_s_own_settings_are_no_change(self):
+        pool = self._makeOne(maxconn=1, configure=_set_work_mem)
+        self.assertEqual(self.borrow(pool, ["SELECT 1"]),
+                         ["BEGIN", "SELECT 1", "COMMIT"])
+        # A borrower's change: the reset, then configure's statement again.
+        self.assertEqual(self.borrow(pool, ["SET search_path TO public"]),
+                         ["BEGIN", "SET search_path TO public", "COMMIT",
+                          "DISCARD ALL", "SET work_mem = '5MB'"])
+        self.assertEqual(self.borrow(pool, ["SHOW work_mem"]),
+                         ["BEGIN", "SHOW work_mem", "COMMIT"])
+        # And the next change is seen again.
+        self.assertEqual(self.borrow(pool, ["SET search_path TO public"]),
+                         ["BEGIN", "SET search_path TO public", "COMMIT",
+                          "DISCARD ALL", "SET work_mem = '5MB'"])
+
+
+def _set_work_mem(conn):
+    """A pool's configure callable that changes the session."""
+    with conn.cursor() as cur:
+        cur.execute("SET work_mem = '5MB'")

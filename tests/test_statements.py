@@ -35,3 +35,20 @@ class StatementEffectTests(unittest.TestCase):
                          statements.CHANGES_SESSION | statements.LISTENS)
         self.assertEqual(statements.statement_effect("  commit"),
                          statements.CONTROLS_TRANSACTION)
+
+    def test_long_statements_are_answered_but_not_kept(self):
+        # An execute_values page carries its values in its text: caching
+        # 2000 of those could hold hundreds of megabytes.
+        statements._effects.clear()
+        page = "INSERT INTO t VALUES " + ", ".join(
+            "(%d, 'some text')" % n for n in range(1000))
+        self.assertGreater(len(page), 4096)
+        self.assertEqual(statements.statement_effect(page),
+                         statements.KEEPS_SESSION)
+        long_set = "SET application_name = '%s'" % ("x" * 5000)
+        self.assertEqual(statements.statement_effect(long_set.encode()),
+                         statements.CHANGES_SESSION)
+        self.assertEqual(statements._effects, {})
+        self.assertEqual(statements.statement_effect("SELECT 1"),
+                         statements.KEEPS_SESSION)
+        self.assertEqual(list(statements._effects), ["SELECT 1"])

@@ -9,6 +9,10 @@ import socket
 import psycopg2
 import psycopg2.extensions as _ext
 
+from zpgpool.statements import CHANGES_SESSION
+from zpgpool.statements import changes_session
+from zpgpool.statements import known_effect
+
 
 class State(enum.Enum):
     """Where a connection is in its life; kept as ``_zp_state``.
@@ -111,9 +115,17 @@ class PooledConnection(_ext.connection):
         # by a borrower (or by the transaction integration, which runs it
         # in autocommit): the pool's own are restored when it comes back.
         "_zp_session_changed",
-        # the cursor_factory it had when the pool opened it (the pool's
-        # option, or what configure chose): restored when it comes back
+        # a borrower ran a statement that leaves state in the server
+        # session (SET, a temporary table, LISTEN, ...): DISCARD ALL when
+        # it comes back; _zp_session_changed is set too
+        "_zp_session_dirty",
+        # what it had when the pool opened it (the pool's options, or what
+        # configure chose): put back when it comes back
         "_zp_cursor_factory",
+        "_zp_types",      # a copy of its string_types (typecasters)
+        "_zp_encoding",   # its client encoding
+        "_zp_notices",    # its notices and notifies lists
+        "_zp_notifies",
         "_zp_cursor",     # a plain cursor the data manager sends COMMIT on
         "__dict__",
     )
@@ -124,11 +136,13 @@ class PooledConnection(_ext.connection):
         connect stays psycopg2's own call)."""
         self._zp_pool = self._zp_stack = self._zp_key = None
         self._zp_owner = self._zp_managed = self._zp_cursor = None
-        self._zp_cursor_factory = None
+        self._zp_cursor_factory = self._zp_types = self._zp_encoding = None
+        self._zp_notices = self._zp_notifies = None
         self._zp_state = GONE
         self._zp_created = self._zp_expires = self._zp_last_used = 0.0
         self._zp_checked = self._zp_taken = 0.0
         self._zp_warned = self._zp_session_changed = False
+        self._zp_session_dirty = False
 
     def _zp_open(self, pool, now, expires):
         """Start the pool's record of a connection it has just opened."""
@@ -137,7 +151,13 @@ class PooledConnection(_ext.connection):
         self._zp_created = self._zp_last_used = self._zp_taken = now
         self._zp_checked = now
         self._zp_expires = expires
+        # What configure did is the pool's own: the record of it follows.
+        self._zp_session_changed = self._zp_session_dirty = False
         self._zp_cursor_factory = _get_cursor_factory(self)
+        self._zp_types = dict(self.string_types)
+        self._zp_encoding = self.encoding
+        self._zp_notices = self.notices
+        self._zp_notifies = self.notifies
 
     def commit(self):
         if self._zp_managed is not None:
@@ -200,19 +220,84 @@ class PooledConnection(_ext.connection):
     def tpc_begin(self, xid):
         if self._zp_managed is not None:
             self._zp_managed.refuse("tpc_begin()")
-        return super().tpc_begin(xid)
+        result = super().tpc_begin(xid)
+        # Its return must end what the borrower left: a two-phase
+        # transaction psycopg2 holds even once prepared (server: idle).
+        self._zp_session_changed = True
+        return result
+
+    def set_client_encoding(self, encoding):
+        if self._zp_managed is not None:
+            # psycopg2 sends it as a session SET, outside the transaction.
+            self._zp_managed.refuse("set_client_encoding()")
+        self._zp_session_changed = True
+        return super().set_client_encoding(encoding)
 
     def cursor(self, *args, **kw):
         managed = self._zp_managed
         if managed is None:
-            # (psycopg2's own class always comes next in the order.)
-            return _connection_cursor(self, *args, **kw)
+            return _noting_cursor(self, args, kw)
         if not args and not kw \
                 and _get_cursor_factory(self) is managed.plain_factory:
             # The usual conn.cursor() in a transaction, in one call.
             return _connection_cursor(self,
                                       cursor_factory=managed.cursor_class)
         return managed.cursor(self, args, kw)
+
+
+def _noting_cursor(conn, args, kw):
+    """A cursor of a connection lent by getconn(), of a class that notes
+    the statements that leave state in the session (see _noting)."""
+    if not args and not kw:
+        factory = _get_cursor_factory(conn)
+        return _connection_cursor(conn, cursor_factory=_noting_classes.get(
+            factory) or _noting_class(factory))
+    if len(args) > 1:
+        args = (args[0], _noting_class(args[1] or _get_cursor_factory(conn))) \
+            + args[2:]
+    else:
+        kw["cursor_factory"] = _noting_class(
+            kw.get("cursor_factory") or _get_cursor_factory(conn))
+    # (psycopg2's own class always comes next in the order.)
+    return _connection_cursor(conn, *args, **kw)
+
+
+def _noting(base):
+    """Wrap ``execute``/``executemany`` so that a statement that leaves
+    state in the session (statements.py) marks its connection for a
+    session reset when it goes back to its pool."""
+    def method(self, query, *args, **kw):
+        conn = self.connection
+        if not conn._zp_session_dirty:
+            effect = known_effect(query) if type(query) is str else None
+            if (changes_session(query, conn) if effect is None
+                    else effect & CHANGES_SESSION) \
+                    or (self.name is not None and self.withhold):
+                conn._zp_session_dirty = conn._zp_session_changed = True
+        return base(self, query, *args, **kw)
+    method.__name__ = base.__name__
+    method.__doc__ = base.__doc__
+    return method
+
+
+_noting_classes = {}
+
+
+def _noting_class(factory):
+    """Return a subclass of cursor class ``factory`` (psycopg2's cursor
+    when None) that notes session changes (cached per factory)."""
+    cls = _noting_classes.get(factory)
+    if cls is None:
+        base = factory or _ext.cursor
+        if not (isinstance(base, type) and issubclass(base, _ext.cursor)):
+            return factory     # psycopg2 will say what is wrong with it
+        cls = type(base.__name__, (base,), {
+            "execute": _noting(base.execute),
+            "executemany": _noting(base.executemany),
+            "__module__": base.__module__,
+            "__doc__": base.__doc__})
+        _noting_classes[factory] = cls
+    return cls
 
 
 _connection_classes = {}

@@ -28,6 +28,7 @@ import time
 
 import psycopg2
 
+from zpgpool.connection import PooledConnection
 from zpgpool.errors import ConnectError
 
 
@@ -97,6 +98,18 @@ class Connector:
                 self.label, self.conninfo.target, message))
             error.permanent = permanent
             raise error from None
+        if conn.dsn is None:
+            # A factory whose __init__ skipped psycopg2's: never connected.
+            self._failed("connection_factory did not connect", True)
+            factory = next(cls for cls in type(conn).__mro__
+                           if not issubclass(cls, PooledConnection))
+            error = ConnectError(
+                "%s: connection_factory %s.%s made a connection that is not "
+                "connected: its __init__ must call psycopg2's "
+                "connection.__init__" % (self.label, factory.__module__,
+                                         factory.__qualname__))
+            error.permanent = True
+            raise error
         conn._zp_init()
         try:
             self.prepare(conn)

@@ -237,7 +237,7 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
                     and not self._usable(conn, timeout):
                 continue
             elif _subscribers:
-                events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
+                self._checked_out(conn, 0.0)
             conn._zp_taken = now
             if self.leak_threshold is not None:
                 conn._zp_stack = _caller_stack()
@@ -280,11 +280,7 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
             # (that thread's connection ran in autocommit mode for the
             # transaction integration, may have had another cursor
             # factory, and has its notices).
-            reason, lost = self._reset_for_reuse(conn)
-            if reason is not None:
-                self._discard(conn, reason, lost)
-                return None
-            return conn
+            return conn if self._reset_or_discard(conn) else None
         self._ensure_maintainer()
         if waiter is None:
             return self._connect_for_caller(start + timeout)
@@ -320,7 +316,7 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
         conn = waiter.conn
         if not self._usable(conn, max(0.0, timeout - waited)):
             return self.getconn(None, max(0.0, timeout - waited))
-        events.notify(events.ConnectionCheckedOut, self, conn, waited)
+        self._checked_out(conn, waited)
         return conn
 
     def _abandon_wait(self, waiter):
@@ -355,8 +351,17 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
         if closed:
             conn.close()
             raise PoolClosed("%s is closed" % self.label)
-        events.notify(events.ConnectionCheckedOut, self, conn, 0.0)
+        self._checked_out(conn, 0.0)
         return conn
+
+    def _checked_out(self, conn, waited):
+        """Publish a checkout; what a subscriber raises reaches the caller,
+        who then never got the connection: the pool takes it back."""
+        try:
+            events.notify(events.ConnectionCheckedOut, self, conn, waited)
+        except BaseException:
+            self.putconn(conn)
+            raise
 
     def _place_not_needed(self):
         """Between a caller's connect attempts: give its place back if a
@@ -450,15 +455,21 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
         if key is not None or conn is None:
             return self._putconn_keyed(conn, key, close)
         # The hot path: a sound, idle connection goes back under one lock
-        # (one with a changed session, or messages its borrower received,
-        # takes the slow path, which resets it).
+        # (one whose borrower changed its session or client side, or
+        # received messages, takes the slow path, which resets it).
         now = _monotonic()
-        if not close and getattr(conn, "_zp_pool", None) is self \
+        try:
+            hot = not close and conn._zp_pool is self \
                 and conn.get_transaction_status() == _OK_STATUS \
                 and not conn._zp_session_changed \
-                and not conn.notices and not conn.notifies \
+                and (got := conn.notices) is conn._zp_notices and not got \
+                and (got := conn.notifies) is conn._zp_notifies and not got \
+                and conn.string_types == conn._zp_types \
                 and conn._zp_expires >= now \
-                and conn._zp_created > self._retire_before:
+                and conn._zp_created > self._retire_before
+        except AttributeError:
+            hot = False     # not a pool's connection: _claim_return says so
+        if hot:
             # (A closed connection has status UNKNOWN, not IDLE.)
             lock = self._lock
             lock.acquire()
@@ -485,14 +496,30 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
                 return
         self._claim_return(conn)
         conn._zp_managed = None
-        reason, lost = self._reset_for_reuse(conn, close)
-        if reason is None:
-            reason = "pool closed" if self._closed \
-                else self._stale(conn, _monotonic())
+        if not self._reset_or_discard(conn, close):
+            return
+        reason = "pool closed" if self._closed \
+            else self._stale(conn, _monotonic())
         if reason is not None:
-            self._discard(conn, reason, lost)
+            self._discard(conn, reason)
             return
         self._put_back(conn)
+
+    def _reset_or_discard(self, conn, close=False):
+        """Reset a connection that changes hands (session.py); False when
+        it could not be and was discarded instead."""
+        try:
+            reason, lost = self._reset_for_reuse(conn, close)
+        except BaseException:
+            # A wait callback's error or Ctrl-C in the middle of the reset:
+            # its session is in an unknown state, and it must not stay
+            # claimed by a return that never ends.
+            self._discard(conn, "reset interrupted")
+            raise
+        if reason is not None:
+            self._discard(conn, reason, lost)
+            return False
+        return True
 
     def release(self, conn, close=False):
         """Take back a connection checked out with ``acquire`` (the pool's
@@ -607,4 +634,6 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
             logger.warning("%s: configure failed after a session reset (%s);"
                            " the connection is discarded", self.label, exc)
             return False
+        # What configure did to the session is the pool's, not a borrower's.
+        conn._zp_session_dirty = False
         return True

@@ -66,6 +66,12 @@ class HealthChecks:
         except psycopg2.Error:
             self._discard(conn, "broken", lost=True)
             return False
+        except BaseException:
+            # A wait callback's error or Ctrl-C in the middle of the ping:
+            # the session is in an unknown state, and its caller will not
+            # get it.
+            self._discard(conn, "check interrupted")
+            raise
         conn._zp_last_used = conn._zp_checked = _monotonic()
         # A pool that prefers standbys keeps its primary while no standby
         # can be reached.

@@ -1,19 +1,25 @@
 """The pool's session settings on its connections: a new connection's
 cursor factory and transaction characteristics, and bringing a returned
-connection back to them (rollback, autocommit off, cursor factory and
-characteristics restored, its borrower's notices and notifications
-dropped) before anyone else gets it.
+connection back to how the pool handed it out before anyone else gets it:
+rollback, the server session reset if its borrower changed it, and the
+client side put back (autocommit off, cursor factory, characteristics,
+typecasters, client encoding; notices and notifications dropped).
 
 ``SessionReset`` is mixed into ``CorePool`` (core.py), whose return path
 calls ``_reset_for_reuse`` outside the lock; only the ``returned_bad``
 counter is touched under ``_lock``.
 """
+import logging
+import re
+
 import psycopg2
 import psycopg2.extensions as _ext
 
 from zpgpool.connection import _get_cursor_factory
 from zpgpool.connection import _set_cursor_factory
 
+
+logger = logging.getLogger("zpgpool")
 
 _get_autocommit = _ext.connection.autocommit.__get__
 _set_autocommit = _ext.connection.autocommit.__set__
@@ -54,6 +60,18 @@ class SessionReset:
             return _LOST
         if close or conn.closed:
             return "closed by caller", False
+        if conn.status == _ext.STATUS_PREPARED:
+            # psycopg2 refuses everything on it until that transaction is
+            # committed or rolled back: its borrower's decision, not the
+            # pool's. The server keeps it meanwhile.
+            logger.warning(
+                "%s: a connection came back holding a prepared two-phase "
+                "transaction (tpc_prepare() without tpc_commit() or "
+                "tpc_rollback()); the connection is closed and the "
+                "transaction stays prepared on the server until someone "
+                "commits or rolls it back (see pg_prepared_xacts)",
+                self.label)
+            return "prepared transaction left", False
         if status != _OK_STATUS:
             with self._lock:
                 self._counters["returned_bad"] += 1
@@ -63,24 +81,41 @@ class SessionReset:
                 if _get_autocommit(conn):
                     # Nothing that psycopg2 began: its rollback() would
                     # send nothing (the transaction integration's BEGIN).
-                    cur = _ext.cursor(conn)
-                    cur.execute("ROLLBACK")
-                    cur.close()
+                    _run(conn, "ROLLBACK")
                 else:
-                    _ext.connection.rollback(conn)
+                    try:
+                        _ext.connection.rollback(conn)
+                    except psycopg2.ProgrammingError:
+                        # Refused before anything is sent: a two-phase
+                        # transaction (tpc_begin), which only this ends.
+                        _ext.connection.tpc_rollback(conn)
             except psycopg2.Error:
                 return _LOST
         try:
+            if conn._zp_session_dirty:
+                _set_autocommit(conn, True)
+                _run(conn, "DISCARD ALL")
+                # DISCARD ALL undid what configure set on the session.
+                if not self.reconfigure(conn):
+                    return "configure failed after a session reset", False
+                _restore_encoding(conn, server_reset=True)
             if _get_autocommit(conn):
                 _set_autocommit(conn, False)
             if conn._zp_session_changed:
                 if _get_cursor_factory(conn) is not conn._zp_cursor_factory:
                     _set_cursor_factory(conn, conn._zp_cursor_factory)
                 self._restore_characteristics(conn)
+                _restore_encoding(conn)
                 conn._zp_session_changed = False
-        except psycopg2.Error:
-            return _LOST
-        _forget_messages(conn)
+        except psycopg2.Error as exc:
+            if conn.closed or conn.get_transaction_status() \
+                    == _ext.TRANSACTION_STATUS_UNKNOWN:
+                return _LOST
+            logger.warning("%s: could not reset a returned connection's "
+                           "session (%s); it is discarded", self.label,
+                           " ".join(str(exc).split()))
+            return "session reset failed", False
+        _restore_client_side(conn)
         return None, False
 
     def _restore_characteristics(self, conn):
@@ -94,9 +129,44 @@ class SessionReset:
             deferrable=self.deferrable or "DEFAULT")
 
 
-def _forget_messages(conn):
-    """Drop the notices and notifications a connection's borrower received:
-    they may tell the next one what it did."""
+def _run(conn, statement, params=None):
+    cur = _ext.cursor(conn)
+    cur.execute(statement, params)
+    cur.close()
+
+
+def _encoding_key(name):
+    # psycopg2 spells SQL_ASCII "SQLASCII", the server does not.
+    return re.sub("[^0-9A-Z]", "", (name or "").upper())
+
+
+def _restore_encoding(conn, server_reset=False):
+    """Give the connection its client encoding of when the pool opened it,
+    on both sides: psycopg2's record (``conn.encoding``) and, after a
+    ``DISCARD ALL`` reset it under that record, the server's."""
+    wanted = conn._zp_encoding
+    if conn.encoding != wanted:
+        _ext.connection.set_client_encoding(conn, wanted)
+    elif server_reset and _encoding_key(
+            conn.get_parameter_status("client_encoding")) \
+            != _encoding_key(wanted):
+        _run(conn, "SET client_encoding TO %s", (wanted,))
+
+
+def _restore_client_side(conn):
+    """Put back the typecasters registered on the connection and its
+    notices and notifies lists, which psycopg2 lets a borrower change
+    without a call the pool would see, and drop the notices and
+    notifications its borrower received: they may tell the next one what
+    it did."""
+    types = conn.string_types
+    if types != conn._zp_types:
+        types.clear()
+        types.update(conn._zp_types)
+    if conn.notices is not conn._zp_notices:
+        conn.notices = conn._zp_notices
+    if conn.notifies is not conn._zp_notifies:
+        conn.notifies = conn._zp_notifies
     for received in (conn.notices, conn.notifies):
         if received:
             received.clear()

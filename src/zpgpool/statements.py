@@ -56,6 +56,7 @@ ONE_PHASE_SESSION_RESET = SESSION_RESET + "; UNLISTEN *"
 ROLLBACK_SESSION_RESET = "SELECT pg_advisory_unlock_all(); DEALLOCATE ALL"
 
 _effects = {}
+_LONGEST_KEPT = 4096
 # The effect of a query seen before, else None: statement_effect() without
 # a Python call, for the managed cursors' hot path.
 known_effect = _effects.get
@@ -64,13 +65,16 @@ known_effect = _effects.get
 def statement_effect(query):
     """Tell what the text ``query`` does beyond its transaction, as flags:
     CHANGES_SESSION, LISTENS, CONTROLS_TRANSACTION."""
-    # Applications run the same few statements again and again.
+    # Applications run the same few statements again and again; long ones
+    # (psycopg2.extras.execute_values pages, with the values in the text)
+    # are seldom sent twice and are not kept.
     effect = _effects.get(query)
     if effect is None:
         effect = _statement_effect(query)
-        if len(_effects) > 2000:
-            _effects.clear()
-        _effects[query] = effect
+        if len(query) <= _LONGEST_KEPT:
+            if len(_effects) > 2000:
+                _effects.clear()
+            _effects[query] = effect
     return effect
 
 
