@@ -1,5 +1,8 @@
 """A pooled connection: the psycopg2 connection with the pool's record of
-it, the states it goes through, and how to tell that its session is lost.
+it, the states it goes through, how to tell that its session is lost, and
+the cursors of a connection lent by ``getconn()``, which note the
+statements that leave state in its session (see session.py for the reset
+that follows).
 """
 import contextlib
 import enum
