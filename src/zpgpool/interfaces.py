@@ -124,7 +124,10 @@ class IConnectionPool(Interface):
         connection is kept for the next caller; one left inside a
         transaction or in an error state is rolled back first; one whose
         state cannot be known, or that is broken, is closed and replaced.
-        So work left uncommitted is never seen by another caller.  With
+        So work left uncommitted is never seen by another caller.  What
+        the caller changed in the session (``SET``, temporary tables,
+        ``LISTEN``, typecasters, the client encoding, ...) is undone too, so
+        the next caller gets the connection as the pool hands it out.  With
         *close* true, the connection is closed instead of kept.
 
         Raises ``zpgpool.errors.ConnectionMisuse`` for a connection that is
