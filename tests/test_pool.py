@@ -140,6 +140,27 @@ class Psycopg2ContractTests(PoolTestBase):
         self.assertEqual(ours, expected)
         self.assertEqual(ours[:3], [(1, 2, False), 2, True])
 
+    def test_pooled_connection_class_works_on_its_own(self):
+        # zpgpool.pool.PooledConnection has been importable since the first
+        # release; as a connection_factory outside any pool it is a plain
+        # psycopg2 connection.
+        from zpgpool.pool import PooledConnection
+        conn = psycopg2.connect(self.layer.dsn,
+                                connection_factory=PooledConnection)
+        self.addCleanup(conn.close)
+        self.assertIsInstance(conn, PooledConnection)
+        with conn.cursor() as cur:
+            cur.execute("SET LOCAL work_mem = '5MB'")
+            cur.execute("SELECT current_setting('work_mem')")
+            self.assertEqual(cur.fetchone(), ("5MB",))
+        conn.rollback()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            self.assertEqual(cur.fetchone(), (1,))
+        conn.autocommit = False
+        conn.commit()
+
     def test_compat_classes_take_connect_keywords(self):
         params = psycopg2.extensions.parse_dsn(self.layer.dsn)
         pool = self._makeCompat(zpgpool.ThreadedConnectionPool, 0, 2,

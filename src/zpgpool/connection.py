@@ -133,10 +133,16 @@ class PooledConnection(_ext.connection):
         "__dict__",
     )
 
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        # Also usable on its own: psycopg2.connect(dsn,
+        # connection_factory=PooledConnection) is a plain connection.
+        self._zp_init()
+
     def _zp_init(self):
         """Give every slot its value for a connection the pool does not
-        hold yet; called right after the connect (no __init__: the
-        connect stays psycopg2's own call)."""
+        hold yet; called right after the connect (by the pool too, for a
+        connection_factory whose __init__ skips this class's)."""
         self._zp_pool = self._zp_stack = self._zp_key = None
         self._zp_owner = self._zp_managed = self._zp_cursor = None
         self._zp_cursor_factory = self._zp_types = self._zp_encoding = None
