@@ -23,6 +23,7 @@ import psycopg2.extensions
 from zpgpool.testing import POSTGRES_LAYER
 
 from .poolhelpers import query
+from .support import python_env
 
 
 # psycopg2's test modules run here: all of them but replication (which
@@ -85,11 +86,11 @@ class Psycopg2SuiteTests(unittest.TestCase):
         self.addCleanup(query, self.layer.dsn,
                         "DROP DATABASE %s WITH (FORCE)" % DATABASE)
         params = psycopg2.extensions.parse_dsn(self.layer.dsn)
-        env = dict(os.environ, PSYCOPG2_TESTDB=DATABASE,
-                   PSYCOPG2_TESTDB_HOST=params["host"],
-                   PSYCOPG2_TESTDB_PORT=params["port"],
-                   PSYCOPG2_TESTDB_USER=params["user"],
-                   PSYCOPG2_TESTDB_PASSWORD=params.get("password", ""))
+        env = python_env(PSYCOPG2_TESTDB=DATABASE,
+                         PSYCOPG2_TESTDB_HOST=params["host"],
+                         PSYCOPG2_TESTDB_PORT=params["port"],
+                         PSYCOPG2_TESTDB_USER=params["user"],
+                         PSYCOPG2_TESTDB_PASSWORD=params.get("password", ""))
         env.pop("PSYCOPG2_TEST_REPL_DSN", None)
         # Not measured by coverage: its warnings in the Python processes
         # psycopg2's tests start would fail the tests that expect those to
