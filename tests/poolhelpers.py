@@ -129,6 +129,13 @@ def is_in(thread, function, filename_part=""):
         and filename_part in frame.f_code.co_filename
 
 
+def is_connecting(thread):
+    """Tell whether ``thread`` waits in psycopg2's connect: the C call
+    runs under the pool connection class's own __init__."""
+    return is_in(thread, "__init__", "zpgpool/connection.py") \
+        or is_in(thread, "connect", "psycopg2")
+
+
 class LogCapture(logging.Handler):
     """Collect the records of the ``zpgpool`` logger while installed."""
 

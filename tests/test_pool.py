@@ -33,6 +33,7 @@ from .poolhelpers import LogCapture
 from .poolhelpers import TableChecks
 from .poolhelpers import backend_pids
 from .poolhelpers import close_pool
+from .poolhelpers import is_connecting
 from .poolhelpers import is_in
 from .poolhelpers import query
 from .poolhelpers import run_in_child
@@ -1768,12 +1769,12 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
         conn.rollback()
         self.freeze(self.postmaster_pid())
         taker = start(self, pool.getconn)
-        wait_for(lambda: is_in(taker, "connect", "psycopg2"),
+        wait_for(lambda: is_connecting(taker),
                  "the thread to hang in psycopg2.connect")
         stats = self.others_get_on(pool, conn)
         self.assertEqual(stats["connecting"], 1)
         self.assertTrue(taker.is_alive())      # still connecting meanwhile
-        self.assertTrue(is_in(taker, "connect", "psycopg2"))
+        self.assertTrue(is_connecting(taker))
         os.kill(self.postmaster_pid(), signal.SIGCONT)
         new = taker.finish(self)
         self.assertWorks(new)
@@ -1836,7 +1837,7 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
               % dbname)
         self.freeze(self.postmaster_pid())
         taker = start(self, pool.getconn)
-        wait_for(lambda: is_in(taker, "connect", "psycopg2"),
+        wait_for(lambda: is_connecting(taker),
                  "the thread to hang in psycopg2.connect")
         with self.assertRaises(PoolTimeout) as cm:
             pool.checkout(timeout=0.1).__enter__()
@@ -1854,7 +1855,7 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
         pool = self._makeOne(minconn=0, maxconn=2, connect_timeout=int(WAIT))
         self.freeze(self.postmaster_pid())
         taker = start(self, pool.getconn)
-        wait_for(lambda: is_in(taker, "connect", "psycopg2"),
+        wait_for(lambda: is_connecting(taker),
                  "the thread to hang in psycopg2.connect")
         pool.close(timeout=0)
         self.assertTrue(pool.closed)
