@@ -287,11 +287,14 @@ class ResetTests(unittest.TestCase):
         pool = self._makeOne()
         conn = pool.getconn()
         notices, notifies = conn.notices, conn.notifies
-        conn.notices = collections.deque(maxlen=2)
+        # Each alone: nothing else sends the connection down the slow
+        # return, which puts them back.
         conn.notifies = None
         conn = self.hand_over(pool, conn)
-        self.assertIs(conn.notices, notices)
         self.assertIs(conn.notifies, notifies)
+        conn.notices = collections.deque(maxlen=2)
+        conn = self.hand_over(pool, conn)
+        self.assertIs(conn.notices, notices)
         self.assertEqual((conn.notices, conn.notifies), ([], []))
         pool.putconn(conn)
 
