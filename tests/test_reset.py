@@ -82,6 +82,14 @@ class _Unconnected(psycopg2.extensions.connection):
         pass
 
 
+class _SkipsPooledInit(psycopg2.extensions.connection):
+    """A connection factory that connects by calling psycopg2's __init__
+    by name, so the PooledConnection mixed in after it never runs its own."""
+
+    def __init__(self, *args, **kw):
+        psycopg2.extensions.connection.__init__(self, *args, **kw)
+
+
 class ResetTests(unittest.TestCase):
 
     layer = POSTGRES_LAYER
@@ -365,6 +373,23 @@ class ResetTests(unittest.TestCase):
         self.assertIn("_Unconnected", message)
         self.assertIn("connection.__init__", message)
         self.assertTrue(caught.exception.permanent)
+
+    def test_a_factory_that_skips_the_pools_init_still_works(self):
+        pool = self._makeOne(
+            connect_kwargs={"connection_factory": _SkipsPooledInit})
+        conn = pool.getconn()
+        self.assertIsInstance(conn, _SkipsPooledInit)
+        with conn.cursor() as cur:
+            cur.execute("SET application_name TO 'changed'")
+        conn.commit()
+        pool.putconn(conn)
+        again = pool.getconn()
+        self.assertIs(again, conn)
+        with again.cursor() as cur:
+            cur.execute("SHOW application_name")
+            self.assertNotEqual(cur.fetchone()[0], "changed")
+        pool.putconn(again)
+        self.assertEqual(pool.stats()["in_use"], 0)
 
 
 def _failing_wait(conn):

@@ -141,8 +141,8 @@ class PooledConnection(_ext.connection):
 
     def _zp_init(self):
         """Give every slot its value for a connection the pool does not
-        hold yet; called right after the connect (by the pool too, for a
-        connection_factory whose __init__ skips this class's)."""
+        hold yet; called right after the connect (by the pool's connector
+        for a connection_factory whose __init__ skips this class's)."""
         self._zp_pool = self._zp_stack = self._zp_key = None
         self._zp_owner = self._zp_managed = self._zp_cursor = None
         self._zp_cursor_factory = self._zp_types = self._zp_encoding = None
@@ -433,10 +433,20 @@ def server_fits(conn, target, bound):
     """
     autocommit = _get_autocommit(conn)
     _set_autocommit(conn, True)
-    cur = _ext.cursor(conn)
     with unacknowledged_limit(conn, bound):
-        cur.execute(KIND_QUERIES.get(target, "SELECT 1"))
-        fits = cur.fetchone()[0]
-    cur.close()
+        fits = run_statement(conn, KIND_QUERIES.get(target, "SELECT 1"))
     _set_autocommit(conn, autocommit)
     return fits
+
+
+def run_statement(conn, statement, params=None):
+    """Run one statement of the pool's own on a plain psycopg2 cursor of
+    ``conn``, which no borrower's cursor class sees or notes, and return
+    the first value of its first row (None when it returns none)."""
+    cur = _ext.cursor(conn)
+    try:
+        cur.execute(statement, params)
+        row = cur.fetchone() if cur.description is not None else None
+        return row[0] if row else None
+    finally:
+        cur.close()

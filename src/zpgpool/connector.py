@@ -29,6 +29,7 @@ import time
 import psycopg2
 
 from zpgpool.connection import PooledConnection
+from zpgpool.connection import run_statement
 from zpgpool.errors import ConnectError
 
 
@@ -110,7 +111,11 @@ class Connector:
                                          factory.__qualname__))
             error.permanent = True
             raise error
-        conn._zp_init()
+        try:
+            conn._zp_state
+        except AttributeError:
+            # A connection_factory whose __init__ skipped PooledConnection's.
+            conn._zp_init()
         try:
             self.prepare(conn)
             if self.configure is not None:
@@ -298,9 +303,7 @@ class Connector:
         try:
             probe = psycopg2.connect(self.conninfo.conninfo)
             try:
-                cur = probe.cursor()
-                cur.execute("SELECT pg_is_in_recovery()")
-                seen = cur.fetchone()[0]
+                seen = run_statement(probe, "SELECT pg_is_in_recovery()")
             finally:
                 probe.close()
         except psycopg2.Error:

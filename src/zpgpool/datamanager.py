@@ -40,6 +40,7 @@ from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import PoolError
 from zpgpool.errors import SessionLost
 from zpgpool.connection import is_disconnect
+from zpgpool.connection import run_statement
 from zpgpool.statements import CHANGES_SESSION
 from zpgpool.statements import LISTENS
 from zpgpool.statements import ONE_PHASE_SESSION_RESET
@@ -211,13 +212,8 @@ class ThreadState:
     def _check_twophase(self, conn):
         """Fail on first use when the server cannot prepare transactions."""
         pool = self.pool
-        cur = _ext.cursor(conn)
-        try:
-            cur.execute("SELECT current_setting('max_prepared_transactions')"
-                        "::int")
-            allowed = cur.fetchone()[0]
-        finally:
-            cur.close()
+        allowed = run_statement(
+            conn, "SELECT current_setting('max_prepared_transactions')::int")
         if allowed <= 0:
             conn._zp_managed = None
             binding.put(pool, self.holder)

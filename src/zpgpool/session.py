@@ -17,6 +17,7 @@ import psycopg2.extensions as _ext
 
 from zpgpool.connection import _get_cursor_factory
 from zpgpool.connection import _set_cursor_factory
+from zpgpool.connection import run_statement
 
 
 logger = logging.getLogger("zpgpool")
@@ -81,7 +82,7 @@ class SessionReset:
                 if _get_autocommit(conn):
                     # Nothing that psycopg2 began: its rollback() would
                     # send nothing (the transaction integration's BEGIN).
-                    _run(conn, "ROLLBACK")
+                    run_statement(conn, "ROLLBACK")
                 else:
                     try:
                         _ext.connection.rollback(conn)
@@ -94,7 +95,7 @@ class SessionReset:
         try:
             if conn._zp_session_dirty:
                 _set_autocommit(conn, True)
-                _run(conn, "DISCARD ALL")
+                run_statement(conn, "DISCARD ALL")
                 # DISCARD ALL undid what configure set on the session.
                 if not self.reconfigure(conn):
                     return "configure failed after a session reset", False
@@ -129,12 +130,6 @@ class SessionReset:
             deferrable=self.deferrable or "DEFAULT")
 
 
-def _run(conn, statement, params=None):
-    cur = _ext.cursor(conn)
-    cur.execute(statement, params)
-    cur.close()
-
-
 def _encoding_key(name):
     # psycopg2 spells SQL_ASCII "SQLASCII", the server does not.
     return re.sub("[^0-9A-Z]", "", (name or "").upper())
@@ -150,7 +145,7 @@ def _restore_encoding(conn, server_reset=False):
     elif server_reset and _encoding_key(
             conn.get_parameter_status("client_encoding")) \
             != _encoding_key(wanted):
-        _run(conn, "SET client_encoding TO %s", (wanted,))
+        run_statement(conn, "SET client_encoding TO %s", (wanted,))
 
 
 def _restore_client_side(conn):
