@@ -1248,6 +1248,25 @@ class SessionChangeDetectionTests(_Base):
             pool, "SELECT current_setting('zpgpool.alone', true)"),
             (None, ""))
 
+    def test_callproc_of_a_session_function_is_undone(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        cur = conn.cursor()
+        cur.callproc("set_config", ("zpgpool.proc", "x", False))
+        cur.callproc("pg_advisory_lock", (4714,))
+        self.assertTrue(pool.thread_local.state.dm.dirty)
+        transaction.commit()
+        self.assertEqual(self._backend_state(conn.get_backend_pid()),
+                         ("COMMIT", 0))
+        self.assertIn(self.value_in_next_transaction(
+            pool, "SELECT current_setting('zpgpool.proc', true)"),
+            (None, ""))
+        # A function that changes nothing needs no reset.
+        conn = pool.connection()
+        conn.cursor().callproc("pg_backend_pid")
+        self.assertFalse(pool.thread_local.state.dm.dirty)
+        transaction.abort()
+
     def test_named_cursor_does_not_outlive_its_transaction(self):
         pool = self._makeOne(maxconn=1)
         conn = pool.connection()

@@ -92,7 +92,10 @@ class HandOffTests(_Base):
             cur.execute("SELECT pg_backend_pid()")
             seen["a_pid"] = cur.fetchone()[0]
             for change in changes:
-                cur.execute(SESSION_CHANGES[change](1))
+                if callable(change):
+                    change(cur)
+                else:
+                    cur.execute(SESSION_CHANGES[change](1))
             cur.execute(PROBE)
             seen["a_sees"] = cur.fetchone()
             if fail:
@@ -152,6 +155,13 @@ class HandOffTests(_Base):
 
     def test_everything_after_commit(self):
         self.hand_off(["set", "temp", "lock", "prepare", "role"])
+
+    def test_callproc_set_config_after_commit(self):
+        self.hand_off([lambda cur: cur.callproc(
+            "set_config", ("zp.test", "client-1", False))])
+
+    def test_callproc_advisory_lock_after_commit(self):
+        self.hand_off([lambda cur: cur.callproc("pg_advisory_lock", (7001,))])
 
     def test_set_after_abort(self):
         self.hand_off(["set"], end="abort")

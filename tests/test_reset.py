@@ -187,6 +187,10 @@ class ResetTests(unittest.TestCase):
                 "SELECT set_config('work_mem', %s, false)", [("7MB",)])),
             ("keyword", lambda cur: cur.execute(
                 query="SET work_mem = '7MB'")),
+            ("callproc", lambda cur: cur.callproc(
+                "set_config", ("work_mem", "7MB", False))),
+            ("callproc, schema-qualified", lambda cur: cur.callproc(
+                "pg_catalog.pg_advisory_lock", (4711,))),
         ]
         factories = [None, psycopg2.extras.DictCursor,
                      psycopg2.extras.RealDictCursor,

@@ -13,6 +13,7 @@ import psycopg2
 import psycopg2.extensions as _ext
 
 from zpgpool.statements import CHANGES_SESSION
+from zpgpool.statements import call_effect
 from zpgpool.statements import changes_session
 from zpgpool.statements import known_effect
 
@@ -289,6 +290,19 @@ def _noting(base):
     return method
 
 
+def _noting_call(base):
+    """Wrap ``callproc`` as _noting wraps ``execute``: a call of a function
+    that leaves state in the session (set_config, a session advisory lock)
+    marks its connection for a reset."""
+    def callproc(self, *args):
+        if args and call_effect(args[0]) & CHANGES_SESSION:
+            conn = self.connection
+            conn._zp_session_dirty = conn._zp_session_changed = True
+        return base(self, *args)
+    callproc.__doc__ = base.__doc__
+    return callproc
+
+
 _noting_classes = {}
 
 
@@ -303,6 +317,7 @@ def _noting_class(factory):
         cls = type(base.__name__, (base,), {
             "execute": _noting(base.execute),
             "executemany": _noting(base.executemany),
+            "callproc": _noting_call(base.callproc),
             "__module__": base.__module__,
             "__doc__": base.__doc__})
         _noting_classes[factory] = cls

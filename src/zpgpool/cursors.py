@@ -19,6 +19,7 @@ from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import SessionLost
 from zpgpool.statements import CONTROLS_TRANSACTION
 from zpgpool.statements import KEEPS_SESSION
+from zpgpool.statements import call_effect
 from zpgpool.statements import known_effect
 from zpgpool.statements import statement_effect
 
@@ -73,7 +74,13 @@ def _execute(conn, statement, params=None):
 
 
 
-def _guarded(base, takes_query, bundles):
+# What a statement method takes first: a query, the name of a function
+# (callproc), or neither (copy_*).
+QUERY = "query"
+FUNCTION = "function"
+
+
+def _guarded(base, takes, bundles):
     """Wrap cursor method ``base`` so that it joins the current transaction
     first, sends that transaction's BEGIN when the server has none open
     (inside the statement's own message when ``bundles``), and makes
@@ -85,7 +92,7 @@ def _guarded(base, takes_query, bundles):
             raise ConnectionMisuse(
                 "zpgpool: this cursor belongs to a connection that went back "
                 "to its pool; call pool.connection() and open a new cursor")
-        query = args[0] if takes_query and args else None
+        query = args[0] if takes is QUERY and args else None
         if query is not None and type(query) is not str:
             if isinstance(query, sql.Composable):
                 query = query.as_string(conn)
@@ -93,7 +100,8 @@ def _guarded(base, takes_query, bundles):
             elif not isinstance(query, bytes):
                 query = None
         if query is None:
-            effect = KEEPS_SESSION
+            effect = call_effect(args[0]) if takes is FUNCTION and args \
+                else KEEPS_SESSION
         else:
             effect = known_effect(query)
             if effect is None:
@@ -118,13 +126,13 @@ def _guarded(base, takes_query, bundles):
     return method
 
 
-# The cursor methods that send statements: whether they take the query
-# first, and whether it goes as the one message the BEGIN can join
-# (executemany sends one per parameter set).
-_STATEMENT_METHODS = (("execute", True, True), ("executemany", True, False),
-                      ("callproc", False, False),
-                      ("copy_expert", False, False),
-                      ("copy_from", False, False), ("copy_to", False, False))
+# The cursor methods that send statements: what they take first, and
+# whether it goes as the one message the BEGIN can join (executemany sends
+# one per parameter set).
+_STATEMENT_METHODS = (("execute", QUERY, True), ("executemany", QUERY, False),
+                      ("callproc", FUNCTION, False),
+                      ("copy_expert", None, False),
+                      ("copy_from", None, False), ("copy_to", None, False))
 _cursor_classes = {}
 
 
@@ -133,9 +141,8 @@ def _managed_cursor_class(factory):
     the current transaction (cached per factory)."""
     cls = _cursor_classes.get(factory)
     if cls is None:
-        methods = {name: _guarded(getattr(factory, name), takes_query,
-                                  bundles)
-                   for name, takes_query, bundles in _STATEMENT_METHODS}
+        methods = {name: _guarded(getattr(factory, name), takes, bundles)
+                   for name, takes, bundles in _STATEMENT_METHODS}
         methods["__doc__"] = ("%s whose statements join the current "
                               "transaction." % factory.__name__)
         cls = type("Managed" + factory.__name__, (factory,), methods)

@@ -92,6 +92,15 @@ def _statement_effect(query):
     return KEEPS_SESSION
 
 
+def call_effect(procname):
+    """Tell what ``cursor.callproc(procname, ...)`` does beyond its
+    transaction, as statement_effect() does for a query: psycopg2 sends
+    ``SELECT * FROM procname(...)``, with the name as given."""
+    if not isinstance(procname, str):
+        return KEEPS_SESSION     # psycopg2 refuses it
+    return statement_effect("SELECT * FROM %s(" % procname)
+
+
 def changes_session(query, conn):
     """Tell whether ``query`` may leave state in the session."""
     if isinstance(query, sql.Composable):
