@@ -1812,7 +1812,7 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
         pool.putconn(stuck)
         self.freeze(pid)
         taker = start(self, pool.getconn)
-        wait_for(lambda: is_in(taker, "server_fits"),
+        wait_for(lambda: is_in(taker, "run_statement", "zpgpool/connection.py"),
                  "the thread to hang pinging")
         # The third thread's getconn must not take the one being pinged;
         # with health_check_after=0 it pings ``other`` itself.
