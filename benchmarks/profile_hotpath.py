@@ -25,12 +25,17 @@ another and prints three tables:
 3. **Checkout alone.** ``getconn()`` + ``putconn()`` without SQL, against
    psycopg2's ThreadedConnectionPool, split the same way.
 
+It runs on one thread, and with its own server (no ``--dsn``) or with
+``--one-cpu`` this process and the server are pinned to one CPU, so that
+every path's round trips cost the same (see affinity.py: unpinned, one
+path's connection may answer from the other CPU for a whole measurement).
 Medians are per call over all transactions; the sum of the step medians
 is close to, not equal to, the median transaction. With ``--cprofile`` it
 also prints cProfile's ranking of the Zope path (cProfile adds a fixed cost
 to every Python call, so read its ranking, not its times).
 """
 import argparse
+import contextlib
 import cProfile
 import functools
 import io
@@ -48,6 +53,7 @@ from zope.component import getUtility
 import zpgpool
 from zpgpool.interfaces import IConnectionPool
 
+import affinity
 import contenders as C
 
 
@@ -475,6 +481,10 @@ def main(argv=None):
     parser.add_argument("--cprofile", action="store_true",
                         help="also print cProfile's ranking")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--one-cpu", action="store_true",
+                        help="pin this process and the server to one CPU "
+                        "(affinity.py; the server must run on this machine: "
+                        "the default without --dsn)")
     args = parser.parse_args(argv)
     server = None
     dsn = args.dsn
@@ -490,30 +500,40 @@ def main(argv=None):
             pools.append(pool)
             zope.component.provideUtility(pool, IConnectionPool, name)
         n = args.n
-        cost = wrapper_cost()
-        steps_report(dsn, n)
-        print("== 2. Inside the steps: zpgpool's calls, timed ==")
-        print()
-        calls_report("Zope path, one-phase, SELECT 1",
-                     zope_select1(NAME_1PC), n, cost)
-        calls_report("Zope path, two-phase, SELECT 1",
-                     zope_select1(NAME_2PC), n, cost)
-        calls_report("Zope path, one-phase, no SQL", zope_noop(NAME_1PC),
-                     n, cost)
-        calls_report("getconn() + putconn(), no SQL", checkout(pools[0]),
-                     n, cost)
-        checkout_report(pools[0], dsn, n * 10)
-        if args.cprofile:
-            cprofile_report("Zope path, one-phase, SELECT 1",
-                            zope_select1(NAME_1PC), n, args.top)
-            cprofile_report("Zope path, one-phase, no SQL",
-                            zope_noop(NAME_1PC), n * 4, args.top)
+        pinning = affinity.one_cpu(dsn) if args.one_cpu or server \
+            else contextlib.nullcontext("not pinned to one CPU (--one-cpu)")
+        with pinning as pinned:
+            print("One thread; %s." % pinned)
+            print()
+            report(dsn, pools, n, args)
     finally:
         for pool in pools:
             pool.closeall()
         if server is not None:
             server.cleanup()
     return 0
+
+
+def report(dsn, pools, n, args):
+    """Print the tables."""
+    cost = wrapper_cost()
+    steps_report(dsn, n)
+    print("== 2. Inside the steps: zpgpool's calls, timed ==")
+    print()
+    calls_report("Zope path, one-phase, SELECT 1",
+                 zope_select1(NAME_1PC), n, cost)
+    calls_report("Zope path, two-phase, SELECT 1",
+                 zope_select1(NAME_2PC), n, cost)
+    calls_report("Zope path, one-phase, no SQL", zope_noop(NAME_1PC),
+                 n, cost)
+    calls_report("getconn() + putconn(), no SQL", checkout(pools[0]),
+                 n, cost)
+    checkout_report(pools[0], dsn, n * 10)
+    if args.cprofile:
+        cprofile_report("Zope path, one-phase, SELECT 1",
+                        zope_select1(NAME_1PC), n, args.top)
+        cprofile_report("Zope path, one-phase, no SQL",
+                        zope_noop(NAME_1PC), n * 4, args.top)
 
 
 if __name__ == "__main__":

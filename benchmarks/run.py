@@ -964,7 +964,12 @@ class Report:
               "and zpgpool side by side (one thread), zpgpool's own calls "
               "inside them, and getconn/putconn beside psycopg2's "
               "ThreadedConnectionPool. They say which part of a missed "
-              "target is zpgpool's Python and which is the round trips.")
+              "target is zpgpool's Python and which is the round trips. "
+              "Unlike the slices above, they run with this process and the "
+              "server pinned to one CPU when the server is the benchmark's "
+              "own (first line below; benchmarks/affinity.py): every path's "
+              "round trips then cost the same, and less than unpinned, "
+              "where the server may answer from the other CPU.")
             w("")
             w("```")
             out.extend(self.profile.rstrip().splitlines())
@@ -1430,7 +1435,7 @@ def main(argv=None):
         if "memory" not in args.skip:
             run_memory(report, dsn, s, t0)
         if "profile" not in args.skip:
-            run_profile(report, dsn, s, t0)
+            run_profile(report, dsn, s, t0, server is not None)
         query(dsn, "DROP TABLE IF EXISTS zpgpool_bench")
     finally:
         if server is not None:
@@ -1536,8 +1541,9 @@ def run_micro(report, active, dsn, s, t0):
             contender.teardown()
 
 
-def run_profile(report, dsn, s, t0):
-    """Keep profile_hotpath.py's tables for the report."""
+def run_profile(report, dsn, s, t0, local):
+    """Keep profile_hotpath.py's tables for the report (with a ``local``
+    server, pinned to one CPU: see affinity.py)."""
     import contextlib
     import io
     import profile_hotpath
@@ -1545,7 +1551,8 @@ def run_profile(report, dsn, s, t0):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         profile_hotpath.main(["--dsn", dsn,
-                              "-n", "2000" if s.quick else "10000"])
+                              "-n", "2000" if s.quick else "10000"]
+                             + (["--one-cpu"] if local else []))
     report.profile = out.getvalue()
 
 

@@ -1,0 +1,154 @@
+"""One CPU for the profile's single-thread measurements.
+
+Usage (the measurement quoted below)::
+
+    python benchmarks/affinity.py [--dsn DSN]
+
+With the client and the server on one machine, a round trip costs more
+when the server process that answers runs on another CPU than the client
+(the wake-up crosses CPUs, and may have to wake an idle one), and which
+CPU that is changes from one connection and one moment to the next.  On
+the 2-core development VM, 4 connections sending ``SELECT 1`` in turn took
+19-24 µs per round trip (medians), with upper quartiles up to 100 µs;
+with this process and the server pinned to one CPU, 15.5-15.9 µs, with
+interquartile ranges under 1 µs (this module run as a script).  Unpinned, one contender's connection may
+land on the slow side for a whole measurement and another's not: a
+difference between contenders that neither of them made.
+
+So profile_hotpath.py, which splits one thread's transaction into its
+steps to say where each path's time goes, runs with every thread of this
+process, the server's postmaster and all its processes (and so every
+backend forked while pinned) on the same CPU.  run.py's slices are not
+pinned: with more threads they are CPU-bound and need every CPU, and at
+one thread a pinned round trip (10-16 µs) costs
+less than the Python the ``transaction`` package adds, which is not the
+latency-bound case a server on another machine makes.  Only a server on
+this machine can be pinned, so only one the benchmark started itself.
+"""
+import contextlib
+import os
+
+import psycopg2
+
+
+def _parent(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        # pid (comm) state ppid ...; comm may hold spaces and parentheses.
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if _parent(int(entry)) == pid:
+                    found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass    # gone meanwhile
+    return found
+
+
+def _postmaster(dsn):
+    conn = psycopg2.connect(dsn)
+    try:
+        return _parent(conn.get_backend_pid())
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def one_cpu(dsn):
+    """Run the block with this process and the server at ``dsn`` (which
+    must run on this machine) on one CPU; put every affinity back after.
+
+    Yields a sentence for the report: what was pinned, or why nothing was.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        yield "not pinned: this platform has no sched_setaffinity"
+        return
+    allowed = os.sched_getaffinity(0)
+    cpu = {max(allowed)}
+    postmaster = _postmaster(dsn)
+    before = {}
+
+    def pin(pid):
+        try:
+            before.setdefault(pid, os.sched_getaffinity(pid))
+            os.sched_setaffinity(pid, cpu)
+        except (ProcessLookupError, PermissionError):
+            before.pop(pid, None)
+
+    pin(postmaster)
+    if postmaster not in before:
+        yield "not pinned: no permission to set the server's CPU affinity"
+        return
+    threads = [int(t) for t in os.listdir("/proc/self/task")]
+    for pid in threads + _children(postmaster):
+        pin(pid)
+    try:
+        yield "this process and the server pinned to CPU %d" % min(cpu)
+    finally:
+        # Backends forked meanwhile took the postmaster's (pinned) mask.
+        for pid in _children(postmaster):
+            before.setdefault(pid, before[postmaster])
+        for pid, mask in before.items():
+            try:
+                os.sched_setaffinity(pid, mask)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _round_trips(conns, rounds=40, per_turn=200):
+    """Median and quartiles of each connection's round trip, in µs, the
+    connections taking turns."""
+    import statistics
+    import time
+    times = [[] for _ in conns]
+    for r in range(rounds):
+        for i in range(len(conns)):
+            j = (i + r) % len(conns)
+            cur = conns[j].cursor()
+            start = time.perf_counter()
+            for _ in range(per_turn):
+                cur.execute("SELECT 1")
+            times[j].append((time.perf_counter() - start) / per_turn * 1e6)
+    return [(statistics.median(t),) + tuple(statistics.quantiles(t, n=4)[::2])
+            for t in times]
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(
+        description="Round trips of 4 connections, unpinned and pinned.")
+    parser.add_argument("--dsn", help="a server on this machine (default: "
+                        "a throwaway one)")
+    args = parser.parse_args(argv)
+    server = None
+    dsn = args.dsn
+    if not dsn:
+        from zpgpool.testing import PostgresServer
+        server = PostgresServer().start()
+        dsn = server.dsn()
+    try:
+        conns = [psycopg2.connect(dsn) for _ in range(4)]
+        for conn in conns:
+            conn.autocommit = True
+        for label, pinning in (("unpinned", contextlib.nullcontext()),
+                               ("pinned", one_cpu(dsn))):
+            with pinning as how:
+                print("%s%s:" % (label, " (%s)" % how if how else ""))
+                for i, (m, q1, q3) in enumerate(_round_trips(conns)):
+                    print("  connection %d: %.1f µs per round trip "
+                          "(quartiles %.1f-%.1f)" % (i, m, q1, q3))
+        for conn in conns:
+            conn.close()
+    finally:
+        if server is not None:
+            server.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
