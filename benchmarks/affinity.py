@@ -9,9 +9,9 @@ when the server process that answers runs on another CPU than the client
 (the wake-up crosses CPUs, and may have to wake an idle one), and which
 CPU that is changes from one connection and one moment to the next.  On
 the 2-core development VM, 4 connections sending ``SELECT 1`` in turn took
-19-24 µs per round trip (medians), with upper quartiles up to 100 µs;
-with this process and the server pinned to one CPU, 15.5-15.9 µs, with
-interquartile ranges under 1 µs (this module run as a script).  Unpinned, one contender's connection may
+19-24 µs per round trip (medians, three runs), with upper quartiles up to
+100 µs; with this process and the server pinned to one CPU, 15.3-15.9 µs,
+with interquartile ranges of about 1 µs (this module run as a script).  Unpinned, one contender's connection may
 land on the slow side for a whole measurement and another's not: a
 difference between contenders that neither of them made.
 
