@@ -9,9 +9,10 @@ when the server process that answers runs on another CPU than the client
 (the wake-up crosses CPUs, and may have to wake an idle one), and which
 CPU that is changes from one connection and one moment to the next.  On
 the 2-core development VM, 4 connections sending ``SELECT 1`` in turn took
-19-24 µs per round trip (medians, three runs), with upper quartiles up to
-100 µs; with this process and the server pinned to one CPU, 15.3-15.9 µs,
-with interquartile ranges of about 1 µs (this module run as a script).  Unpinned, one contender's connection may
+15-24 µs per round trip (medians per connection, five runs; 19-24 in three
+of them), with upper quartiles from 21 to 100 µs; with this process and
+the server pinned to one CPU, 13.9-15.9 µs, with upper quartiles within
+about 1 µs of the median (this module run as a script).  Unpinned, one contender's connection may
 land on the slow side for a whole measurement and another's not: a
 difference between contenders that neither of them made.
 
@@ -55,6 +56,21 @@ def _postmaster(dsn):
         return _parent(conn.get_backend_pid())
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def server_at(dsn):
+    """Yield ``dsn``, or when it is None the DSN of a throwaway server on
+    this machine, started for the block and removed after it."""
+    if dsn:
+        yield dsn
+        return
+    from zpgpool.testing import PostgresServer
+    server = PostgresServer().start()
+    try:
+        yield server.dsn()
+    finally:
+        server.cleanup()
 
 
 @contextlib.contextmanager
@@ -124,13 +140,7 @@ def main(argv=None):
     parser.add_argument("--dsn", help="a server on this machine (default: "
                         "a throwaway one)")
     args = parser.parse_args(argv)
-    server = None
-    dsn = args.dsn
-    if not dsn:
-        from zpgpool.testing import PostgresServer
-        server = PostgresServer().start()
-        dsn = server.dsn()
-    try:
+    with server_at(args.dsn) as dsn:
         conns = [psycopg2.connect(dsn) for _ in range(4)]
         for conn in conns:
             conn.autocommit = True
@@ -143,9 +153,6 @@ def main(argv=None):
                           "(quartiles %.1f-%.1f)" % (i, m, q1, q3))
         for conn in conns:
             conn.close()
-    finally:
-        if server is not None:
-            server.cleanup()
     return 0
 
 

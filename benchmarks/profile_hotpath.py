@@ -486,12 +486,13 @@ def main(argv=None):
                         "(affinity.py; the server must run on this machine: "
                         "the default without --dsn)")
     args = parser.parse_args(argv)
-    server = None
-    dsn = args.dsn
-    if not dsn:
-        from zpgpool.testing import PostgresServer
-        server = PostgresServer().start()
-        dsn = server.dsn()
+    with affinity.server_at(args.dsn) as dsn:
+        profile(dsn, args, pin=args.one_cpu or not args.dsn)
+    return 0
+
+
+def profile(dsn, args, pin):
+    """Print the tables for the server at ``dsn``."""
     pools = []
     try:
         for name, twophase in ((NAME_1PC, False), (NAME_2PC, True)):
@@ -500,7 +501,7 @@ def main(argv=None):
             pools.append(pool)
             zope.component.provideUtility(pool, IConnectionPool, name)
         n = args.n
-        pinning = affinity.one_cpu(dsn) if args.one_cpu or server \
+        pinning = affinity.one_cpu(dsn) if pin \
             else contextlib.nullcontext("not pinned to one CPU (--one-cpu)")
         with pinning as pinned:
             print("One thread; %s." % pinned)
@@ -509,9 +510,6 @@ def main(argv=None):
     finally:
         for pool in pools:
             pool.closeall()
-        if server is not None:
-            server.cleanup()
-    return 0
 
 
 def report(dsn, pools, n, args):
