@@ -18,6 +18,15 @@ psycopg2 directly.
 import json
 import sys
 import unittest
+import warnings
+
+# psycopg2's tests turn every warning into an error. test_green's
+# test_flush_on_write warns when a large query was sent without blocking
+# on write, which happens when the machine is busy; psycopg2's own
+# comment calls that a testing glitch, not an error. Here it stays a
+# warning, so a loaded CI machine cannot fail the suite with it; the
+# test's checks of the query's result still count.
+LOAD_DEPENDENT_WARNING = "sending a large query didn't trigger block on write"
 
 
 def main(source, result_file, modules):
@@ -25,6 +34,9 @@ def main(source, result_file, modules):
     import zpgpool
     from tests import testconfig
     from tests import testutils
+    # After psycopg2's "error" filter, so that this one is consulted first.
+    warnings.filterwarnings("default", message=LOAD_DEPENDENT_WARNING,
+                            category=UserWarning)
 
     pools = {}
     counts = {"pooled": 0, "direct": 0, "handed_over": 0}

@@ -28,8 +28,9 @@ from .support import python_env
 
 # psycopg2's test modules run here: all of them but replication (which
 # needs a replication setup of its own and skips without one) and
-# test_async, whose asynchronous connections a pool does not lend (and
-# whose check that a large query blocks on write depends on the load).
+# test_async, whose asynchronous connections a pool does not lend.
+# (test_green's check that a large query blocks on write depends on the
+# load; psycopg2_suite.py keeps the warning it gives a warning.)
 MODULES = [
     "test_bugX000", "test_bug_gc",
     "test_cancel", "test_connection", "test_copy", "test_cursor",
