@@ -82,6 +82,14 @@ class GidTests(TwoPhaseTestBase):
         self.assertEqual(len(gids), 100)
         self.assertTrue(all(g.startswith("zpgpool:uniq:") for g in gids))
 
+    def test_gids_need_no_quoting_whatever_the_names(self):
+        # The data manager writes the gid into PREPARE TRANSACTION and
+        # COMMIT/ROLLBACK PREPARED between single quotes as it is.
+        for name in ("it's", "back\\slash", "per%cent", "Zürich 2",
+                     "semi;colon", "", "x" * 300):
+            gid = new_gid(self._makeOne(name))
+            self.assertRegex(gid, r"\Azpgpool:[A-Za-z0-9_.~:-]+\Z")
+
     def test_a_forked_child_names_its_own_gids(self):
         # The child starts with the parent's counter: only its process id
         # keeps the two from preparing the same gid.

@@ -581,11 +581,14 @@ class OnePhaseDataManager(_DataManager):
 class TwoPhaseDataManager(_DataManager):
     """PREPARE TRANSACTION in the vote, COMMIT PREPARED in tpc_finish."""
 
+    prepared = False
+
     def __init__(self, state, conn, txn):
         super().__init__(state, conn, txn)
-        # A plain string gid, so that recovery can find it by prefix.
+        # A plain string gid, so that recovery can find it by prefix. Its
+        # characters need no quoting (new_gid), so the statements below
+        # carry it as a literal, without psycopg2's parameter formatting.
         self.xid = new_gid(self.pool)
-        self.prepared = False
 
     def sortKey(self):
         # After ZODB's (storage paths and names): "~" sorts after them, so
@@ -603,7 +606,7 @@ class TwoPhaseDataManager(_DataManager):
     def _send_vote(self, txn, conn):
         """PREPARE TRANSACTION."""
         try:
-            _execute(conn, "PREPARE TRANSACTION %s", (self.xid,))
+            _execute(conn, "PREPARE TRANSACTION '%s'" % self.xid)
         except psycopg2.Error as exc:
             raise self._vote_error(exc, conn)
         self.prepared = True
@@ -614,7 +617,7 @@ class TwoPhaseDataManager(_DataManager):
             return
         if self.prepared:
             try:
-                _execute(self.conn, "COMMIT PREPARED %s", (self.xid,))
+                _execute(self.conn, "COMMIT PREPARED '%s'" % self.xid)
             except psycopg2.Error as exc:
                 self.broken = True
                 logger.warning("%s: COMMIT PREPARED failed on its connection"
@@ -631,7 +634,7 @@ class TwoPhaseDataManager(_DataManager):
         try:
             if conn is None or conn.closed:
                 raise psycopg2.InterfaceError("connection already closed")
-            _execute(conn, "ROLLBACK PREPARED %s", (self.xid,))
+            _execute(conn, "ROLLBACK PREPARED '%s'" % self.xid)
         except psycopg2.Error as exc:
             self.broken = True
             logger.warning("%s: ROLLBACK PREPARED failed (%s); retrying on a "

@@ -58,7 +58,11 @@ if hasattr(os, "register_at_fork"):   # POSIX only, as in fork.py
 
 def new_gid(pool):
     """A transaction id for ``pool`` that no other transaction has: host,
-    process, a counter and the time, after the pool's prefix."""
+    process, a counter and the time, after the pool's prefix.
+
+    Made of letters, digits and ``_.-~:`` only (``_safe_name``), so that
+    it goes into a statement between single quotes as it is.
+    """
     return "%s%s:%d:%x" % (gid_prefix(pool), _process, next(_gid_counter),
                            int(time.time()))
 
