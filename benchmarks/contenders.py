@@ -588,7 +588,8 @@ class ZopeFloorBundledTwoPhase(ZopeFloorBundled):
     note = ("The bundled floor with PREPARE TRANSACTION in tpc_vote and "
             "COMMIT PREPARED in tpc_finish: three round trips, the design "
             "zpgpool's two-phase Zope path implements, without a pool: "
-            "its own two-phase floor.")
+            "its own two-phase floor. It prepares every transaction, also "
+            "one that only read, which zpgpool does not (see its note).")
 
 
 class ZpgpoolZope(Contender):
@@ -691,7 +692,11 @@ class ZpgpoolZopeTwoPhase(ZpgpoolZope):
     label = "zpgpool Zope path, two-phase"
     twophase = True
     note = ("As above with twophase=True: PREPARE TRANSACTION + COMMIT "
-            "PREPARED.")
+            "PREPARED for read-write. A transaction that only read (SELECT "
+            "1) is not prepared: its vote asks the server whether it wrote "
+            "and commits (the read-only optimization; README, Two-phase), "
+            "so its SELECT 1 figures are not those of a prepared "
+            "transaction; its read-write figures are.")
     micro = False
 
 

@@ -711,6 +711,84 @@ class TwoPhaseTests(_Base):
         transaction.commit()
         self.assertEqual(self.values(), ["b"])
 
+    def test_a_transaction_that_only_read_is_not_prepared(self):
+        # It has nothing to keep atomic with the others: it commits in its
+        # vote, and a veto after it changes nothing.
+        self.sql("INSERT INTO %s (value) VALUES ('there')" % self.table)
+        pool = self._makeOne(twophase=True)
+        seen = []
+
+        def check():
+            seen.extend(self.sql("SELECT count(*) FROM pg_prepared_xacts"))
+            seen.extend(self.sql(
+                "SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)))
+
+        for veto in (False, True):
+            conn = pool.connection()
+            pid = conn.get_backend_pid()
+            cur = conn.cursor()
+            cur.execute("SELECT value FROM %s" % self.table)
+            self.assertEqual(cur.fetchall(), [("there",)])
+            transaction.get().join(_Hook("~~~ after zpgpool", "tpc_vote",
+                                         lambda txn: check()))
+            if veto:
+                transaction.get().join(_veto())
+                with self.assertRaises(RuntimeError):
+                    transaction.commit()
+                transaction.abort()
+            else:
+                transaction.commit()
+            # Nothing prepared, and its transaction already over.
+            self.assertEqual(seen, [(0,), ("idle",)])
+            del seen[:]
+        self.assertEqual(self.values(), ["there"])
+        self.assertNothingPrepared()
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_a_read_that_wrote_through_a_function_is_prepared(self):
+        # The statement only reads, as far as its text tells: the server
+        # says the transaction wrote, so it is prepared and stays atomic
+        # with the other participants.
+        from zpgpool.datamanager import gid_prefix
+        self.sql("CREATE OR REPLACE FUNCTION dm_add(v text) RETURNS int "
+                 "LANGUAGE sql AS $$ INSERT INTO %s (value) VALUES (v) "
+                 "RETURNING id $$" % self.table)
+        self.addCleanup(query, self.dsn, "DROP FUNCTION dm_add(text)")
+        pool = self._makeOne(twophase=True)
+        seen = []
+
+        def check():
+            seen.extend(self.sql("SELECT gid FROM pg_prepared_xacts"))
+
+        pool.connection().cursor().execute("SELECT dm_add('vetoed')")
+        transaction.get().join(_veto(check))
+        with self.assertRaises(RuntimeError):
+            transaction.commit()
+        transaction.abort()
+        self.assertEqual(len(seen), 1, seen)
+        self.assertTrue(seen[0][0].startswith(gid_prefix(pool)), seen)
+        self.assertEqual(self.values(), [])
+        pool.connection().cursor().execute("SELECT dm_add('kept')")
+        transaction.commit()
+        self.assertEqual(self.values(), ["kept"])
+        self.assertNothingPrepared()
+
+    def test_session_lost_before_a_read_only_vote_is_retried(self):
+        from zpgpool import SessionLost
+        pool = self._makeOne(twophase=True)
+        conn = pool.connection()
+        conn.cursor().execute("SELECT 1")
+        pid = conn.get_backend_pid()
+        # Before zpgpool votes ("~zpgpool:..." sorts after it).
+        transaction.get().join(_Hook("!", "tpc_vote", lambda txn: self.sql(
+            "SELECT pg_terminate_backend(%s)", (pid,))))
+        with self.assertRaises(SessionLost):
+            transaction.commit()
+        transaction.abort()
+        self.assertEqual(
+            self.value_in_next_transaction(pool, "SELECT 41 + 1"), 42)
+        self.assertNothingPrepared()
+
     def _zodb(self):
         import ZODB
         import ZODB.FileStorage

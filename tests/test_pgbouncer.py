@@ -530,6 +530,19 @@ class MessageCountTests(_Base):
             "PREPARE TRANSACTION '%s'" % gid,
             "COMMIT PREPARED '%s'" % gid])
 
+    def test_two_phase_that_only_read_commits_at_once(self):
+        pool = self._makeOne(maxconn=1, twophase=True)
+        self.mark(pool)
+        cur = pool.connection().cursor()
+        cur.execute("SELECT count(*) FROM pgb_rt")
+        transaction.commit()
+        sent = self.sent()
+        report("through PgBouncer, one read, two-phase: %d messages"
+               % len(sent))
+        self.assertEqual(sent, [
+            "BEGIN; SELECT count(*) FROM pgb_rt",
+            "SELECT txid_current_if_assigned() IS NULL", "COMMIT"])
+
     def test_session_change_adds_one_reset_message(self):
         pool = self._makeOne(maxconn=1)
         self.mark(pool)

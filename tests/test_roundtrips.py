@@ -2,7 +2,7 @@
 
 The transaction's BEGIN travels in the same message as its first
 statement; COMMIT, PREPARE TRANSACTION and COMMIT PREPARED are one message
-each. The server counts: every test reads the statements it logged
+each, and so is a two-phase transaction's question whether it wrote. The server counts: every test reads the statements it logged
 (``log_statement = all``) for the pool's backend.
 """
 import re
@@ -110,6 +110,33 @@ class MessageCountTests(_Base):
         transaction.commit()
         self.assertEqual(self.sent(), [
             "BEGIN; INSERT INTO rt_items (value) VALUES ('2pc')",
+            "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
+
+    def test_two_phase_that_only_read_is_three_messages_no_prepare(self):
+        # The server is asked whether the transaction wrote, in the round
+        # trip PREPARE TRANSACTION would have taken; it did not, so it
+        # commits at once (no PREPARE, no COMMIT PREPARED).
+        pool = self._makeOne(twophase=True)
+        self.mark(pool)
+        cur = pool.connection().cursor()
+        cur.execute("SELECT count(*) FROM rt_items")
+        transaction.commit()
+        self.assertEqual(self.sent(), [
+            "BEGIN; SELECT count(*) FROM rt_items",
+            "SELECT txid_current_if_assigned() IS NULL", "COMMIT"])
+
+    def test_two_phase_read_that_wrote_is_four_messages(self):
+        # Only when a statement that looks like a read wrote after all
+        # (here: it takes a transaction id) does the question cost one.
+        pool = self._makeOne(twophase=True)
+        self.mark(pool)
+        cur = pool.connection().cursor()
+        cur.execute("SELECT txid_current()")
+        gid = pool.thread_local.state.dm.xid
+        transaction.commit()
+        self.assertEqual(self.sent(), [
+            "BEGIN; SELECT txid_current()",
+            "SELECT txid_current_if_assigned() IS NULL",
             "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
 
     def test_empty_transaction_sends_nothing(self):

@@ -14,8 +14,8 @@ The flow for a thread, as seen from ``ConnectionPool.connection()``:
   connection is part of the thread's *current* transaction, and turn
   serialization failures, deadlocks and lost sessions into retryable
   errors; what a statement does to the session is statements.py's call;
-- the transaction ends in ``tpc_vote`` (COMMIT or PREPARE TRANSACTION),
-  ``tpc_finish`` (COMMIT PREPARED) or ``abort``/``tpc_abort`` (ROLLBACK),
+- the transaction ends in ``tpc_vote`` (COMMIT, or PREPARE TRANSACTION
+  unless it wrote nothing), ``tpc_finish`` (COMMIT PREPARED) or ``abort``/``tpc_abort`` (ROLLBACK),
   sent by the data manager, after which the connection is parked: still
   the thread's, but lent to another thread that would otherwise wait.
 """
@@ -46,6 +46,7 @@ from zpgpool.statements import LISTENS
 from zpgpool.statements import ONE_PHASE_SESSION_RESET
 from zpgpool.statements import ROLLBACK_SESSION_RESET
 from zpgpool.statements import SESSION_RESET
+from zpgpool.statements import WRITES
 from zpgpool.statements import begin_statement
 from zpgpool.twophase import gid_prefix
 from zpgpool.twophase import new_gid
@@ -328,6 +329,8 @@ class ThreadState:
             if effect & CHANGES_SESSION or named:
                 # A named cursor is declared WITH HOLD (see cursor()).
                 self.dm.dirty = True
+            if effect & WRITES:
+                self.dm.writes = True
         if conn.get_transaction_status() == _IDLE:
             self.dm.begun = True
             return self.begin
@@ -381,6 +384,7 @@ class _DataManager:
     broken = False
     begun = False       # its BEGIN went to the server
     dirty = False       # a statement changed session state
+    writes = False      # a statement may have written (statements.WRITES)
     # A failed transaction's session changes still to undo after its
     # ROLLBACK (a transaction in error cannot run the reset itself).
     reset_after = False
@@ -578,6 +582,11 @@ class OnePhaseDataManager(_DataManager):
             self._finish()
 
 
+# Whether the server gave the transaction an id: it does so at its first
+# write. (txid_current_if_assigned: PostgreSQL 10 and later.)
+_WROTE_NOTHING = "SELECT txid_current_if_assigned() IS NULL"
+
+
 class TwoPhaseDataManager(_DataManager):
     """PREPARE TRANSACTION in the vote, COMMIT PREPARED in tpc_finish."""
 
@@ -604,12 +613,37 @@ class TwoPhaseDataManager(_DataManager):
         return translate_error(exc)
 
     def _send_vote(self, txn, conn):
-        """PREPARE TRANSACTION."""
+        """PREPARE TRANSACTION; COMMIT if the transaction wrote nothing."""
+        if not self.writes and self._wrote_nothing(conn):
+            return
         try:
             _execute(conn, "PREPARE TRANSACTION '%s'" % self.xid)
         except psycopg2.Error as exc:
             raise self._vote_error(exc, conn)
         self.prepared = True
+
+    def _wrote_nothing(self, conn):
+        """Commit now, and return True, if the server says the transaction
+        wrote nothing (it has no transaction id).
+
+        A transaction whose statements only read (statements.WRITES) may
+        still have written through a function: the server knows. One that
+        wrote nothing has nothing to make durable or to keep atomic with
+        the other participants, so it needs neither PREPARE TRANSACTION
+        nor COMMIT PREPARED, each of which flushes the server's WAL to
+        disk (XA calls this the read-only optimization). The question
+        takes the round trip PREPARE would have taken.
+        """
+        try:
+            if not _execute(conn, _WROTE_NOTHING).fetchone()[0]:
+                return False
+            _execute(conn, "COMMIT")
+        except psycopg2.Error as exc:
+            # Whatever happened to it, it changed nothing: as a failure
+            # before COMMIT, retryable when the session was lost.
+            self.broken = is_disconnect(exc, conn)
+            raise translate_error(exc, conn)
+        return True
 
     def tpc_finish(self, txn):
         """COMMIT PREPARED; never fails because the connection died."""

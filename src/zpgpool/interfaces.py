@@ -79,7 +79,9 @@ class IConnectionPool(Interface):
         Then the transaction's vote runs PREPARE TRANSACTION and its finish
         runs COMMIT PREPARED, so a PostgreSQL database can take part in a
         transaction with other resource managers without losing atomicity.
-        The server needs ``max_prepared_transactions`` above 0.
+        (A transaction that wrote nothing commits in its vote instead: it
+        has nothing to keep atomic.) The server needs
+        ``max_prepared_transactions`` above 0.
         """)
 
     transaction_manager = Attribute(

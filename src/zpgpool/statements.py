@@ -31,12 +31,21 @@ _SESSION_CALLS = re.compile(
 # behind the managed BEGIN.
 _TRANSACTION_STATEMENT = re.compile(
     r"\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT)\b", re.IGNORECASE)
+# Statements that only read, unless a function they call writes: a
+# two-phase transaction of only these asks the server whether it wrote
+# anything before it prepares (see datamanager.py). pg_notify() counts as
+# a write: PREPARE TRANSACTION refuses a transaction that notified.
+_READ_STATEMENT = re.compile(
+    r"\s*(SELECT|SHOW|VALUES|TABLE|FETCH|MOVE|CLOSE|SAVEPOINT|RELEASE)\b",
+    re.IGNORECASE)
+_NOTIFY_CALL = re.compile(r"\bpg_notify\s*\(", re.IGNORECASE)
 
 # What a statement does, as statement_effect() answers: a set of flags.
 KEEPS_SESSION = 0
 CHANGES_SESSION = 1     # settings, temporary tables, locks, ...
 LISTENS = 2             # LISTEN, which PREPARE TRANSACTION refuses
 CONTROLS_TRANSACTION = 4
+WRITES = 8              # anything but a statement that only reads
 
 # Everything DISCARD ALL undoes, in statements PostgreSQL accepts inside a
 # transaction block (DISCARD ALL itself is refused there). Sent just before
@@ -64,7 +73,8 @@ known_effect = _effects.get
 
 def statement_effect(query):
     """Tell what the text ``query`` does beyond its transaction, as flags:
-    CHANGES_SESSION, LISTENS, CONTROLS_TRANSACTION."""
+    CHANGES_SESSION, LISTENS, CONTROLS_TRANSACTION; and WRITES, unless it
+    only reads (the functions it calls aside)."""
     # Applications run the same few statements again and again; long ones
     # (psycopg2.extras.execute_values pages, with the values in the text)
     # are seldom sent twice and are not kept.
@@ -82,14 +92,16 @@ def _statement_effect(query):
     if isinstance(query, bytes):
         query = query.decode("utf-8", "replace")
     if _TRANSACTION_STATEMENT.match(query):
-        return CONTROLS_TRANSACTION
+        return CONTROLS_TRANSACTION | WRITES
+    writes = KEEPS_SESSION if _READ_STATEMENT.match(query) \
+        and not _NOTIFY_CALL.search(query) else WRITES
     if _SESSION_STATEMENT.match(query):
         if _LISTEN_STATEMENT.match(query):
-            return CHANGES_SESSION | LISTENS
-        return CHANGES_SESSION
+            return CHANGES_SESSION | LISTENS | writes
+        return CHANGES_SESSION | writes
     if _SESSION_CALLS.search(query):
-        return CHANGES_SESSION
-    return KEEPS_SESSION
+        return CHANGES_SESSION | writes
+    return writes
 
 
 def call_effect(procname):
