@@ -15,9 +15,10 @@ The flow for a thread, as seen from ``ConnectionPool.connection()``:
   serialization failures, deadlocks and lost sessions into retryable
   errors; what a statement does to the session is statements.py's call;
 - the transaction ends in ``tpc_vote`` (COMMIT, or PREPARE TRANSACTION
-  unless it wrote nothing), ``tpc_finish`` (COMMIT PREPARED) or ``abort``/``tpc_abort`` (ROLLBACK),
-  sent by the data manager, after which the connection is parked: still
-  the thread's, but lent to another thread that would otherwise wait.
+  unless it wrote nothing), ``tpc_finish`` (COMMIT PREPARED) or
+  ``abort``/``tpc_abort`` (ROLLBACK), sent by the data manager, after
+  which the connection is parked: still the thread's, but lent to another
+  thread that would otherwise wait.
 """
 import itertools
 import logging

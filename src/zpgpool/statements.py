@@ -93,7 +93,7 @@ def _statement_effect(query):
         query = query.decode("utf-8", "replace")
     if _TRANSACTION_STATEMENT.match(query):
         return CONTROLS_TRANSACTION | WRITES
-    writes = KEEPS_SESSION if _READ_STATEMENT.match(query) \
+    writes = 0 if _READ_STATEMENT.match(query) \
         and not _NOTIFY_CALL.search(query) else WRITES
     if _SESSION_STATEMENT.match(query):
         if _LISTEN_STATEMENT.match(query):
