@@ -541,7 +541,27 @@ class MessageCountTests(_Base):
                % len(sent))
         self.assertEqual(sent, [
             "BEGIN; SELECT count(*) FROM pgb_rt",
-            "SELECT txid_current_if_assigned() IS NULL", "COMMIT"])
+            "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
+            " IS NULL)::int; COMMIT"])
+
+    def test_two_phase_read_that_wrote_is_prepared(self):
+        # The check fails inside the transaction; the savepoint it set
+        # keeps the transaction (and so PgBouncer's server connection)
+        # for the PREPARE that follows.
+        pool = self._makeOne(maxconn=1, twophase=True)
+        self.mark(pool)
+        cur = pool.connection().cursor()
+        cur.execute("SELECT txid_current()")
+        gid = pool.thread_local.state.dm.xid
+        transaction.commit()
+        self.assertEqual(self.sent(), [
+            "BEGIN; SELECT txid_current()",
+            "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
+            " IS NULL)::int; COMMIT",
+            "ROLLBACK TO SAVEPOINT zpgpool_vote; "
+            "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
+        self.assertEqual(query(self.layer.postgres_dsn, "SELECT count(*) "
+                               "FROM pg_prepared_xacts"), [(0,)])
 
     def test_session_change_adds_one_reset_message(self):
         pool = self._makeOne(maxconn=1)

@@ -2,8 +2,9 @@
 
 The transaction's BEGIN travels in the same message as its first
 statement; COMMIT, PREPARE TRANSACTION and COMMIT PREPARED are one message
-each, and so is a two-phase transaction's question whether it wrote. The server counts: every test reads the statements it logged
-(``log_statement = all``) for the pool's backend.
+each, and a two-phase transaction that only read asks whether it wrote in
+its COMMIT's message. The server counts: every test reads the statements
+it logged (``log_statement = all``) for the pool's backend.
 """
 import re
 import threading
@@ -112,10 +113,10 @@ class MessageCountTests(_Base):
             "BEGIN; INSERT INTO rt_items (value) VALUES ('2pc')",
             "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
 
-    def test_two_phase_that_only_read_is_three_messages_no_prepare(self):
-        # The server is asked whether the transaction wrote, in the round
-        # trip PREPARE TRANSACTION would have taken; it did not, so it
-        # commits at once (no PREPARE, no COMMIT PREPARED).
+    def test_two_phase_that_only_read_is_two_messages_no_prepare(self):
+        # The server is asked whether the transaction wrote, in the message
+        # of its COMMIT; it did not, so it commits at once (no PREPARE, no
+        # COMMIT PREPARED): as many messages as one-phase.
         pool = self._makeOne(twophase=True)
         self.mark(pool)
         cur = pool.connection().cursor()
@@ -123,11 +124,14 @@ class MessageCountTests(_Base):
         transaction.commit()
         self.assertEqual(self.sent(), [
             "BEGIN; SELECT count(*) FROM rt_items",
-            "SELECT txid_current_if_assigned() IS NULL", "COMMIT"])
+            "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
+            " IS NULL)::int; COMMIT"])
 
     def test_two_phase_read_that_wrote_is_four_messages(self):
         # Only when a statement that looks like a read wrote after all
-        # (here: it takes a transaction id) does the question cost one.
+        # (here: it takes a transaction id) does the question cost one:
+        # its answer stops the message before COMMIT, and the PREPARE
+        # first rolls back to the savepoint the question set.
         pool = self._makeOne(twophase=True)
         self.mark(pool)
         cur = pool.connection().cursor()
@@ -136,7 +140,9 @@ class MessageCountTests(_Base):
         transaction.commit()
         self.assertEqual(self.sent(), [
             "BEGIN; SELECT txid_current()",
-            "SELECT txid_current_if_assigned() IS NULL",
+            "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
+            " IS NULL)::int; COMMIT",
+            "ROLLBACK TO SAVEPOINT zpgpool_vote; "
             "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
 
     def test_empty_transaction_sends_nothing(self):

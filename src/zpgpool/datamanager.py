@@ -583,9 +583,17 @@ class OnePhaseDataManager(_DataManager):
             self._finish()
 
 
-# Whether the server gave the transaction an id: it does so at its first
-# write. (txid_current_if_assigned: PostgreSQL 10 and later.)
-_WROTE_NOTHING = "SELECT txid_current_if_assigned() IS NULL"
+# The vote of a two-phase transaction whose statements only read, in one
+# message: COMMIT if the server gave the transaction no id, which it does
+# at the first write (txid_current_if_assigned: PostgreSQL 10 and later).
+# If it wrote -- through a function, say -- the division by zero stops the
+# message before its COMMIT, and rolling back to the savepoint leaves the
+# transaction as it was, to be prepared.
+_COMMIT_IF_WROTE_NOTHING = (
+    "SAVEPOINT zpgpool_vote; "
+    "SELECT 1 / (txid_current_if_assigned() IS NULL)::int; COMMIT")
+_PREPARE_AFTER_ALL = "ROLLBACK TO SAVEPOINT zpgpool_vote; "
+_IT_WROTE = "22012"     # division_by_zero: the answer of the check above
 
 
 class TwoPhaseDataManager(_DataManager):
@@ -614,37 +622,33 @@ class TwoPhaseDataManager(_DataManager):
         return translate_error(exc)
 
     def _send_vote(self, txn, conn):
-        """PREPARE TRANSACTION; COMMIT if the transaction wrote nothing."""
-        if not self.writes and self._wrote_nothing(conn):
-            return
+        """PREPARE TRANSACTION; COMMIT if the transaction wrote nothing.
+
+        A transaction that wrote nothing has nothing to make durable or to
+        keep atomic with the other participants, so it needs neither
+        PREPARE TRANSACTION nor COMMIT PREPARED, each of which flushes the
+        server's WAL to disk (XA calls this the read-only optimization).
+        When all its statements only read (statements.WRITES), the server
+        is asked whether one wrote after all, in the COMMIT's own message.
+        """
+        prepare = "PREPARE TRANSACTION '%s'" % self.xid
+        if not self.writes:
+            try:
+                _execute(conn, _COMMIT_IF_WROTE_NOTHING)
+                return
+            except psycopg2.Error as exc:
+                if exc.pgcode != _IT_WROTE:
+                    # Nothing it wrote was committed (COMMIT runs only
+                    # after the check): a failure before COMMIT,
+                    # retryable when the session was lost.
+                    self.broken = is_disconnect(exc, conn)
+                    raise translate_error(exc, conn)
+            prepare = _PREPARE_AFTER_ALL + prepare
         try:
-            _execute(conn, "PREPARE TRANSACTION '%s'" % self.xid)
+            _execute(conn, prepare)
         except psycopg2.Error as exc:
             raise self._vote_error(exc, conn)
         self.prepared = True
-
-    def _wrote_nothing(self, conn):
-        """Commit now, and return True, if the server says the transaction
-        wrote nothing (it has no transaction id).
-
-        A transaction whose statements only read (statements.WRITES) may
-        still have written through a function: the server knows. One that
-        wrote nothing has nothing to make durable or to keep atomic with
-        the other participants, so it needs neither PREPARE TRANSACTION
-        nor COMMIT PREPARED, each of which flushes the server's WAL to
-        disk (XA calls this the read-only optimization). The question
-        takes the round trip PREPARE would have taken.
-        """
-        try:
-            if not _execute(conn, _WROTE_NOTHING).fetchone()[0]:
-                return False
-            _execute(conn, "COMMIT")
-        except psycopg2.Error as exc:
-            # Whatever happened to it, it changed nothing: as a failure
-            # before COMMIT, retryable when the session was lost.
-            self.broken = is_disconnect(exc, conn)
-            raise translate_error(exc, conn)
-        return True
 
     def tpc_finish(self, txn):
         """COMMIT PREPARED; never fails because the connection died."""
