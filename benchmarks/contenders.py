@@ -693,10 +693,10 @@ class ZpgpoolZopeTwoPhase(ZpgpoolZope):
     twophase = True
     note = ("As above with twophase=True: PREPARE TRANSACTION + COMMIT "
             "PREPARED for read-write. A transaction that only read (SELECT "
-            "1) is not prepared: its vote asks the server whether it wrote "
-            "and commits (the read-only optimization; README, Two-phase), "
-            "so its SELECT 1 figures are not those of a prepared "
-            "transaction; its read-write figures are.")
+            "1) is not prepared: its vote commits in one message, after a "
+            "check that it wrote nothing (the read-only optimization; "
+            "README, Two-phase), so its SELECT 1 figures are not those of "
+            "a prepared transaction; its read-write figures are.")
     micro = False
 
 

@@ -228,11 +228,11 @@ def steps_report(dsn, n):
     print_table("== 1. Steps of one SELECT 1 transaction, %d transactions "
                 "each, the paths interleaved ==" % n, header, rows)
     print("The execute and commit steps hold the round trips: BEGIN + "
-          "SELECT 1 in one\nmessage, then COMMIT (two-phase: the question "
-          "whether the transaction\nwrote, then COMMIT, since it did not: "
-          "no PREPARE; raw psycopg2: BEGIN,\nSELECT 1 and COMMIT, three "
-          "messages). The last column is what zpgpool\nadds to the same "
-          "design without a pool.")
+          "SELECT 1 in one\nmessage, then COMMIT (two-phase: COMMIT in "
+          "one message with the check\nthat the transaction wrote "
+          "nothing: no PREPARE; raw psycopg2: BEGIN,\nSELECT 1 and COMMIT, "
+          "three messages). The last column is what zpgpool\nadds to the "
+          "same design without a pool.")
     print()
 
 

@@ -24,10 +24,11 @@ from tests.poolhelpers import WAIT
 
 STATEMENT_LOG_LAYER = PostgresLayer(
     "STATEMENT_LOG_LAYER", private=True,
-    settings={"log_statement": "all", "log_min_messages": "log"},
+    settings={"log_statement": "all", "log_min_messages": "error"},
     module=__name__)
 
 _STATEMENT_LINE = re.compile(r"\[(\d+)\] \S*@\S* LOG:  statement: (.*)$")
+_ERROR_LINE = re.compile(r"\[(\d+)\] \S*@\S* ERROR:  (.*)$")
 
 
 class _Base(unittest.TestCase):
@@ -65,11 +66,21 @@ class _Base(unittest.TestCase):
             f.seek(0, 2)
             self.offset = f.tell()
 
-    def sent(self):
-        """The messages the marked backend sent since mark(), as logged."""
+    def _logged(self):
         with open(self.layer.server.log_file, encoding="utf-8") as f:
             f.seek(self.offset)
-            lines = f.read().splitlines()
+            return f.read().splitlines()
+
+    def errors(self):
+        """The errors the server logged for the marked backend since
+        mark()."""
+        return [match.group(2) for match in map(_ERROR_LINE.search,
+                                                self._logged())
+                if match and int(match.group(1)) == self.pid]
+
+    def sent(self):
+        """The messages the marked backend sent since mark(), as logged."""
+        lines = self._logged()
         found = []
         for line in lines:
             match = _STATEMENT_LINE.search(line)
@@ -126,6 +137,7 @@ class MessageCountTests(_Base):
             "BEGIN; SELECT count(*) FROM rt_items",
             "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
             " IS NULL)::int; COMMIT"])
+        self.assertEqual(self.errors(), [])
 
     def test_two_phase_read_that_wrote_is_four_messages(self):
         # Only when a statement that looks like a read wrote after all
@@ -144,6 +156,8 @@ class MessageCountTests(_Base):
             " IS NULL)::int; COMMIT",
             "ROLLBACK TO SAVEPOINT zpgpool_vote; "
             "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
+        # The check's answer, in the server's log.
+        self.assertEqual(self.errors(), ["division by zero"])
 
     def test_empty_transaction_sends_nothing(self):
         self.mark()
