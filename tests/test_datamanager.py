@@ -17,6 +17,7 @@ import transaction
 import transaction.interfaces
 from zope.interface.verify import verifyObject
 
+from zpgpool.statements import ONE_PHASE_SESSION_RESET
 from zpgpool.testing import POSTGRES_LAYER
 
 
@@ -27,6 +28,8 @@ from tests.scaleouthelpers import run_threads
 from tests.support import python_env
 
 JOIN_TIMEOUT = 60
+# The last message of a one-phase transaction that changed its session.
+RESET_AND_COMMIT = ONE_PHASE_SESSION_RESET + "; COMMIT"
 
 
 class _Base(unittest.TestCase):
@@ -1140,7 +1143,7 @@ class SessionResetTests(_Base):
         self.assertEqual(self.values(), ["kept"])
         # Nothing was sent after COMMIT: behind a transaction-mode PgBouncer
         # anything later would run on another client's server connection.
-        self.assertEqual(self._last_statement(pool), "COMMIT")
+        self.assertEqual(self._last_statement(pool), RESET_AND_COMMIT)
         self.assertClean(pool)
 
     def test_two_phase_reset_runs_before_prepare(self):
@@ -1288,8 +1291,8 @@ class SessionChangeDetectionTests(_Base):
         self.insert(pool, "locked")
         transaction.commit()
         self.assertEqual(self.values(), ["locked"])
-        # Released inside the transaction: COMMIT was the last statement.
-        self.assertEqual(self._backend_state(pid), ("COMMIT", 0))
+        # Released inside the transaction, in COMMIT's message.
+        self.assertEqual(self._backend_state(pid), (RESET_AND_COMMIT, 0))
 
     def test_transaction_advisory_lock_needs_no_reset(self):
         _, pid = self.session_statement("SELECT pg_advisory_xact_lock(4712)",
@@ -1315,7 +1318,7 @@ class SessionChangeDetectionTests(_Base):
         cur.execute("SELECT pg_advisory_lock(4713), pg_current_xact_id()")
         transaction.commit()
         self.assertEqual(self._backend_state(conn.get_backend_pid()),
-                         ("COMMIT", 0))
+                         (RESET_AND_COMMIT, 0))
 
     def test_set_config_alone_is_undone(self):
         pool = self._makeOne(maxconn=1)
@@ -1335,7 +1338,7 @@ class SessionChangeDetectionTests(_Base):
         self.assertTrue(pool.thread_local.state.dm.dirty)
         transaction.commit()
         self.assertEqual(self._backend_state(conn.get_backend_pid()),
-                         ("COMMIT", 0))
+                         (RESET_AND_COMMIT, 0))
         self.assertIn(self.value_in_next_transaction(
             pool, "SELECT current_setting('zpgpool.proc', true)"),
             (None, ""))

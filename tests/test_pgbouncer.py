@@ -563,14 +563,16 @@ class MessageCountTests(_Base):
         self.assertEqual(query(self.layer.postgres_dsn, "SELECT count(*) "
                                "FROM pg_prepared_xacts"), [(0,)])
 
-    def test_session_change_adds_one_reset_message(self):
+    def test_session_change_is_undone_in_the_commit_s_message(self):
+        # The reset and COMMIT as one message: PgBouncer cannot hand the
+        # server connection to another client between them.
         pool = self._makeOne(maxconn=1)
         self.mark(pool)
         cur = pool.connection().cursor()
         cur.execute("SET zp.test = 'x'")
         transaction.commit()
         sent = self.sent()
-        self.assertEqual(len(sent), 3, sent)
+        self.assertEqual(len(sent), 2, sent)
         self.assertEqual(sent[0], "BEGIN; SET zp.test = 'x'")
         self.assertIn("RESET ALL", sent[1])
-        self.assertEqual(sent[2], "COMMIT")
+        self.assertTrue(sent[1].endswith("; COMMIT"), sent)

@@ -17,6 +17,8 @@ import psycopg2.extras
 from psycopg2 import sql
 import transaction
 
+from zpgpool.statements import ONE_PHASE_SESSION_RESET
+from zpgpool.statements import SESSION_RESET
 from zpgpool.testing import PostgresLayer
 
 from tests.poolhelpers import WAIT
@@ -158,6 +160,46 @@ class MessageCountTests(_Base):
             "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
         # The check's answer, in the server's log.
         self.assertEqual(self.errors(), ["division by zero"])
+
+    def test_two_phase_session_change_is_undone_in_prepare_s_message(self):
+        pool = self._makeOne(twophase=True)
+        self.mark(pool)
+        cur = pool.connection().cursor()
+        cur.execute("SET zp.test = 'x'")
+        gid = pool.thread_local.state.dm.xid
+        transaction.commit()
+        self.assertEqual(self.sent(), [
+            "BEGIN; SET zp.test = 'x'",
+            SESSION_RESET + "; PREPARE TRANSACTION '%s'" % gid,
+            "COMMIT PREPARED '%s'" % gid])
+        cur = pool.connection().cursor()
+        cur.execute("SELECT current_setting('zp.test', true)")
+        self.assertEqual(cur.fetchone(), ("",))
+
+    def test_two_phase_held_cursor_over_a_read_that_wrote(self):
+        # A named cursor is held, so the transaction changed the session;
+        # its query looks like a read, so the vote checks whether it wrote.
+        # The reset comes before the check's savepoint: rolling back to
+        # that savepoint for the PREPARE keeps it done.
+        pool = self._makeOne(twophase=True)
+        self.mark(pool)
+        cur = pool.connection().cursor("held")
+        cur.execute("SELECT txid_current()")
+        self.assertEqual(len(cur.fetchall()), 1)
+        gid = pool.thread_local.state.dm.xid
+        transaction.commit()
+        sent = self.sent()
+        self.assertEqual(sent[0], "BEGIN")
+        self.assertTrue(sent[1].startswith('DECLARE "held" CURSOR WITH HOLD'),
+                        sent)
+        self.assertEqual(sent[-3:], [
+            SESSION_RESET + "; SAVEPOINT zpgpool_vote; SELECT 1 / "
+            "(txid_current_if_assigned() IS NULL)::int; COMMIT",
+            "ROLLBACK TO SAVEPOINT zpgpool_vote; "
+            "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
+        cur = pool.connection().cursor()
+        cur.execute("SELECT count(*) FROM pg_cursors")
+        self.assertEqual(cur.fetchone(), (0,))
 
     def test_empty_transaction_sends_nothing(self):
         self.mark()
@@ -408,8 +450,9 @@ class SeparateBeginTests(_Base):
         self.assertEqual(sent[0], "BEGIN")
         self.assertTrue(sent[1].startswith('DECLARE "big" CURSOR WITH HOLD'),
                         sent)
-        self.assertEqual(sent[-1], "COMMIT")
-        # Closed before COMMIT, as a cursor without hold would be by it.
+        # Closed before COMMIT (by the session reset in COMMIT's message,
+        # which begins CLOSE ALL), as a cursor without hold would be by it.
+        self.assertEqual(sent[-1], ONE_PHASE_SESSION_RESET + "; COMMIT")
         cur = self.pool.connection().cursor()
         cur.execute("SELECT count(*) FROM pg_cursors")
         self.assertEqual(cur.fetchone(), (0,))

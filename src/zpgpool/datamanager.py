@@ -483,7 +483,8 @@ class _DataManager:
     # -- two-phase commit -----------------------------------------------------------
 
     #: What undoes a transaction's session changes before its vote's COMMIT
-    #: or PREPARE, on the transaction's own server connection.
+    #: or PREPARE, in the same message: on the transaction's own server
+    #: connection, whatever PgBouncer does after.
     _session_reset = SESSION_RESET
 
     def tpc_begin(self, txn):
@@ -493,24 +494,20 @@ class _DataManager:
         pass
 
     def tpc_vote(self, txn):
-        """Undo the transaction's session changes, then COMMIT or PREPARE.
+        """COMMIT or PREPARE, after undoing the transaction's session
+        changes in the same message.
 
-        Each kind sends its own final statement (``_send_vote``) and says
-        what a failure means for it (``_vote_error``, which returns the
-        error to raise).  Both happen in the vote, so that PostgreSQL can
-        still make the whole transaction fail.
+        Each kind sends its own final statement and says what a failure
+        means for it (``_send_vote``). Both happen in the vote, so that
+        PostgreSQL can still make the whole transaction fail.
         """
         conn = self.conn
         # The usual case, an open transaction, needs no closer look.
         if (conn is None or conn.get_transaction_status() != _INTRANS) \
                 and not self._committable():
             return
-        if self.dirty:
-            try:
-                _execute(conn, self._session_reset)
-            except psycopg2.Error as exc:
-                raise self._vote_error(exc, conn)
-        self._send_vote(txn, conn)
+        self._send_vote(txn, conn,
+                        self._session_reset + "; " if self.dirty else "")
 
     # -- savepoints and retry -----------------------------------------------------
 
@@ -552,20 +549,15 @@ class OnePhaseDataManager(_DataManager):
 
     _session_reset = ONE_PHASE_SESSION_RESET
 
-    def _vote_error(self, exc, conn):
-        # Before COMMIT: a lost session took the transaction with it.
-        self.broken = is_disconnect(exc, conn)
-        return translate_error(exc, conn)
-
-    def _send_vote(self, txn, conn):
-        """COMMIT.
+    def _send_vote(self, txn, conn, reset):
+        """COMMIT, after the session ``reset`` (or "").
 
         Done in the vote so that a failing COMMIT, such as a serialization
         failure or a deferred constraint, still aborts the whole
         transaction before other resources finish.
         """
         try:
-            _execute(conn, "COMMIT")
+            _execute(conn, reset + "COMMIT")
         except psycopg2.Error as exc:
             if not is_disconnect(exc, conn):
                 raise translate_error(exc)
@@ -621,8 +613,9 @@ class TwoPhaseDataManager(_DataManager):
             self.prepared = True
         return translate_error(exc)
 
-    def _send_vote(self, txn, conn):
-        """PREPARE TRANSACTION; COMMIT if the transaction wrote nothing.
+    def _send_vote(self, txn, conn, reset):
+        """PREPARE TRANSACTION, after the session ``reset`` (or ""); COMMIT
+        if the transaction wrote nothing.
 
         A transaction that wrote nothing has nothing to make durable or to
         keep atomic with the other participants, so it needs neither
@@ -632,9 +625,11 @@ class TwoPhaseDataManager(_DataManager):
         is asked whether one wrote after all, in the COMMIT's own message.
         """
         prepare = "PREPARE TRANSACTION '%s'" % self.xid
-        if not self.writes:
+        if self.writes:
+            prepare = reset + prepare
+        else:
             try:
-                _execute(conn, _COMMIT_IF_WROTE_NOTHING)
+                _execute(conn, reset + _COMMIT_IF_WROTE_NOTHING)
                 return
             except psycopg2.Error as exc:
                 if exc.pgcode != _IT_WROTE:
@@ -643,6 +638,7 @@ class TwoPhaseDataManager(_DataManager):
                     # retryable when the session was lost.
                     self.broken = is_disconnect(exc, conn)
                     raise translate_error(exc, conn)
+            # (The reset ran before the savepoint: it stays done.)
             prepare = _PREPARE_AFTER_ALL + prepare
         try:
             _execute(conn, prepare)
