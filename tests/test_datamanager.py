@@ -583,33 +583,38 @@ class RetryTests(_Base):
                  " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE"
                  " FUNCTION dm_slow_commit()")
         pool = self._makeOne()
-        txn = transaction.get()
-        txn.note("the slow one")
-        self.insert(pool, "slow")
-        pid = pool.connection().get_backend_pid()
-        killer = start(self, lambda: (
-            wait_for(lambda: self.sql(
-                "SELECT query FROM pg_stat_activity WHERE pid = %s AND "
-                "wait_event = 'PgSleep'", (pid,)), "COMMIT running"),
-            self.sql("SELECT pg_terminate_backend(%s)", (pid,))))
-        with self.assertRaises(CommitUnknown) as caught:
-            transaction.commit()
-        killer.finish(self)
-        self.assertNotIsInstance(caught.exception,
-                                 transaction.interfaces.TransientError)
-        self.assertIsInstance(caught.exception, psycopg2.OperationalError)
-        message = str(caught.exception)
-        self.assertIn("'dm'", message)
-        self.assertIn("COMMIT", message)
-        self.assertIn("the slow one", message)
-        self.assertFalse(pool.thread_local.state.dm.should_retry(caught.exception))
-        transaction.abort()
+        # Also when the session reset shares the COMMIT's message.
+        for changed_session in (False, True):
+            txn = transaction.get()
+            txn.note("the slow one")
+            if changed_session:
+                pool.connection().cursor().execute("SET zp.test = 'x'")
+            self.insert(pool, "slow")
+            pid = pool.connection().get_backend_pid()
+            killer = start(self, lambda: (
+                wait_for(lambda: self.sql(
+                    "SELECT query FROM pg_stat_activity WHERE pid = %s AND "
+                    "wait_event = 'PgSleep'", (pid,)), "COMMIT running"),
+                self.sql("SELECT pg_terminate_backend(%s)", (pid,))))
+            with self.assertRaises(CommitUnknown) as caught:
+                transaction.commit()
+            killer.finish(self)
+            self.assertNotIsInstance(caught.exception,
+                                     transaction.interfaces.TransientError)
+            self.assertIsInstance(caught.exception, psycopg2.OperationalError)
+            message = str(caught.exception)
+            self.assertIn("'dm'", message)
+            self.assertIn("COMMIT", message)
+            self.assertIn("the slow one", message)
+            self.assertFalse(
+                pool.thread_local.state.dm.should_retry(caught.exception))
+            transaction.abort()
         self.sql("DROP TRIGGER dm_slow ON dm_items")
-        # The broken connection was discarded; the pool serves on.
+        # The broken connections were discarded; the pool serves on.
         self.insert(pool, "next")
         transaction.commit()
         self.assertEqual(self.values(), ["next"])
-        self.assertGreaterEqual(pool.stats()["connections_discarded"], 1)
+        self.assertGreaterEqual(pool.stats()["connections_discarded"], 2)
 
     def test_concurrent_serializable_workload_retried(self):
         pool = self._makeOne(isolation_level="SERIALIZABLE", maxconn=4,
