@@ -82,45 +82,86 @@ QUERY = "query"
 FUNCTION = "function"
 
 
-def _guarded(base, takes, bundles):
-    """Wrap cursor method ``base`` so that it joins the current transaction
-    first, sends that transaction's BEGIN when the server has none open
-    (inside the statement's own message when ``bundles``), and makes
-    conflicts and lost sessions retryable."""
-    def method(self, *args, **kw):
+def _returned_connection():
+    return ConnectionMisuse(
+        "zpgpool: this cursor belongs to a connection that went back to its "
+        "pool; call pool.connection() and open a new cursor")
+
+
+def _query_effect(conn, query):
+    """A statement method's query as psycopg2 will send it (a Composable
+    made text), what it does (statements.py), and whether it is text that
+    a BEGIN can go in front of (psycopg2 refuses anything else)."""
+    if isinstance(query, sql.Composable):
+        query = query.as_string(conn)
+    elif not isinstance(query, (str, bytes)):
+        return query, KEEPS_SESSION, False
+    effect = known_effect(query)
+    if effect is None:
+        effect = statement_effect(query)
+    return query, effect, True
+
+
+def _managed_execute(base):
+    """Wrap cursor method ``execute`` so that it joins the current
+    transaction first, sends that transaction's BEGIN in the statement's
+    own message when the server has none open, and makes conflicts and
+    lost sessions retryable.
+
+    The hot path of every request, hence a wrapper of its own, that
+    names psycopg2's arguments (a factory's own extra ones pass through),
+    rather than the general one below.
+    """
+    def execute(self, query, vars=None, *args, **kw):
         conn = self.connection
         managed = conn._zp_managed
         if managed is None:
-            raise ConnectionMisuse(
-                "zpgpool: this cursor belongs to a connection that went back "
-                "to its pool; call pool.connection() and open a new cursor")
-        query = args[0] if takes is QUERY and args else None
-        if query is not None and type(query) is not str:
-            if isinstance(query, sql.Composable):
-                query = query.as_string(conn)
-                args = (query,) + args[1:]
-            elif not isinstance(query, bytes):
-                query = None
-        if query is None:
-            effect = call_effect(args[0]) if takes is FUNCTION and args \
-                else KEEPS_SESSION
-        else:
-            effect = known_effect(query)
-            if effect is None:
-                effect = statement_effect(query)
+            raise _returned_connection()
+        effect = known_effect(query) if type(query) is str else None
+        text = True
+        if effect is None:
+            query, effect, text = _query_effect(conn, query)
         try:
             begin = managed.before_statement(conn, effect,
                                              self.name is not None)
             if begin is not None:
-                if not bundles or query is None or self.name is not None \
+                if not text or self.name is not None \
                         or effect & CONTROLS_TRANSACTION:
                     _execute(conn, begin)
-                elif type(query) is str:
+                elif isinstance(query, str):
                     # One message: psycopg2 sends a query string as one
                     # simple query, whose result is its last statement's.
-                    args = (begin + "; " + query,) + args[1:]
+                    query = begin + "; " + query
                 else:
-                    args = (begin.encode("ascii") + b"; " + query,) + args[1:]
+                    query = begin.encode("ascii") + b"; " + query
+            return base(self, query, vars, *args, **kw)
+        except psycopg2.Error as exc:
+            raise translate_error(exc, conn)
+    return execute
+
+
+def _guarded(base, takes):
+    """Wrap cursor method ``base`` (one that sends a statement the BEGIN
+    cannot join, see below) so that it joins the current transaction
+    first, sends that transaction's BEGIN when the server has none open,
+    and makes conflicts and lost sessions retryable."""
+    def method(self, *args, **kw):
+        conn = self.connection
+        managed = conn._zp_managed
+        if managed is None:
+            raise _returned_connection()
+        if takes is QUERY and args:
+            query, effect, _ = _query_effect(conn, args[0])
+            args = (query,) + args[1:]
+        elif takes is FUNCTION and args:
+            effect = call_effect(args[0])
+        else:
+            effect = KEEPS_SESSION
+        try:
+            begin = managed.before_statement(conn, effect,
+                                             self.name is not None)
+            if begin is not None:
+                _execute(conn, begin)
             return base(self, *args, **kw)
         except psycopg2.Error as exc:
             raise translate_error(exc, conn)
@@ -128,13 +169,12 @@ def _guarded(base, takes, bundles):
     return method
 
 
-# The cursor methods that send statements: what they take first, and
-# whether it goes as the one message the BEGIN can join (executemany sends
-# one per parameter set).
-_STATEMENT_METHODS = (("execute", QUERY, True), ("executemany", QUERY, False),
-                      ("callproc", FUNCTION, False),
-                      ("copy_expert", None, False),
-                      ("copy_from", None, False), ("copy_to", None, False))
+# The cursor methods that send statements besides execute, and what they
+# take first: BEGIN cannot join their statements (executemany sends one
+# message per parameter set, callproc's and copy's are not a query given).
+_STATEMENT_METHODS = (("executemany", QUERY), ("callproc", FUNCTION),
+                      ("copy_expert", None), ("copy_from", None),
+                      ("copy_to", None))
 _cursor_classes = {}
 
 
@@ -143,8 +183,9 @@ def _managed_cursor_class(factory):
     the current transaction (cached per factory)."""
     cls = _cursor_classes.get(factory)
     if cls is None:
-        methods = {name: _guarded(getattr(factory, name), takes, bundles)
-                   for name, takes, bundles in _STATEMENT_METHODS}
+        methods = {name: _guarded(getattr(factory, name), takes)
+                   for name, takes in _STATEMENT_METHODS}
+        methods["execute"] = _managed_execute(factory.execute)
         methods["__doc__"] = ("%s whose statements join the current "
                               "transaction." % factory.__name__)
         cls = type("Managed" + factory.__name__, (factory,), methods)
