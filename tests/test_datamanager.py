@@ -1353,6 +1353,19 @@ class SessionChangeDetectionTests(_Base):
         self.assertFalse(pool.thread_local.state.dm.dirty)
         transaction.abort()
 
+    def test_executemany_of_a_session_change_is_undone(self):
+        pool = self._makeOne(maxconn=1)
+        conn = pool.connection()
+        conn.cursor().executemany("SELECT set_config('zpgpool.many', %s, "
+                                  "false)", [("a",), ("b",)])
+        self.assertTrue(pool.thread_local.state.dm.dirty)
+        transaction.commit()
+        self.assertEqual(self._backend_state(conn.get_backend_pid()),
+                         (RESET_AND_COMMIT, 0))
+        self.assertIn(self.value_in_next_transaction(
+            pool, "SELECT current_setting('zpgpool.many', true)"),
+            (None, ""))
+
     def test_named_cursor_does_not_outlive_its_transaction(self):
         pool = self._makeOne(maxconn=1)
         conn = pool.connection()
@@ -1424,9 +1437,12 @@ class MisuseGuardTests(_Base):
         with self.assertRaises(psycopg2.OperationalError):
             cur.execute("SELECT 1")
         transaction.abort()         # the broken connection goes back
-        with self.assertRaises(ConnectionMisuse) as caught:
-            cur.execute("SELECT 1")
-        self.assertIn("went back to its pool", str(caught.exception))
+        for send in (lambda: cur.execute("SELECT 1"),
+                     lambda: cur.executemany("SELECT %s", [(1,)]),
+                     lambda: cur.callproc("pg_backend_pid")):
+            with self.assertRaises(ConnectionMisuse) as caught:
+                send()
+            self.assertIn("went back to its pool", str(caught.exception))
 
     def test_transaction_dropped_without_abort_is_not_carried_over(self):
         tm = transaction.TransactionManager()
