@@ -438,6 +438,18 @@ class SeparateBeginTests(_Base):
         self.assertEqual(out.getvalue(), "x\ny\n")
         self.assertEqual(self.sent()[0], "BEGIN")
 
+    def test_query_of_a_str_subclass_is_read_as_a_str(self):
+        # Its BEGIN joins it, and the session change it makes is undone.
+        class Query(str):
+            pass
+
+        self.mark()
+        cur = self.pool.connection().cursor()
+        cur.execute(Query("SET zp.test = 'x'"))
+        transaction.commit()
+        self.assertEqual(self.sent(), ["BEGIN; SET zp.test = 'x'",
+                                       ONE_PHASE_SESSION_RESET + "; COMMIT"])
+
     def test_named_cursor(self):
         self.mark()
         conn = self.pool.connection()
