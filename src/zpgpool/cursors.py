@@ -66,13 +66,11 @@ def translate_error(exc, conn=None):
 def _execute(conn, statement, params=None):
     """Run ``statement`` on ``conn`` past the managed cursor's guards, on
     a plain cursor kept with the connection for the purpose (making one
-    per COMMIT would cost more than the rest of the vote); return that
-    cursor."""
+    per COMMIT would cost more than the rest of the vote)."""
     cur = conn._zp_cursor
     if cur is None or cur.closed:
         cur = conn._zp_cursor = _ext.cursor(conn)
     cur.execute(statement, params)
-    return cur
 
 
 
