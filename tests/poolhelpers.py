@@ -285,3 +285,17 @@ def crash_in_commit(testcase, pools, table, killer_key, phase,
                           env=python_env(), timeout=timeout,
                           capture_output=True)
     testcase.assertEqual(proc.returncode, -signal.SIGKILL, proc.stderr)
+
+
+# -- what a two-phase vote sends (datamanager.py), spelled out ---------------------
+
+#: The vote of a two-phase transaction whose statements only read: COMMIT,
+#: unless the check finds it wrote.
+READ_ONLY_VOTE = ("SAVEPOINT zpgpool_vote; SELECT 1 / "
+                  "(txid_current_if_assigned() IS NULL)::int; COMMIT")
+
+
+def prepared_after_the_check(gid):
+    """The messages after READ_ONLY_VOTE when the check found a write."""
+    return ["ROLLBACK TO SAVEPOINT zpgpool_vote; PREPARE TRANSACTION '%s'"
+            % gid, "COMMIT PREPARED '%s'" % gid]

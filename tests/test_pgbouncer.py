@@ -21,8 +21,10 @@ from zpgpool import ConnectionPool
 from zpgpool.testing import PostgresLayer
 from zpgpool.testing import PgBouncerLayer
 
+from tests.poolhelpers import READ_ONLY_VOTE
 from tests.poolhelpers import WAIT
 from tests.poolhelpers import close_pool
+from tests.poolhelpers import prepared_after_the_check
 from tests.poolhelpers import query
 from tests.poolhelpers import unique_name
 from tests.poolhelpers import wait_for
@@ -541,8 +543,7 @@ class MessageCountTests(_Base):
                % len(sent))
         self.assertEqual(sent, [
             "BEGIN; SELECT count(*) FROM pgb_rt",
-            "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
-            " IS NULL)::int; COMMIT"])
+            READ_ONLY_VOTE])
 
     def test_two_phase_read_that_wrote_is_prepared(self):
         # The check fails inside the transaction; the savepoint it set
@@ -556,10 +557,7 @@ class MessageCountTests(_Base):
         transaction.commit()
         self.assertEqual(self.sent(), [
             "BEGIN; SELECT txid_current()",
-            "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
-            " IS NULL)::int; COMMIT",
-            "ROLLBACK TO SAVEPOINT zpgpool_vote; "
-            "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
+            READ_ONLY_VOTE] + prepared_after_the_check(gid))
         self.assertEqual(query(self.layer.postgres_dsn, "SELECT count(*) "
                                "FROM pg_prepared_xacts"), [(0,)])
 

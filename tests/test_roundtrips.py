@@ -21,7 +21,9 @@ from zpgpool.statements import ONE_PHASE_SESSION_RESET
 from zpgpool.statements import SESSION_RESET
 from zpgpool.testing import PostgresLayer
 
+from tests.poolhelpers import READ_ONLY_VOTE
 from tests.poolhelpers import WAIT
+from tests.poolhelpers import prepared_after_the_check
 
 
 STATEMENT_LOG_LAYER = PostgresLayer(
@@ -137,8 +139,7 @@ class MessageCountTests(_Base):
         transaction.commit()
         self.assertEqual(self.sent(), [
             "BEGIN; SELECT count(*) FROM rt_items",
-            "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
-            " IS NULL)::int; COMMIT"])
+            READ_ONLY_VOTE])
         self.assertEqual(self.errors(), [])
 
     def test_two_phase_read_that_wrote_is_four_messages(self):
@@ -154,10 +155,7 @@ class MessageCountTests(_Base):
         transaction.commit()
         self.assertEqual(self.sent(), [
             "BEGIN; SELECT txid_current()",
-            "SAVEPOINT zpgpool_vote; SELECT 1 / (txid_current_if_assigned()"
-            " IS NULL)::int; COMMIT",
-            "ROLLBACK TO SAVEPOINT zpgpool_vote; "
-            "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
+            READ_ONLY_VOTE] + prepared_after_the_check(gid))
         # The check's answer, in the server's log.
         self.assertEqual(self.errors(), ["division by zero"])
 
@@ -192,11 +190,8 @@ class MessageCountTests(_Base):
         self.assertEqual(sent[0], "BEGIN")
         self.assertTrue(sent[1].startswith('DECLARE "held" CURSOR WITH HOLD'),
                         sent)
-        self.assertEqual(sent[-3:], [
-            SESSION_RESET + "; SAVEPOINT zpgpool_vote; SELECT 1 / "
-            "(txid_current_if_assigned() IS NULL)::int; COMMIT",
-            "ROLLBACK TO SAVEPOINT zpgpool_vote; "
-            "PREPARE TRANSACTION '%s'" % gid, "COMMIT PREPARED '%s'" % gid])
+        self.assertEqual(sent[-3:], [SESSION_RESET + "; " + READ_ONLY_VOTE]
+                         + prepared_after_the_check(gid))
         cur = pool.connection().cursor()
         cur.execute("SELECT count(*) FROM pg_cursors")
         self.assertEqual(cur.fetchone(), (0,))
