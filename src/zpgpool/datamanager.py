@@ -50,7 +50,7 @@ from zpgpool.statements import SESSION_RESET
 from zpgpool.statements import WRITES
 from zpgpool.statements import begin_statement
 from zpgpool.twophase import gid_prefix
-from zpgpool.twophase import new_gid
+from zpgpool.twophase import new_gid_after
 from zpgpool.twophase import resolve_prepared
 # Statement analysis lived here before zpgpool.statements; so did the
 # recovery API before zpgpool.twophase: their names still work.
@@ -154,7 +154,8 @@ class ThreadState:
         self.begin = begin_statement(pool)
         # A writable one-phase pool: at most one per transaction.
         self.writer = not (pool.twophase or pool.readonly)
-        self.gid_key = gid_prefix(pool) + "gid"
+        self.gid_prefix = gid_prefix(pool)
+        self.gid_key = self.gid_prefix + "gid"
         self.sort_key = (TWO_PHASE_SORT_KEY if pool.twophase
                          else ONE_PHASE_SORT_KEY) % pool.name
         # The connection's cursor_factory, and its managed cursor class:
@@ -202,10 +203,14 @@ class ThreadState:
         dm = self.data_manager(self, conn, txn)
         txn.join(dm)
         if self.twophase:
+            # A plain string gid, so that recovery can find it by prefix.
+            # Its characters need no quoting (twophase.py), so the data
+            # manager's statements carry it as a literal.
+            dm.xid = gid = new_gid_after(self.gid_prefix)
             # Recorded with the other resources' commit (ZODB keeps it in
             # its transaction record), so that recovery can later tell
             # whether they committed; see zodb_decider().
-            txn.setExtendedInfo(self.gid_key, dm.xid)
+            txn.setExtendedInfo(self.gid_key, gid)
         self.conn = conn
         self.dm = dm
         self.txn = txn
@@ -592,13 +597,6 @@ class TwoPhaseDataManager(_DataManager):
     """PREPARE TRANSACTION in the vote, COMMIT PREPARED in tpc_finish."""
 
     prepared = False
-
-    def __init__(self, state, conn, txn):
-        super().__init__(state, conn, txn)
-        # A plain string gid, so that recovery can find it by prefix. Its
-        # characters need no quoting (new_gid), so the statements below
-        # carry it as a literal, without psycopg2's parameter formatting.
-        self.xid = new_gid(self.pool)
 
     def sortKey(self):
         # After ZODB's (storage paths and names): "~" sorts after them, so

@@ -63,7 +63,13 @@ def new_gid(pool):
     Made of letters, digits and ``_.-~:`` only (``_safe_name``), so that
     it goes into a statement between single quotes as it is.
     """
-    return "%s%s:%d:%x" % (gid_prefix(pool), _process, next(_gid_counter),
+    return new_gid_after(gid_prefix(pool))
+
+
+def new_gid_after(prefix):
+    """new_gid() for the pool whose gid_prefix() is ``prefix`` (for the
+    data manager, which keeps it)."""
+    return "%s%s:%d:%x" % (prefix, _process, next(_gid_counter),
                            int(time.time()))
 
 
