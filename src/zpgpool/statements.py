@@ -33,8 +33,9 @@ _TRANSACTION_STATEMENT = re.compile(
     r"\s*(BEGIN|START|COMMIT|END|ROLLBACK|ABORT)\b", re.IGNORECASE)
 # Statements that only read, unless a function they call writes: a
 # two-phase transaction of only these commits in its vote if the server
-# says it wrote nothing, else prepares (see datamanager.py). pg_notify() counts as
-# a write: PREPARE TRANSACTION refuses a transaction that notified.
+# says it wrote nothing, else prepares (see datamanager.py). pg_notify()
+# counts as a write: PREPARE TRANSACTION refuses a transaction that
+# notified.
 _READ_STATEMENT = re.compile(
     r"\s*(SELECT|SHOW|VALUES|TABLE|FETCH|MOVE|CLOSE|SAVEPOINT|RELEASE)\b",
     re.IGNORECASE)
