@@ -23,7 +23,11 @@ nothing but psycopg2 and the ``transaction`` package (``ZopeFloor`` and
 ``ZopeFloorBundled``: a data manager of a dozen lines that commits in its
 vote). zpgpool's Zope path does what ``ZopeFloorBundled`` does, plus all
 that makes it a pool; the distance between the two rows is zpgpool's own
-cost.
+cost. Two references without the ``transaction`` package calibrate that
+distance: ``RawBundled`` sends BEGIN with the first statement on a raw
+connection, and ``RawBundledPython`` does the same with a fixed amount of
+Python added to each transaction, so the gap between them is what a
+microsecond of Python costs at each thread count.
 """
 import itertools
 import time
@@ -432,6 +436,22 @@ class SQLAlchemyPrePing(SQLAlchemyQueuePool):
 _IDLE = psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
 
+def _send_in_transaction(conn, statement):
+    """Send ``statement`` (COMMIT, ROLLBACK, ...) on an autocommit
+    connection unless no statement began a transaction."""
+    if conn.get_transaction_status() != _IDLE:
+        cur = psycopg2.extensions.cursor(conn)
+        cur.execute(statement)
+        cur.close()
+
+
+def _spin(seconds):
+    """Run Python for ``seconds``, holding the GIL as Python code does."""
+    end = _clock() + seconds
+    while _clock() < end:
+        pass
+
+
 class _FloorDataManager:
     """The least a data manager must do to put one psycopg2 connection
     under ``transaction``: join each transaction once, COMMIT in the vote,
@@ -470,10 +490,7 @@ class _FloorDataManager:
         return self.conn
 
     def _send(self, statement):
-        if self.conn.get_transaction_status() != _IDLE:
-            cur = psycopg2.extensions.cursor(self.conn)
-            cur.execute(statement)
-            cur.close()
+        _send_in_transaction(self.conn, statement)
 
     def abort(self, txn):
         self.txn = None
@@ -523,6 +540,62 @@ class _BeginBundlingCursor(psycopg2.extensions.cursor):
         if self.connection.get_transaction_status() == _IDLE:
             query = "BEGIN; " + query
         return super().execute(query, vars)
+
+
+class RawBundled(Contender):
+    key = "raw-bundled"
+    label = "raw psycopg2, BEGIN bundled (reference)"
+    packages = ("psycopg2-binary",)
+    note = ("Not a pool, no `transaction` package: the floor's connection "
+            "in autocommit mode, sending `BEGIN; <statement>` in one "
+            "message and then COMMIT. What bundling BEGIN saves by itself, "
+            "and the base of the row below.")
+    limited = False
+    micro = False
+    workloads = ("select1", "readwrite")
+    #: Seconds of Python run between the statements and the COMMIT.
+    python = 0.0
+
+    def setup(self, size, timeout=30.0):
+        self._conns = []
+
+    def thread_ops(self, worker):
+        conn = psycopg2.connect(self.dsn)
+        self._conns.append(conn)
+        conn.autocommit = True
+        conn.cursor_factory = _BeginBundlingCursor
+        python = self.python
+
+        def op_select1():
+            select1(conn)
+            if python:
+                _spin(python)
+            _send_in_transaction(conn, "COMMIT")
+
+        def op_readwrite():
+            readwrite(conn, worker)
+            if python:
+                _spin(python)
+            _send_in_transaction(conn, "COMMIT")
+
+        return {"select1": op_select1, "readwrite": op_readwrite}
+
+    def teardown(self):
+        for conn in self._conns:
+            conn.close()
+
+
+class RawBundledPython(RawBundled):
+    key = "raw-bundled-python"
+    python = 10e-6
+    label = ("raw psycopg2, BEGIN bundled, + %.0f µs of Python (reference)"
+             % (python * 1e6))
+    note = ("The row above with %.0f µs of Python (a loop reading the "
+            "clock) between the statements and the COMMIT: the same round "
+            "trips, so the distance between the two rows is what that much "
+            "Python costs per transaction at each thread count, where the "
+            "threads share the GIL and the server shares the CPUs."
+            % (python * 1e6))
 
 
 class ZopeFloor(Contender):
@@ -815,6 +888,8 @@ ALL = (
     ZopeFloorBundledTwoPhase,
     ZpgpoolZope,
     ZpgpoolZopeTwoPhase,
+    RawBundled,
+    RawBundledPython,
     RawTwoPhase,
     ZpgpoolGetconn,
     Psycopg2Threaded,

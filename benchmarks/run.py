@@ -86,7 +86,7 @@ class Settings:
         self.reps = args.reps or (4 if quick else 15)
         self.threads = tuple(args.threads or THREADS)
         self.warm = 0.03 if quick else 0.05
-        self.duration = args.duration or (0.08 if quick else 0.2)
+        self.duration = args.duration or (0.08 if quick else 0.4)
         self.micro_time = 0.03 if quick else 0.05
         self.ex_conns = 8
         self.ex_threads = 2 * self.ex_conns
@@ -844,8 +844,10 @@ class Report:
               "more threads than that are CPU-bound: their time per "
               "operation is the CPU time one transaction takes (Python in "
               "the client, the server's work), and every microsecond of "
-              "Python a contender adds counts in full. At one thread the "
-              "round trips' latency dominates instead." % cpus)
+              "Python a contender adds counts in full, or more: the "
+              "threads also queue for the GIL (see \"What a microsecond "
+              "of Python costs\" below). At one thread the round trips' "
+              "latency dominates instead." % cpus)
         w("- Same DSN for all; health checks at their defaults (see the "
           "notes: only SQLAlchemy with pool_pre_ping pings on every "
           "checkout). Where psycopg2's autocommit is off (the floor, the "
@@ -892,10 +894,10 @@ class Report:
         w("|---|---|")
         for label, values in self.micro.items():
             w("| %s | %s |" % (label, fmt_us(values)))
-        budget = self._budget()
-        if budget:
-            w("")
-            w(budget)
+        for paragraph in (self._budget(), self._python_cost()):
+            if paragraph:
+                w("")
+                w(paragraph)
         w("")
         w("## Exhaustion: %d threads, %d connections" % (s.ex_threads,
                                                          s.ex_conns))
@@ -1258,12 +1260,6 @@ class Report:
 
     def _budget(self):
         """Where the Zope path's time goes at one thread, in words."""
-        def micro(fragment):
-            for label, values in self.micro.items():
-                if fragment in label:
-                    return med(values)
-            return None
-
         def diff(a, b):
             """Median over the repetitions of a - b (1 thread, SELECT 1)."""
             xs = self.times.get(("select1", 1, a), [])
@@ -1297,6 +1293,7 @@ class Report:
         parts.append("(Medians of the per-repetition differences; at one "
                      "thread they are as noisy as the round trips they "
                      "sit beside.)")
+        micro = self._micro_median
         txn = micro("transaction.manager alone")
         floor_loop = micro(C.ZopeFloorBundled.label + ":")
         zope_loop = micro(C.ZpgpoolZope.label + ":")
@@ -1310,6 +1307,38 @@ class Report:
                 "transaction are zpgpool's. `benchmarks/profile_hotpath.py` "
                 "splits that time by call." % (
                     txn, floor_loop, zope_loop, zope_loop - floor_loop))
+        return " ".join(parts)
+
+    def _python_cost(self):
+        """What a microsecond of Python costs a transaction at each thread
+        count, from the two raw bundled rows, in words."""
+        base, more = C.RawBundled, C.RawBundledPython
+        python_us = more.python * 1e6
+        costs = []
+        for t in self.s.threads:
+            xs = self.times.get(("select1", t, more.key), [])
+            ys = self.times.get(("select1", t, base.key), [])
+            pairs = [(x - y) / python_us for x, y in zip(xs, ys)]
+            if pairs:
+                costs.append((t, med(pairs)))
+        if not costs:
+            return ""
+        parts = ["**What a microsecond of Python costs (SELECT 1).** %.0f "
+                 "µs of Python added to each transaction of the raw "
+                 "bundled path (the same round trips: the rows \"%s\" and "
+                 "\"%s\") made its time per transaction longer by %s per "
+                 "µs of Python (medians of the repetitions' differences)."
+                 % (python_us, base.label, more.label,
+                    ", ".join("%.1f µs at %s" % (c, plural(t, "thread"))
+                              for t, c in costs))]
+        if len(self.s.threads) > 1:
+            parts.append(
+                "With more threads than CPUs the threads queue for the GIL "
+                "while one runs Python, and that Python takes its CPU from "
+                "the server too: where a µs costs more than a µs, the "
+                "floors with the `transaction` package and zpgpool's Zope "
+                "path lose more to raw psycopg2 than their Python, timed "
+                "alone on one thread, suggests.")
         return " ".join(parts)
 
     def _micro_value(self, key):
@@ -1328,11 +1357,13 @@ class Report:
                 found[k] = values
         return [a / b for a, b in zip(found[key], found[other])]
 
-    def _micro_label_value(self, fragment):
+    def _micro_median(self, fragment):
+        """The median of the single-thread loop whose label contains
+        ``fragment``, or None."""
         for label, values in self.micro.items():
             if fragment in label:
-                return "%.3f" % med(values)
-        return "-"
+                return med(values)
+        return None
 
 
 # -- the run ------------------------------------------------------------------
