@@ -1037,6 +1037,20 @@ class SeveralPoolsTests(_Base):
         transaction.commit()
         self.assertEqual(self.values(), ["b"])
 
+    def test_pool_that_could_not_join_is_not_the_writer(self):
+        # A writable one-phase pool whose checkout timed out never joined
+        # the transaction: another may still write in it.
+        from zpgpool import PoolTimeout
+        busy = self._makeOne(name="busy", maxconn=1, timeout=0)
+        other = self._makeOne(name="other")
+        held = busy.getconn()
+        with self.assertRaises(PoolTimeout):
+            busy.connection()
+        self.insert(other, "a")
+        transaction.commit()
+        self.assertEqual(self.values(), ["a"])
+        busy.putconn(held)
+
     def test_read_only_one_phase_pool_beside_a_writable_one(self):
         writer = self._makeOne(name="writer")
         reader = self._makeOne(name="reader", readonly=True)

@@ -305,6 +305,25 @@ class StatementKindTests(_Base):
             self.assertEqual(self.sent(), ["BEGIN; SELECT 7 AS v",
                                            "ROLLBACK"])
 
+    def test_a_factory_s_own_execute_arguments_reach_it(self):
+        # A cursor class whose execute takes more than psycopg2's gets
+        # them, positional or by keyword, with BEGIN still in the message.
+        seen = []
+
+        class Tagged(psycopg2.extensions.cursor):
+            def execute(self, query, vars=None, tag=None):
+                seen.append(tag)
+                return super().execute(query, vars)
+
+        cur = self._cursor(cursor_factory=Tagged)
+        cur.execute("SELECT %s", (1,), "first")
+        cur.execute("SELECT %s", (2,), tag="second")
+        self.assertEqual(cur.fetchone(), (2,))
+        transaction.abort()
+        self.assertEqual(seen, ["first", "second"])
+        self.assertEqual(self.sent(), ["BEGIN; SELECT 1", "SELECT 2",
+                                       "ROLLBACK"])
+
     def test_a_changed_cursor_factory_is_followed(self):
         # conn.cursor() makes a cursor of the connection's cursor_factory
         # whenever it changes, managed all the same (BEGIN with the first

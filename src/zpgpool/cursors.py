@@ -132,7 +132,9 @@ def _managed_execute(base):
                     query = begin + "; " + query
                 else:
                     query = begin.encode("ascii") + b"; " + query
-            return base(self, query, vars, *args, **kw)
+            if args or kw:
+                return base(self, query, vars, *args, **kw)
+            return base(self, query, vars)   # (cheaper without the *)
         except psycopg2.Error as exc:
             raise translate_error(exc, conn)
     return execute

@@ -83,30 +83,27 @@ _set_autocommit = _ext.connection.autocommit.__set__
 ONE_PHASE_SORT_KEY = "\U0010ffffzpgpool:%s"
 TWO_PHASE_SORT_KEY = "~zpgpool:%s"
 
-# The writable one-phase pool of each thread's latest transaction, as
-# (transaction, pool): a transaction runs in one thread, and a thread
-# runs one transaction at a time.
-_writers = threading.local()
-
 
 def _refuse_second_one_phase_writer(pool, txn):
     """Refuse ``pool`` if ``txn`` already writes through another writable
-    one-phase pool; before ``pool`` sends anything. Otherwise record
-    ``pool`` as the one."""
-    entry = getattr(_writers, "entry", None)
-    if entry is None or entry[0] is not txn:
-        _writers.entry = (txn, pool)
-        return
-    other = entry[1]
-    if other is not pool:
-        raise ConnectionMisuse(
-            "%s cannot join a transaction that already writes through "
-            "zpgpool pool %r: both are one-phase (twophase=False) and "
-            "writable, and two one-phase COMMITs cannot be atomic (if the "
-            "second failed, the first could not be undone); set "
-            "twophase=True on all but one of the pools used in one "
-            "transaction, or readonly=True on those that only read"
-            % (pool.label, other.name))
+    one-phase pool; before ``pool`` sends anything.
+
+    The transaction's resources tell (the transaction package offers no
+    public list of them; OnePhaseDataManager.commit looks the same way):
+    mostly there are none yet when a pool joins.
+    """
+    for resource in getattr(txn, "_resources", ()):
+        # (A pool joins each transaction once: any such one is another.)
+        if isinstance(resource, OnePhaseDataManager) \
+                and resource.state.writer:
+            raise ConnectionMisuse(
+                "%s cannot join a transaction that already writes through "
+                "zpgpool pool %r: both are one-phase (twophase=False) and "
+                "writable, and two one-phase COMMITs cannot be atomic (if "
+                "the second failed, the first could not be undone); set "
+                "twophase=True on all but one of the pools used in one "
+                "transaction, or readonly=True on those that only read"
+                % (pool.label, resource.pool.name))
 
 
 def _foreign_one_phase_votes(resources):
