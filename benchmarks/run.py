@@ -83,7 +83,7 @@ class Settings:
     def __init__(self, args):
         quick = args.quick
         self.quick = quick
-        self.reps = args.reps or (4 if quick else 15)
+        self.reps = args.reps or (4 if quick else 11)
         self.threads = tuple(args.threads or THREADS)
         self.warm = 0.03 if quick else 0.05
         self.duration = args.duration or (0.08 if quick else 0.4)
