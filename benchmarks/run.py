@@ -1509,7 +1509,10 @@ def run_threads(report, active, dsn, s, t0):
                 crews[cls.key] = Crew(contender, threads)
             except Exception as exc:
                 fail(report, t0, cls.key, threads, exc)
-                contender.teardown()
+                try:
+                    contender.teardown()    # what setup opened, if any
+                except Exception:
+                    pass    # (setup's failure is the one reported)
         try:
             keys = list(crews)
             for rep in range(s.reps):
