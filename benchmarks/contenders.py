@@ -542,7 +542,7 @@ class _BeginBundlingCursor(psycopg2.extensions.cursor):
         return super().execute(query, vars)
 
 
-class RawBundled(Contender):
+class RawBundled(RawFloor):
     key = "raw-bundled"
     label = "raw psycopg2, BEGIN bundled (reference)"
     packages = ("psycopg2-binary",)
@@ -550,17 +550,11 @@ class RawBundled(Contender):
             "in autocommit mode, sending `BEGIN; <statement>` in one "
             "message and then COMMIT. What bundling BEGIN saves by itself, "
             "and the base of the row below.")
-    limited = False
-    micro = False
-    workloads = ("select1", "readwrite")
     #: Seconds of Python run between the statements and the COMMIT.
     python = 0.0
 
-    def setup(self, size, timeout=30.0):
-        self._conns = []
-
     def thread_ops(self, worker):
-        conn = psycopg2.connect(self.dsn)
+        conn = self._connect(self.dsn)
         self._conns.append(conn)
         conn.autocommit = True
         conn.cursor_factory = _BeginBundlingCursor
@@ -579,10 +573,6 @@ class RawBundled(Contender):
             _send_in_transaction(conn, "COMMIT")
 
         return {"select1": op_select1, "readwrite": op_readwrite}
-
-    def teardown(self):
-        for conn in self._conns:
-            conn.close()
 
 
 class RawBundledPython(RawBundled):
