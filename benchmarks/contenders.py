@@ -560,17 +560,18 @@ class RawBundled(RawFloor):
         conn.cursor_factory = _BeginBundlingCursor
         python = self.python
 
-        def op_select1():
-            select1(conn)
+        def commit():
             if python:
                 _spin(python)
             _send_in_transaction(conn, "COMMIT")
 
+        def op_select1():
+            select1(conn)
+            commit()
+
         def op_readwrite():
             readwrite(conn, worker)
-            if python:
-                _spin(python)
-            _send_in_transaction(conn, "COMMIT")
+            commit()
 
         return {"select1": op_select1, "readwrite": op_readwrite}
 

@@ -1261,11 +1261,7 @@ class Report:
     def _budget(self):
         """Where the Zope path's time goes at one thread, in words."""
         def diff(a, b):
-            """Median over the repetitions of a - b (1 thread, SELECT 1)."""
-            xs = self.times.get(("select1", 1, a), [])
-            ys = self.times.get(("select1", 1, b), [])
-            pairs = [x - y for x, y in zip(xs, ys)]
-            return med(pairs) if pairs else None
+            return self._paired_diff("select1", 1, a, b)
 
         floor = self.times.get(("select1", 1, FLOOR))
         if not floor:
@@ -1309,6 +1305,14 @@ class Report:
                     txn, floor_loop, zope_loop, zope_loop - floor_loop))
         return " ".join(parts)
 
+    def _paired_diff(self, workload, threads, a, b):
+        """The median over the repetitions of contender ``a``'s time per
+        operation minus ``b``'s in the same repetition, or None."""
+        xs = self.times.get((workload, threads, a), [])
+        ys = self.times.get((workload, threads, b), [])
+        pairs = [x - y for x, y in zip(xs, ys)]
+        return med(pairs) if pairs else None
+
     def _python_cost(self):
         """What a microsecond of Python costs a transaction at each thread
         count, from the two raw bundled rows, in words."""
@@ -1316,11 +1320,9 @@ class Report:
         python_us = more.python * 1e6
         costs = []
         for t in self.s.threads:
-            xs = self.times.get(("select1", t, more.key), [])
-            ys = self.times.get(("select1", t, base.key), [])
-            pairs = [(x - y) / python_us for x, y in zip(xs, ys)]
-            if pairs:
-                costs.append((t, med(pairs)))
+            d = self._paired_diff("select1", t, more.key, base.key)
+            if d is not None:
+                costs.append((t, d / python_us))
         if not costs:
             return ""
         parts = ["**What a microsecond of Python costs (SELECT 1).** %.0f "

@@ -84,15 +84,20 @@ ONE_PHASE_SORT_KEY = "\U0010ffffzpgpool:%s"
 TWO_PHASE_SORT_KEY = "~zpgpool:%s"
 
 
+def _resources_of(txn):
+    """The resources joined to ``txn`` so far.
+
+    The transaction package offers no public list of them, hence the
+    defensive look at its attribute: a transaction without one shows none.
+    """
+    return getattr(txn, "_resources", ())
+
+
 def _refuse_second_one_phase_writer(pool, txn):
     """Refuse ``pool`` if ``txn`` already writes through another writable
-    one-phase pool; before ``pool`` sends anything.
-
-    The transaction's resources tell (the transaction package offers no
-    public list of them; OnePhaseDataManager.commit looks the same way):
-    mostly there are none yet when a pool joins.
-    """
-    for resource in getattr(txn, "_resources", ()):
+    one-phase pool; before ``pool`` sends anything. (Mostly no resource
+    has joined yet when a pool does.)"""
+    for resource in _resources_of(txn):
         # (A pool joins each transaction once: any such one is another.)
         if isinstance(resource, OnePhaseDataManager) \
                 and resource.state.writer:
@@ -112,9 +117,7 @@ def _foreign_one_phase_votes(resources):
     recognise them.
 
     zope.sqlalchemy's one-phase session commits in its vote, and keeps a
-    transaction (``tx``) until then only when it has work to commit. The
-    transaction package offers no public list of a transaction's
-    resources, hence the defensive look at its attribute (the caller's).
+    transaction (``tx``) until then only when it has work to commit.
     """
     found = []
     for resource in resources:
@@ -537,7 +540,7 @@ class OnePhaseDataManager(_DataManager):
         if self.pool.readonly or not self.begun:
             return    # nothing it could commit
         # (Alone in its transaction, as it mostly is, there is no other.)
-        resources = getattr(txn, "_resources", ())
+        resources = _resources_of(txn)
         others = _foreign_one_phase_votes(resources) \
             if len(resources) > 1 else ()
         if others:
