@@ -31,6 +31,7 @@ import itertools
 import os
 import platform
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -285,6 +286,59 @@ class CellError(Exception):
     pass
 
 
+_TICK = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_cpu():
+    """(busy, idle) CPU seconds of the whole machine since boot, from
+    /proc/stat (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq [steal ...]
+    t = [int(x) * _TICK for x in fields[1:8]]
+    return t[0] + t[1] + t[2] + t[5] + t[6], t[3] + t[4]
+
+
+class Usage:
+    """What this process and the machine used between its creation and
+    ``stop()``: the client side of a slice (this process runs only the
+    slice's threads then; the others wait on a barrier) and, from the
+    machine's counters, the rest (the server, the kernel's other work) and
+    the idle time."""
+
+    def __init__(self):
+        self._self0 = resource.getrusage(resource.RUSAGE_SELF)
+        self._machine0 = _machine_cpu()
+
+    def stop(self):
+        r0, r1 = self._self0, resource.getrusage(resource.RUSAGE_SELF)
+        m0, m1 = self._machine0, _machine_cpu()
+        self.user = r1.ru_utime - r0.ru_utime
+        self.system = r1.ru_stime - r0.ru_stime
+        self.waits = r1.ru_nvcsw - r0.ru_nvcsw
+        self.preempted = r1.ru_nivcsw - r0.ru_nivcsw
+        if m0 is None or m1 is None:
+            self.rest = self.idle = None
+        else:
+            self.rest = (m1[0] - m0[0]) - self.user - self.system
+            self.idle = m1[1] - m0[1]
+
+    def per_op(self, ops):
+        """{measure: value per operation}; CPU times in µs."""
+        us = 1e6 / ops
+        per = {"user": self.user * us, "system": self.system * us,
+               "waits": self.waits / ops, "preempted": self.preempted / ops}
+        if self.rest is not None:
+            per["rest"] = self.rest * us
+            per["idle"] = self.idle * us
+        return per
+
+
 class Crew:
     """A contender's worker threads, kept for a whole thread count.
 
@@ -367,7 +421,8 @@ class Crew:
                 pass
 
     def run(self, workload, warm, duration):
-        """One slice; return (operations completed in the window, window).
+        """One slice; return (operations completed in the window, window,
+        the Usage of the window).
 
         The window lasts ``duration`` seconds, or longer until at least one
         operation per thread (and 20 in all) has completed in it, so that
@@ -379,13 +434,16 @@ class Crew:
         self.plan = (workload, start)
         self._wait(self.go)
         wanted = max(self.threads, 20)
+        time.sleep(max(0.0, start - _clock()))
+        used = Usage()
         time.sleep(max(0.0, start + duration - _clock()))
         while sum(self.counts) < wanted and \
                 _clock() < start + 20 * duration:
             time.sleep(duration / 4)
         self.end = end = _clock()
+        used.stop()
         self._wait(self.done)
-        return sum(self.counts), end - start
+        return sum(self.counts), end - start, used
 
     def stop(self):
         self.plan = None
@@ -759,6 +817,8 @@ class Report:
         self.times = {}
         # (workload, threads, key) -> [ratio to the floor of the same rep]
         self.ratios = {}
+        # (workload, threads, key) -> [Usage.per_op(), one per repetition]
+        self.usage = {}
         self.failed = {}          # (key, threads) -> message
         self.micro = {}           # label -> [µs]
         self.micro_keys = {}      # label -> contender key or None
@@ -773,11 +833,14 @@ class Report:
     def add_cell(self, rep_results, threads):
         floor = rep_results.get(FLOOR, {})
         for key, res in rep_results.items():
-            for workload, (ops, window) in res.items():
+            for workload, (ops, window, used) in res.items():
                 us = window / ops * 1e6 if ops else float("inf")
                 self.times.setdefault((workload, threads, key), []).append(us)
+                if ops:
+                    self.usage.setdefault((workload, threads, key),
+                                          []).append(used.per_op(ops))
                 if workload in floor and floor[workload][0]:
-                    fops, fwin = floor[workload]
+                    fops, fwin = floor[workload][:2]
                     ratio = us / (fwin / fops * 1e6)
                     self.ratios.setdefault((workload, threads, key),
                                            []).append(ratio)
@@ -879,6 +942,7 @@ class Report:
             w("### %s" % WORKLOAD_TITLES[workload])
             w("")
             self._table(out, workload, self.times, fmt_us, trips=True)
+        self._usage_section(out)
         w("")
         w("## Single thread, µs per operation")
         w("")
@@ -954,8 +1018,16 @@ class Report:
         w("")
         w("## Targets")
         w("")
-        for line in self.targets():
+        targets = self.targets()
+        for line in targets:
             w("- " + line)
+        if any(line.startswith("**MISSED**") for line in targets):
+            w("")
+            w("Where the time of a missed target goes: \"Where a SELECT 1 "
+              "transaction's time goes\" above (the client's CPU time, the "
+              "server's, idle CPUs and waits, at each thread count)%s." % (
+                  " and the profile below (zpgpool's own calls, on one "
+                  "thread)" if self.profile else ""))
         w("")
         if self.profile:
             w("## Profile: where zpgpool's time goes")
@@ -1010,6 +1082,104 @@ class Report:
             if trips:
                 cells.append(self.trips.cell(workload, cls.key))
             out.append("| %s | %s |" % (self._label(cls), " | ".join(cells)))
+
+    def _usage_section(self, out):
+        """The CPU time and waits behind each SELECT 1 transaction."""
+        w = out.append
+        if not any(k[0] == "select1" for k in self.usage):
+            return
+        machine = any("rest" in u for v in self.usage.values() for u in v)
+        w("")
+        w("## Where a SELECT 1 transaction's time goes")
+        w("")
+        w("Measured in the same slices as the times above, and divided by "
+          "the transactions completed in each window (medians over the "
+          "repetitions): *client* is the CPU time of the benchmark process "
+          "(getrusage), in user mode (Python, libpq) and in the kernel "
+          "(sockets, waking and waiting); during a slice only that "
+          "contender's threads run in it, the others wait on a barrier. "
+          "*Waits* are the client's voluntary context switches: a thread "
+          "blocked, on the server's answer, on the GIL or on a lock. On one "
+          "thread a round trip is about one wait; with several threads a "
+          "reply may be there before its thread blocks, and a thread that "
+          "finds the GIL taken blocks once more.%s" % (
+              " *Rest* is the machine's other busy CPU time (/proc/stat): "
+              "the server's backends and the kernel's work for them; *idle* "
+              "the CPU time nobody used."
+              if machine else " (The machine's counters, /proc/stat, are "
+              "not readable here: no *rest* and *idle* columns.)"))
+        columns = [("time", _num), ("user", _num), ("system", _num)]
+        if machine:
+            columns += [("rest", _num), ("idle", _num)]
+        columns += [("waits", "%.2f".__mod__), ("preempted", "%.2f".__mod__)]
+        for t in self.s.threads:
+            rows = []
+            for cls in self.active:
+                used = self.usage.get(("select1", t, cls.key))
+                if not used:
+                    continue
+                cells = []
+                for name, f in columns:
+                    if name == "time":
+                        value = med(self.times[("select1", t, cls.key)])
+                    else:
+                        value = med([u[name] for u in used if name in u])
+                    cells.append(f(value))
+                rows.append("| %s | %s |" % (self._label(cls),
+                                             " | ".join(cells)))
+            if not rows:
+                continue
+            w("")
+            w("### %s" % plural(t, "thread"))
+            w("")
+            w("| contender | time per transaction, µs | client user, µs | "
+              "client system, µs |%s waits | preempted |" % (
+                  " rest, µs | idle, µs |" if machine else ""))
+            w("|---|%s" % ("---|" * len(columns)))
+            out.extend(rows)
+        paragraph = self._usage_compared()
+        if paragraph:
+            w("")
+            w(paragraph)
+
+    def _usage_compared(self):
+        """zpgpool's Zope path against the raw bundled reference (the same
+        round trips), in words."""
+        base, ours = C.RawBundled, C.ZpgpoolZope
+        cpus = os.cpu_count() or 1
+        parts = []
+        for t in self.s.threads:
+            a = self.usage.get(("select1", t, ours.key))
+            b = self.usage.get(("select1", t, base.key))
+            if not a or not b:
+                continue
+
+            def more(name):
+                return med([x[name] - y[name] for x, y in zip(a, b)])
+
+            said = "%s: %+.0f µs of time per transaction, %+.0f µs of client " \
+                "user time, %+.0f µs of client system time" % (
+                    plural(t, "thread"),
+                    self._paired_diff("select1", t, ours.key, base.key),
+                    more("user"), more("system"))
+            if "rest" in a[0] and "rest" in b[0]:
+                said += ", %+.0f µs of the rest, %+.0f µs of idle CPU " \
+                    "time" % (more("rest"), more("idle"))
+            parts.append(said + ", %+.2f waits" % more("waits"))
+        if not parts:
+            return ""
+        return ("**zpgpool's Zope path against the raw bundled reference** "
+                "(\"%s\": the same round trips, no `transaction` package, "
+                "no pool), per SELECT 1 transaction, medians of the "
+                "repetitions' differences: %s. The machine's "
+                "%d CPUs give %d µs of CPU time per µs of time per "
+                "transaction, so the columns add up, give or take the time "
+                "the hypervisor took: time per transaction × %d = client "
+                "user + client system + rest + idle time. zpgpool's extra "
+                "time is thus either CPU that one side used, or CPUs left "
+                "idle while threads waited on each other (for the GIL, or "
+                "for an answer)." % (base.label, "; ".join(parts), cpus,
+                                     cpus, cpus))
 
     @staticmethod
     def _label(cls):
@@ -1528,15 +1698,15 @@ def run_threads(report, active, dsn, s, t0):
                                 workload not in crew.contender.workloads:
                             continue
                         try:
-                            n, window = crew.run(workload, s.warm,
-                                                 s.duration)
+                            n, window, used = crew.run(
+                                workload, s.warm, s.duration)
                         except CellError as exc:
                             fail(report, t0, key, threads, exc)
                             del crews[key]
                             crew.stop()
                             crew.contender.teardown()
                             continue
-                        results[key] = {workload: (n, window)}
+                        results[key] = {workload: (n, window, used)}
                     report.add_cell(results, threads)
                 sel = report.ratios.get(("select1", threads, "zpgpool-zope"))
                 log(t0, "%d threads: repetition %d/%d done%s" % (
