@@ -1149,20 +1149,16 @@ class Report:
         cpus = os.cpu_count() or 1
         parts = []
         for t in self.s.threads:
-            a = self.usage.get(("select1", t, ours.key))
-            b = self.usage.get(("select1", t, base.key))
-            if not a or not b:
+            def more(measure=None):
+                return self._paired_diff("select1", t, ours.key, base.key,
+                                         measure)
+
+            if more("user") is None:
                 continue
-
-            def more(name):
-                return med([x[name] - y[name] for x, y in zip(a, b)])
-
             said = "%s: %+.0f µs of time per transaction, %+.0f µs of client " \
                 "user time, %+.0f µs of client system time" % (
-                    plural(t, "thread"),
-                    self._paired_diff("select1", t, ours.key, base.key),
-                    more("user"), more("system"))
-            if "rest" in a[0] and "rest" in b[0]:
+                    plural(t, "thread"), more(), more("user"), more("system"))
+            if more("rest") is not None:
                 said += ", %+.0f µs of the rest, %+.0f µs of idle CPU " \
                     "time" % (more("rest"), more("idle"))
             parts.append(said + ", %+.2f waits" % more("waits"))
@@ -1475,11 +1471,18 @@ class Report:
                     txn, floor_loop, zope_loop, zope_loop - floor_loop))
         return " ".join(parts)
 
-    def _paired_diff(self, workload, threads, a, b):
+    def _paired_diff(self, workload, threads, a, b, measure=None):
         """The median over the repetitions of contender ``a``'s time per
-        operation minus ``b``'s in the same repetition, or None."""
-        xs = self.times.get((workload, threads, a), [])
-        ys = self.times.get((workload, threads, b), [])
+        operation (or, given, its ``measure`` of Usage.per_op()) minus
+        ``b``'s in the same repetition, or None."""
+        if measure is None:
+            xs = self.times.get((workload, threads, a), [])
+            ys = self.times.get((workload, threads, b), [])
+        else:
+            xs = [u[measure] for u in self.usage.get((workload, threads, a),
+                                                     []) if measure in u]
+            ys = [u[measure] for u in self.usage.get((workload, threads, b),
+                                                     []) if measure in u]
         pairs = [x - y for x, y in zip(xs, ys)]
         return med(pairs) if pairs else None
 
