@@ -1313,9 +1313,11 @@ class Report:
                          "zope.sqlalchemy-2pc")
                         if twophase else
                         (BUNDLED_FLOOR, ZOPE_FLOOR, "zope.sqlalchemy"))
-                lines.append("%s: %s: %s%s%s" % (
+                lines.append("%s: %s: %s%s%s%s" % (
                     head, title, listed(got),
-                    self._distance(workload, key), context(workload, refs)))
+                    self._distance(workload, key),
+                    self._floor_above(workload, key, missed, bound),
+                    context(workload, refs)))
         lines.extend(self._getconn_target())
         return lines
 
@@ -1335,6 +1337,26 @@ class Report:
         return "; over its own floor (%s): %s" % (
             C.BY_KEY[floor].label,
             ", ".join("%d: %.2f×" % g for g in own))
+
+    def _floor_above(self, workload, key, missed, bound):
+        """Where a missed bound is below the ratio of zpgpool's own floor
+        (the design without a pool) in the same run, say so: no data
+        manager on the `transaction` package met it on this machine."""
+        floor = TWOPHASE_FLOOR if key.endswith("2pc") else BUNDLED_FLOOR
+        above = []
+        for t, _ in missed:
+            vals = self.ratios.get((workload, t, floor))
+            if vals and med(vals) > bound[t]:
+                above.append((t, med(vals)))
+        if not above:
+            return ""
+        return ("; its own floor (%s) is itself above the bound at %s "
+                "%s (%s): there the bound is below what the design "
+                "itself costs on this machine, pool or no pool" % (
+                    C.BY_KEY[floor].label,
+                    ", ".join(str(t) for t, _ in above),
+                    "thread" if [t for t, _ in above] == [1] else "threads",
+                    ", ".join("%d: %.2f×" % g for g in above)))
 
     def _getconn_target(self):
         title = ("zpgpool getconn + putconn, no SQL, one thread, ≤ %.2f× "
