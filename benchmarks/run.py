@@ -860,6 +860,9 @@ class Report:
             "indicative only)" if s.quick else ""))
         w("")
         loads = LOADS + [load0, load1]
+        note = self.note.strip()
+        if note and not note.endswith((".", "!", "?")):
+            note += "."     # a sentence of the paragraph below
         w("**Read the ratios, not the times.** The clients and the "
           "PostgreSQL server share this machine's %s CPUs (1-minute load "
           "average between %.1f and %.1f, sampled through the run).%s "
@@ -868,7 +871,7 @@ class Report:
           "many repetitions, so drift on the machine hits both sides of a "
           "ratio alike; absolute times move with the load."
           % (os.cpu_count(), min(loads), max(loads),
-             " " + self.note if self.note else ""))
+             " " + note if note else ""))
         w("")
         w("## Machine and versions")
         w("")
