@@ -32,6 +32,14 @@ class TargetVerdictTests(unittest.TestCase):
         self.report.times[(workload, threads, key)] = [100.0 * r
                                                        for r in ratios]
 
+    def given(self, key, floor, one, four):
+        """The same ratios for both workloads: ``one`` and ``four`` are
+        (zpgpool's, its floor's) at 1 and at 4 threads."""
+        for workload in ("select1", "readwrite"):
+            for threads, (mine, floors) in ((1, one), (4, four)):
+                self.measure(key, workload, threads, mine)
+                self.measure(floor, workload, threads, floors)
+
     def line(self, name):
         found = [line for line in self.report.targets() if name in line]
         self.assertEqual(len(found), 1, found)
@@ -39,12 +47,10 @@ class TargetVerdictTests(unittest.TestCase):
 
     def test_a_missed_bound_below_the_floor_says_so(self):
         floor = self.run.BUNDLED_FLOOR
-        for workload in ("select1", "readwrite"):
-            self.measure("zpgpool-zope", workload, 1, [0.95, 0.97, 0.99])
-            self.measure(floor, workload, 1, [0.90, 0.92, 0.94])
-            # At 4 threads both miss 1.15; the floor by itself too.
-            self.measure("zpgpool-zope", workload, 4, [1.40, 1.44, 1.48])
-            self.measure(floor, workload, 4, [1.28, 1.30, 1.32])
+        # At 4 threads both miss 1.15; the floor by itself too.
+        self.given("zpgpool-zope", floor,
+                   ([0.95, 0.97, 0.99], [0.90, 0.92, 0.94]),
+                   ([1.40, 1.44, 1.48], [1.28, 1.30, 1.32]))
         line = self.line("Zope path, one-phase, SELECT 1")
         self.assertTrue(line.startswith("**MISSED** at 4 threads"), line)
         self.assertIn("1: 0.97×, 4: 1.44×", line)
@@ -55,34 +61,22 @@ class TargetVerdictTests(unittest.TestCase):
                       line)
 
     def test_no_such_line_when_the_floor_meets_the_bound(self):
-        floor = self.run.BUNDLED_FLOOR
-        for workload in ("select1", "readwrite"):
-            self.measure("zpgpool-zope", workload, 1, [0.98])
-            self.measure(floor, workload, 1, [0.90])
-            self.measure("zpgpool-zope", workload, 4, [1.25])
-            self.measure(floor, workload, 4, [1.10])
+        self.given("zpgpool-zope", self.run.BUNDLED_FLOOR,
+                   ([0.98], [0.90]), ([1.25], [1.10]))
         line = self.line("Zope path, one-phase, SELECT 1")
         self.assertTrue(line.startswith("**MISSED** at 4 threads"), line)
         self.assertNotIn("itself above the bound", line)
 
     def test_a_met_target(self):
-        floor = self.run.BUNDLED_FLOOR
-        for workload in ("select1", "readwrite"):
-            self.measure("zpgpool-zope", workload, 1, [0.96])
-            self.measure(floor, workload, 1, [0.93])
-            self.measure("zpgpool-zope", workload, 4, [1.10])
-            self.measure(floor, workload, 4, [1.30])
+        self.given("zpgpool-zope", self.run.BUNDLED_FLOOR,
+                   ([0.96], [0.93]), ([1.10], [1.30]))
         line = self.line("Zope path, one-phase, read-write")
         self.assertTrue(line.startswith("**met**"), line)
         self.assertNotIn("itself above the bound", line)
 
     def test_the_two_phase_path_is_held_to_its_own_floor(self):
-        floor = self.run.TWOPHASE_FLOOR
-        for workload in ("select1", "readwrite"):
-            self.measure("zpgpool-zope-2pc", workload, 1, [1.50])
-            self.measure(floor, workload, 1, [1.70])
-            self.measure("zpgpool-zope-2pc", workload, 4, [1.30])
-            self.measure(floor, workload, 4, [1.35])
+        self.given("zpgpool-zope-2pc", self.run.TWOPHASE_FLOOR,
+                   ([1.50], [1.70]), ([1.30], [1.35]))
         line = self.line("Zope path, two-phase, read-write")
         self.assertTrue(line.startswith("**MISSED** at 1 thread"), line)
         self.assertIn("is itself above the bound at 1 thread (1: 1.70×)",
