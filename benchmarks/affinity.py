@@ -25,6 +25,8 @@ one thread a pinned round trip (10-16 µs) costs
 less than the Python the ``transaction`` package adds, which is not the
 latency-bound case a server on another machine makes.  Only a server on
 this machine can be pinned, so only one the benchmark started itself.
+run.py's single-thread loops, which send no statement, pin this process
+alone (``this_process_on_one_cpu``), wherever the server is.
 """
 import contextlib
 import os
@@ -73,6 +75,41 @@ def server_at(dsn):
         server.cleanup()
 
 
+class _Pins:
+    """CPU affinities changed, and put back."""
+
+    def __init__(self, cpu):
+        self.cpu = cpu
+        self.before = {}
+
+    def pin(self, pid):
+        """Move ``pid`` (a process or a thread) to the CPU; False when it
+        is gone or may not be moved."""
+        try:
+            self.before.setdefault(pid, os.sched_getaffinity(pid))
+            os.sched_setaffinity(pid, self.cpu)
+        except (ProcessLookupError, PermissionError):
+            self.before.pop(pid, None)
+            return False
+        return True
+
+    def pin_this_process(self):
+        for tid in os.listdir("/proc/self/task"):
+            self.pin(int(tid))
+
+    def restore(self):
+        for pid, mask in self.before.items():
+            try:
+                os.sched_setaffinity(pid, mask)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _one_of_ours():
+    """The CPU to pin to: the last this process may run on."""
+    return {max(os.sched_getaffinity(0))}
+
+
 @contextlib.contextmanager
 def one_cpu(dsn):
     """Run the block with this process and the server at ``dsn`` (which
@@ -83,36 +120,41 @@ def one_cpu(dsn):
     if not hasattr(os, "sched_setaffinity"):
         yield "not pinned: this platform has no sched_setaffinity"
         return
-    allowed = os.sched_getaffinity(0)
-    cpu = {max(allowed)}
+    pins = _Pins(_one_of_ours())
     postmaster = _postmaster(dsn)
-    before = {}
-
-    def pin(pid):
-        try:
-            before.setdefault(pid, os.sched_getaffinity(pid))
-            os.sched_setaffinity(pid, cpu)
-        except (ProcessLookupError, PermissionError):
-            before.pop(pid, None)
-
-    pin(postmaster)
-    if postmaster not in before:
+    if not pins.pin(postmaster):
         yield "not pinned: no permission to set the server's CPU affinity"
         return
-    threads = [int(t) for t in os.listdir("/proc/self/task")]
-    for pid in threads + _children(postmaster):
-        pin(pid)
+    pins.pin_this_process()
+    for pid in _children(postmaster):
+        pins.pin(pid)
     try:
-        yield "this process and the server pinned to CPU %d" % min(cpu)
+        yield "this process and the server pinned to CPU %d" % min(pins.cpu)
     finally:
         # Backends forked meanwhile took the postmaster's (pinned) mask.
         for pid in _children(postmaster):
-            before.setdefault(pid, before[postmaster])
-        for pid, mask in before.items():
-            try:
-                os.sched_setaffinity(pid, mask)
-            except (ProcessLookupError, PermissionError):
-                pass
+            pins.before.setdefault(pid, pins.before[postmaster])
+        pins.restore()
+
+
+@contextlib.contextmanager
+def this_process_on_one_cpu():
+    """Run the block with every thread of this process on one CPU, for
+    loops that send nothing to the server (run.py's single-thread loops:
+    unpinned, the scheduler moving the thread between CPUs shows as a
+    difference between contenders); put the affinities back after.
+
+    Yields a sentence for the report.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        yield "not pinned: this platform has no sched_setaffinity"
+        return
+    pins = _Pins(_one_of_ours())
+    pins.pin_this_process()
+    try:
+        yield "this process pinned to CPU %d" % min(pins.cpu)
+    finally:
+        pins.restore()
 
 
 def _round_trips(conns, rounds=40, per_turn=200):

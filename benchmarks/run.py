@@ -822,6 +822,7 @@ class Report:
         self.failed = {}          # (key, threads) -> message
         self.micro = {}           # label -> [µs]
         self.micro_keys = {}      # label -> contender key or None
+        self.micro_pinned = ""    # where the micro loops ran (affinity.py)
         self.exhaust = {}         # key -> list of dicts, one per rep
         self.memory = []
         self.info = []
@@ -952,10 +953,14 @@ class Report:
         w("One thread, no other load from the benchmark, the cyclic garbage "
           "collector off during each loop (as timeit does); pools of 2 "
           "connections; each loop runs about %.2f s, %d repetitions "
-          "interleaved like the slices above. Rows that say *one "
-          "transaction* include the "
+          "interleaved like the slices above; %s (none of these loops "
+          "sends a statement: on a VM, a thread the scheduler moves "
+          "between CPUs makes differences between contenders that "
+          "neither of them made; benchmarks/affinity.py). Rows that say "
+          "*one transaction* include the "
           "`transaction` package's begin and commit, shown alone as a "
-          "reference row." % (s.micro_time, s.reps))
+          "reference row." % (s.micro_time, s.reps,
+                              self.micro_pinned or "not pinned"))
         w("")
         w("| operation | µs per op, median (interquartile range) |")
         w("|---|---|")
@@ -1755,24 +1760,32 @@ def fail(report, t0, key, threads, exc):
 
 
 def run_micro(report, active, dsn, s, t0):
+    import affinity
     log(t0, "single-thread micro benchmarks")
     loops, opened = micro_loops(active, dsn)
     try:
-        sizes = {}
-        for label, (loop, cls) in loops.items():
-            loop(1000)
-            sizes[label] = calibrate(loop, s.micro_time)
-            report.micro_keys[label] = cls.key if cls else None
-        labels = list(loops)
-        for rep in range(s.reps):
-            shift = rep % len(labels)
-            for label in labels[shift:] + labels[:shift]:
-                per = timed(loops[label][0], sizes[label])
-                report.micro.setdefault(label, []).append(per * 1e6)
-        report.micro = {label: report.micro[label] for label in labels}
+        with affinity.this_process_on_one_cpu() as pinned:
+            report.micro_pinned = pinned
+            _micro_reps(report, loops, s)
     finally:
         for contender in opened:
             contender.teardown()
+
+
+def _micro_reps(report, loops, s):
+    """Each loop ``s.reps`` times, interleaved round-robin."""
+    sizes = {}
+    for label, (loop, cls) in loops.items():
+        loop(1000)
+        sizes[label] = calibrate(loop, s.micro_time)
+        report.micro_keys[label] = cls.key if cls else None
+    labels = list(loops)
+    for rep in range(s.reps):
+        shift = rep % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            per = timed(loops[label][0], sizes[label])
+            report.micro.setdefault(label, []).append(per * 1e6)
+    report.micro = {label: report.micro[label] for label in labels}
 
 
 def run_profile(report, dsn, s, t0, local):
