@@ -809,6 +809,12 @@ def git_describe():
                          if dirty else "")
 
 
+def _own_floor(key):
+    """The floor of zpgpool's Zope path ``key``: the same design without a
+    pool (the two-phase one for the two-phase path)."""
+    return TWOPHASE_FLOOR if key.endswith("2pc") else BUNDLED_FLOOR
+
+
 class Report:
     def __init__(self, settings, active):
         self.s = settings
@@ -1332,7 +1338,7 @@ class Report:
     def _distance(self, workload, key):
         """zpgpool's Zope path over its own floor (the two-phase one for
         the two-phase path), paired by repetition."""
-        floor = TWOPHASE_FLOOR if key.endswith("2pc") else BUNDLED_FLOOR
+        floor = _own_floor(key)
         own = []
         for t in self.s.threads:
             mine = self.times.get((workload, t, key), [])
@@ -1350,7 +1356,7 @@ class Report:
         """Where a missed bound is below the ratio of zpgpool's own floor
         (the design without a pool) in the same run, say so: no data
         manager on the `transaction` package met it on this machine."""
-        floor = TWOPHASE_FLOOR if key.endswith("2pc") else BUNDLED_FLOOR
+        floor = _own_floor(key)
         above = []
         for t, _ in missed:
             vals = self.ratios.get((workload, t, floor))

@@ -81,3 +81,21 @@ class TargetVerdictTests(unittest.TestCase):
         self.assertTrue(line.startswith("**MISSED** at 1 thread"), line)
         self.assertIn("is itself above the bound at 1 thread (1: 1.70×)",
                       line)
+
+
+class PinningTests(unittest.TestCase):
+    """The single-thread loops run on one CPU, and every thread of the
+    process gets its CPUs back after (benchmarks/affinity.py)."""
+
+    def test_this_process_on_one_cpu_and_back(self):
+        sys.path.insert(0, BENCHMARKS)
+        try:
+            affinity = importlib.import_module("affinity")
+        finally:
+            sys.path.remove(BENCHMARKS)
+        before = os.sched_getaffinity(0)
+        with affinity.this_process_on_one_cpu() as said:
+            inside = os.sched_getaffinity(0)
+        self.assertEqual(inside, {max(before)})
+        self.assertEqual(said, "this process pinned to CPU %d" % max(before))
+        self.assertEqual(os.sched_getaffinity(0), before)
