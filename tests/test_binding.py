@@ -24,6 +24,7 @@ from .poolhelpers import WAIT
 from .poolhelpers import LogCapture
 from .poolhelpers import TableChecks
 from .poolhelpers import close_pool
+from .poolhelpers import query
 from .poolhelpers import run_in_child
 from .poolhelpers import server_pid
 from .poolhelpers import start
@@ -445,6 +446,122 @@ class ParkingTests(BindingTestBase):
         binding.put(pool, holder)    # nothing to give back; no error
         self.assertEqual(pool.stats()["size"], 0)
 
+
+class ParkedConnectionBookTests(BindingTestBase):
+    """What parking and taking back do to a connection's record: the
+    checks its thread's next transaction runs, the pool's counters, and
+    who owns it when it could not be parked."""
+
+    def terminate(self, *conns):
+        """End the server sessions of ``conns`` without telling them."""
+        pids = [server_pid(conn) for conn in conns]
+        for conn in conns:
+            conn.rollback()
+        query(self.layer.dsn, "SELECT pg_terminate_backend(pid) FROM "
+              "unnest(%s) AS pid", (pids,))
+
+    def found_dead(self, pool, conn):
+        """Let the pool find ``conn`` dead, as a request would."""
+        with self.assertRaises(psycopg2.OperationalError):
+            conn.cursor().execute("SELECT 1")
+        pool.putconn(conn)
+
+    def test_parked_longer_than_health_check_after(self):
+        # Its session died while it was parked (a server restart in the
+        # night): pinged before its thread's next transaction, and replaced.
+        pool = self._makePool(health_check_after=0.1)
+        holder = binding.holder_for(pool)
+        mine = binding.take(pool, holder)
+        self.assertTrue(pool.park(mine, holder))
+        self.terminate(mine)
+        time.sleep(0.2)
+        again = binding.take(pool, holder)
+        self.assertIsNot(again, mine)
+        self.assertWorks(again)
+        self.assertEqual(pool.stats()["connections_lost"], 1)
+        binding.put(pool, holder)
+
+    def test_parked_after_a_loss_but_opened_before_it(self):
+        # A thread's connection, opened before one found dead, is parked
+        # after the loss without having been used since (an empty
+        # transaction): it may have died with the other (a server
+        # restart), so its thread does not get it back unchecked.
+        pool = self._makePool(maxconn=3)
+        holder = binding.holder_for(pool)
+        mine = binding.take(pool, holder)
+        other = pool.getconn()
+        self.terminate(mine, other)
+        self.found_dead(pool, other)
+        self.assertTrue(pool.park(mine, holder))
+        again = binding.take(pool, holder)
+        self.assertIsNot(again, mine)
+        self.assertTrue(mine.closed)
+        self.assertWorks(again)
+        binding.put(pool, holder)
+        self.assertEqual(pool.stats()["in_use"], 0)
+
+    def test_parked_before_a_loss_and_opened_after_it(self):
+        # Opened after the connection found dead, so not retired with it;
+        # but parked before the loss and unused since: pinged before its
+        # thread's next transaction, found dead, and replaced.
+        pool = self._makePool(maxconn=3)
+        other = pool.getconn()
+        holder = binding.holder_for(pool)
+        mine = binding.take(pool, holder)
+        self.assertTrue(pool.park(mine, holder))
+        self.terminate(mine, other)
+        self.found_dead(pool, other)
+        again = binding.take(pool, holder)
+        self.assertIsNot(again, mine)
+        self.assertWorks(again)
+        stats = pool.stats()
+        self.assertEqual(stats["connections_lost"], 2)
+        binding.put(pool, holder)
+
+    def test_a_connection_in_steady_use_is_not_idle(self):
+        # A thread that runs a transaction now and then parks its
+        # connection each time; it counts as used at each, so max_idle
+        # does not take it away from a thread that keeps using it.
+        pool = self._makePool(minconn=0, max_idle=0.2)
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        time.sleep(0.3)     # a transaction longer than max_idle
+        self.assertTrue(pool.park(conn, holder))
+        pool._maintainer.run_once(pool)
+        self.assertIs(binding.take(pool, holder), conn)
+        self.assertFalse(conn.closed)
+        stats = pool.stats()
+        self.assertEqual((stats["connections_opened"],
+                          stats["connections_discarded"]), (1, 0))
+        binding.put(pool, holder)
+
+    def test_taking_back_a_parked_connection_is_a_checkout(self):
+        pool = self._makePool()
+        holder = binding.holder_for(pool)
+        for _ in range(3):
+            conn = binding.take(pool, holder)
+            self.assertTrue(pool.park(conn, holder))
+        stats = pool.stats()
+        self.assertEqual((stats["checkouts"], stats["connections_opened"]),
+                         (3, 1))
+        binding.put(pool, holder)
+
+    def test_handed_to_a_waiter_it_is_no_longer_its_owners(self):
+        # The owner's connection went to a waiter when the owner tried to
+        # park it: giving the owner's connection back (its thread ending,
+        # say) must leave the waiter's alone.
+        pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT)
+        holder = binding.holder_for(pool)
+        conn = binding.take(pool, holder)
+        waiter = start(self, pool.getconn)
+        wait_for(lambda: pool.stats()["waiting"] == 1, "a waiter")
+        self.assertFalse(pool.park(conn, holder))
+        self.assertIs(waiter.finish(self), conn)
+        binding.put(pool, holder)
+        self.assertEqual(pool.stats()["in_use"], 1)
+        self.assertWorks(conn)
+        pool.putconn(conn)
+        self.assertEqual(pool.stats()["in_use"], 0)
 
 class ThreadEndTests(BindingTestBase):
     """What a thread's end does to the transaction integration's state."""

@@ -4,6 +4,7 @@ The exposition is read back with prometheus_client's own parser, after
 real checkouts, waits and time-outs against the server of POSTGRES_LAYER.
 """
 import threading
+import time
 import unittest
 
 import transaction
@@ -251,6 +252,20 @@ class HeldTimeTests(MetricsTestCase):
         below = dict(held.cumulative())[0.5]
         self.assertEqual(below, 1, held.as_dict())
 
+
+    def test_a_threads_hold_starts_at_each_transaction(self):
+        # Between its transactions a thread's connection is parked: kept
+        # for it, but not held. Each transaction is one hold of its own.
+        pool = self._makeOne(maxconn=1)
+        pool.record_held_times()
+        for parked_for in (1.5, 0):
+            transaction.begin()
+            pool.connection().cursor().execute("SELECT 1")
+            transaction.commit()
+            time.sleep(parked_for)
+        held = pool.histograms()["held"]
+        self.assertEqual(held.count, 2)
+        self.assertLess(held.sum, 1.5, held.as_dict())
 
 class RegistryTests(MetricsTestCase):
 

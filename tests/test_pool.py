@@ -976,6 +976,45 @@ class HealthTests(PoolTestBase):
         with pool.checkout() as again:
             self.assertWorks(again)
 
+    def test_an_older_loss_found_later_keeps_the_watermark(self):
+        # Three connections out when their sessions die. The newest is
+        # found dead first: the two opened before it are retired when they
+        # come back. Finding the oldest dead afterwards must not lower that
+        # mark, or the middle one, unused since, would be kept and handed
+        # out dead (no ping: it was used just now, as far as the pool knows).
+        pool = self._makeOne(maxconn=3)
+        oldest, middle, newest = [pool.getconn() for _ in range(3)]
+        pids = [server_pid(conn) for conn in (oldest, middle, newest)]
+        for conn in (oldest, middle, newest):
+            conn.rollback()
+        query(self.layer.dsn, "SELECT pg_terminate_backend(pid) FROM "
+              "unnest(%s) AS pid", (pids,))
+        for conn in (newest, oldest):
+            with self.assertRaises(psycopg2.OperationalError):
+                conn.cursor().execute("SELECT 1")
+            pool.putconn(conn)
+        pool.putconn(middle)
+        self.assertTrue(middle.closed)
+        with pool.checkout() as again:
+            self.assertWorks(again)
+        stats = pool.stats()
+        self.assertEqual((stats["connections_lost"], stats["size"]), (2, 1))
+
+    def test_prefer_standby_keeps_its_primary_while_no_standby_answers(self):
+        # A pool that prefers standbys pings its connections (a standby
+        # may have come back); while none answers, the primary it has is
+        # kept, not closed and opened again at every checkout.
+        pool = self._makeOne(
+            dsn=with_params(self.layer.dsn,
+                            target_session_attrs="prefer-standby"),
+            maxconn=2, health_check_after=0)
+        for _ in range(3):
+            with pool.checkout() as conn:
+                self.assertWorks(conn)
+        stats = pool.stats()
+        self.assertEqual((stats["connections_opened"],
+                          stats["connections_discarded"]), (1, 0))
+
     def test_is_disconnect_by_sqlstate(self):
         is_disconnect = zpgpool.pool.is_disconnect
         conn = psycopg2.connect(self.layer.dsn)

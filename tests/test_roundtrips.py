@@ -8,6 +8,7 @@ it logged (``log_statement = all``) for the pool's backend.
 """
 import re
 import threading
+import time
 import unittest
 
 import psycopg2
@@ -17,6 +18,7 @@ import psycopg2.extras
 from psycopg2 import sql
 import transaction
 
+from zpgpool.connection import KIND_QUERIES
 from zpgpool.statements import ONE_PHASE_SESSION_RESET
 from zpgpool.statements import SESSION_RESET
 from zpgpool.testing import PostgresLayer
@@ -597,6 +599,63 @@ class GetconnReturnTests(_Base):
                          ["BEGIN", "SET search_path TO public", "COMMIT",
                           "DISCARD ALL", "SET work_mem = '5MB'"])
 
+
+class KindRecheckTests(_Base):
+    """A pool that asks for a kind of server (target_session_attrs) pings
+    a connection idle longer than health_check_after before handing it
+    out, and one in steady use as often, since its server may change kind
+    (a failover) while it is in use: as often, and not more."""
+
+    ping = KIND_QUERIES["read-write"]
+
+    def _makeKindPool(self):
+        from zpgpool import ConnectionPool
+        pool = ConnectionPool(
+            ext.make_dsn(self.dsn, target_session_attrs="read-write"),
+            name="rt-kind", maxconn=1, health_check_after=0.3)
+        self.addCleanup(pool.closeall)
+        return pool
+
+    def count_from_here(self, conn):
+        self.pid = conn.get_backend_pid()
+        with open(self.layer.server.log_file, encoding="utf-8") as f:
+            f.seek(0, 2)
+            self.offset = f.tell()
+
+    def test_checked_once_then_not_again_at_once(self):
+        pool = self._makeKindPool()
+        conn = pool.getconn()
+        self.count_from_here(conn)
+        pool.putconn(conn)
+        time.sleep(0.4)     # idle past health_check_after
+        for _ in range(3):
+            pool.putconn(pool.getconn())
+        self.assertEqual(self.sent(), [self.ping])
+
+    def test_a_connection_in_steady_use_is_rechecked(self):
+        pool = self._makeKindPool()
+        conn = pool.getconn()
+        self.count_from_here(conn)
+        pool.putconn(conn)
+        # Never idle for health_check_after, for over three times that.
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            pool.putconn(pool.getconn())
+            time.sleep(0.05)
+        self.assertIn(self.ping, self.sent())
+
+    def test_a_threads_connection_in_steady_use_is_rechecked(self):
+        # The same for the connection a thread keeps between its
+        # transactions (parked, and taken back at each).
+        pool = self._makeKindPool()
+        self.count_from_here(pool.connection())
+        transaction.abort()
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            pool.connection().cursor().execute("SELECT 1")
+            transaction.commit()
+            time.sleep(0.05)
+        self.assertIn(self.ping, self.sent())
 
 def _set_work_mem(conn):
     """A pool's configure callable that changes the session."""

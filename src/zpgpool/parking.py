@@ -64,7 +64,6 @@ class Parking:
         """
         # (A closed connection's status is UNKNOWN.)
         if conn.get_transaction_status() != _OK_STATUS or self._closed:
-            conn._zp_owner = None
             self.release(conn)
             return False
         conn._zp_last_used = now = _monotonic()
@@ -80,7 +79,6 @@ class Parking:
                 return True
         finally:
             lock.release()
-        conn._zp_owner = None
         self.release(conn)
         return False
 
