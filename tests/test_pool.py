@@ -1466,6 +1466,14 @@ class CloseTests(PoolTestBase):
         self.assertIn(repr(self.name), str(cm.exception))
         wait_for(lambda: not self.backends(), "no backends left")
 
+    def test_close_ends_the_maintainer_before_it_returns(self):
+        # Nothing of the pool's is left running behind the caller.
+        pool = self._makeOne(minconn=1)
+        pool.open(wait=True, timeout=WAIT)
+        thread = pool._maintainer.thread
+        pool.close()
+        self.assertFalse(thread.is_alive())
+
     def test_use_after_close(self):
         pool = self._makeOne()
         pool.putconn(pool.getconn())
@@ -1941,6 +1949,49 @@ class PlacePassingTests(PoolTestBase):
         self.assertLess(time.monotonic() - healed, 10.0)
         self.assertEqual(pool.stats()["size"], 0)
 
+
+    def _silent_proxy(self):
+        from .faulthelpers import TcpProxy
+        params = psycopg2.extensions.parse_dsn(self.layer.dsn)
+        proxy = TcpProxy((params.get("host", "127.0.0.1"),
+                          int(params.get("port", 5432))))
+        self.addCleanup(proxy.close)
+        proxy.silent()
+        return proxy
+
+    def test_failed_warm_up_passes_its_place_to_a_waiter(self):
+        # The same for the maintainer's connect for minconn: the caller
+        # waiting for the place it held gets it when that connect fails.
+        proxy = self._silent_proxy()
+        dsn = with_params(self.layer.dsn, dbname="no_such_db_" + self.name,
+                          **proxy.dsn_params())
+        pool = self._makeOne(dsn, minconn=1, maxconn=1, timeout=20.0)
+        pool.open()
+        wait_for(lambda: pool.stats()["connecting"] == 1, "the warm-up")
+        waiter = start(self, pool.getconn)
+        wait_for(lambda: pool.stats()["waiting"] == 1, "a waiter")
+        healed = time.monotonic()
+        proxy.heal()
+        waiter.finish(self, timeout=10.0, expect_error=True)
+        self.assertIsInstance(waiter.error, ConnectError)
+        self.assertNotIsInstance(waiter.error, PoolTimeout)
+        self.assertLess(time.monotonic() - healed, 10.0)
+
+    def test_warm_up_finished_after_close_is_closed(self):
+        # The maintainer's connect for minconn outlives the pool's close():
+        # the connection it brings is closed, not kept or handed out.
+        proxy = self._silent_proxy()
+        pool = self._makeOne(with_params(self.layer.dsn,
+                                         **proxy.dsn_params()),
+                             minconn=1, maxconn=1)
+        pool.open()
+        wait_for(lambda: pool.stats()["connecting"] == 1, "the warm-up")
+        pool.close(timeout=0)
+        proxy.heal()
+        wait_for(lambda: pool.stats()["connecting"] == 0, "the warm-up done")
+        stats = pool.stats()
+        self.assertEqual((stats["size"], stats["idle"]), (0, 0))
+        wait_for(lambda: not self.backends(), "its session closed")
 
 class BackoffResetTests(PoolTestBase):
 
