@@ -368,6 +368,10 @@ class ParkingTests(BindingTestBase):
         wait_for(lambda: pool.stats()["waiting"] == 1, "a waiter")
         self.assertFalse(pool.park(conn, holder))
         self.assertIs(waiter.finish(self), conn)
+        # No longer the holder's: giving back what it holds (its thread
+        # ending, say) leaves the waiter's connection alone.
+        binding.put(pool, holder)
+        self.assertEqual(pool.stats()["in_use"], 1)
         pool.putconn(conn)
         # The holder's next take gets a connection the ordinary way.
         self.assertIs(binding.take(pool, holder), conn)
@@ -449,8 +453,7 @@ class ParkingTests(BindingTestBase):
 
 class ParkedConnectionBookTests(BindingTestBase):
     """What parking and taking back do to a connection's record: the
-    checks its thread's next transaction runs, the pool's counters, and
-    who owns it when it could not be parked."""
+    checks its thread's next transaction runs, and the pool's counters."""
 
     def terminate(self, *conns):
         """End the server sessions of ``conns`` without telling them."""
@@ -546,22 +549,6 @@ class ParkedConnectionBookTests(BindingTestBase):
                          (3, 1))
         binding.put(pool, holder)
 
-    def test_handed_to_a_waiter_it_is_no_longer_its_owners(self):
-        # The owner's connection went to a waiter when the owner tried to
-        # park it: giving the owner's connection back (its thread ending,
-        # say) must leave the waiter's alone.
-        pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT)
-        holder = binding.holder_for(pool)
-        conn = binding.take(pool, holder)
-        waiter = start(self, pool.getconn)
-        wait_for(lambda: pool.stats()["waiting"] == 1, "a waiter")
-        self.assertFalse(pool.park(conn, holder))
-        self.assertIs(waiter.finish(self), conn)
-        binding.put(pool, holder)
-        self.assertEqual(pool.stats()["in_use"], 1)
-        self.assertWorks(conn)
-        pool.putconn(conn)
-        self.assertEqual(pool.stats()["in_use"], 0)
 
 class ThreadEndTests(BindingTestBase):
     """What a thread's end does to the transaction integration's state."""
