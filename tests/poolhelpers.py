@@ -52,6 +52,15 @@ def server_pid(conn):
         return cur.fetchone()[0]
 
 
+
+def terminate(dsn, *conns):
+    """End the server sessions of ``conns`` without telling them."""
+    pids = [server_pid(conn) for conn in conns]
+    for conn in conns:
+        conn.rollback()
+    query(dsn, "SELECT pg_terminate_backend(pid) FROM unnest(%s) AS pid",
+          (pids,))
+
 class TableChecks:
     """For a TestCase with a ``layer`` (its ``dsn``) and a ``name`` no
     other test uses: a table of the test's own, its rows, and a check that

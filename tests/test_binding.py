@@ -24,10 +24,10 @@ from .poolhelpers import WAIT
 from .poolhelpers import LogCapture
 from .poolhelpers import TableChecks
 from .poolhelpers import close_pool
-from .poolhelpers import query
 from .poolhelpers import run_in_child
 from .poolhelpers import server_pid
 from .poolhelpers import start
+from .poolhelpers import terminate
 from .poolhelpers import unique_name
 from .poolhelpers import wait_for
 
@@ -456,12 +456,7 @@ class ParkedConnectionBookTests(BindingTestBase):
     checks its thread's next transaction runs, and the pool's counters."""
 
     def terminate(self, *conns):
-        """End the server sessions of ``conns`` without telling them."""
-        pids = [server_pid(conn) for conn in conns]
-        for conn in conns:
-            conn.rollback()
-        query(self.layer.dsn, "SELECT pg_terminate_backend(pid) FROM "
-              "unnest(%s) AS pid", (pids,))
+        terminate(self.layer.dsn, *conns)
 
     def found_dead(self, pool, conn):
         """Let the pool find ``conn`` dead, as a request would."""

@@ -40,6 +40,7 @@ from .poolhelpers import run_in_child
 from .poolhelpers import server_pid
 from .poolhelpers import closed_port
 from .poolhelpers import start
+from .poolhelpers import terminate
 from .poolhelpers import unique_name
 from .poolhelpers import wait_for
 from .poolhelpers import with_params
@@ -984,11 +985,7 @@ class HealthTests(PoolTestBase):
         # out dead (no ping: it was used just now, as far as the pool knows).
         pool = self._makeOne(maxconn=3)
         oldest, middle, newest = [pool.getconn() for _ in range(3)]
-        pids = [server_pid(conn) for conn in (oldest, middle, newest)]
-        for conn in (oldest, middle, newest):
-            conn.rollback()
-        query(self.layer.dsn, "SELECT pg_terminate_backend(pid) FROM "
-              "unnest(%s) AS pid", (pids,))
+        terminate(self.layer.dsn, oldest, middle, newest)
         for conn in (newest, oldest):
             with self.assertRaises(psycopg2.OperationalError):
                 conn.cursor().execute("SELECT 1")
@@ -1922,17 +1919,12 @@ class NothingSlowUnderTheLockTests(PoolTestBase):
 class PlacePassingTests(PoolTestBase):
 
     def test_failed_connect_passes_its_place_to_the_next_waiter(self):
-        from .faulthelpers import TcpProxy
-        params = psycopg2.extensions.parse_dsn(self.layer.dsn)
-        proxy = TcpProxy((params.get("host", "127.0.0.1"),
-                          int(params.get("port", 5432))))
-        self.addCleanup(proxy.close)
+        proxy = self._silent_proxy()
         # A database that does not exist: a permanent failure, once the
         # server gets to answer.
         dsn = with_params(self.layer.dsn, dbname="no_such_db_" + self.name,
                           **proxy.dsn_params())
         pool = self._makeOne(dsn, minconn=0, maxconn=1, timeout=20.0)
-        proxy.silent()
         first = start(self, pool.getconn)
         wait_for(lambda: pool.stats()["connecting"] == 1, "a connect")
         second = start(self, pool.getconn)
