@@ -267,6 +267,26 @@ class HeldTimeTests(MetricsTestCase):
         self.assertEqual(held.count, 2)
         self.assertLess(held.sum, 1.5, held.as_dict())
 
+    def test_histograms_are_copies(self):
+        # What histograms() returned is a picture of that moment: later
+        # waits and holds change the pool's histograms, not the picture.
+        pool = self._makeOne(maxconn=1, timeout=0)
+        pool.record_held_times()
+        conn = pool.getconn()
+        with self.assertRaises(PoolTimeout):
+            pool.getconn()
+        pool.putconn(conn)
+        before = pool.histograms()
+        self.assertEqual((before["wait"].count, before["held"].count), (1, 1))
+        conn = pool.getconn()
+        with self.assertRaises(PoolTimeout):
+            pool.getconn()
+        pool.putconn(conn)
+        self.assertEqual((before["wait"].count, before["held"].count), (1, 1))
+        after = pool.histograms()
+        self.assertEqual((after["wait"].count, after["held"].count), (2, 2))
+
+
 class RegistryTests(MetricsTestCase):
 
     def setUp(self):
@@ -342,6 +362,7 @@ class HistogramTests(unittest.TestCase):
         self.assertEqual(data["bounds"][-1], "+Inf")
         self.assertEqual(len(data["counts"]), len(BOUNDS))
         self.assertAlmostEqual(data["p50"], 0.0025 + 0.0025 * 50.5 / 100)
+        self.assertAlmostEqual(data["p99"], 0.0025 + 0.0025 * 99.99 / 100)
 
     def test_no_observations(self):
         histogram = Histogram()

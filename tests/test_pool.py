@@ -164,12 +164,20 @@ class Psycopg2ContractTests(PoolTestBase):
         conn.commit()
 
     def test_compat_classes_take_connect_keywords(self):
+        # connect_timeout is libpq's here, as for psycopg2.connect, which
+        # takes it as a string too; the pool's own option takes a number.
+        # The pool's connect_kwargs option adds to the keywords.
         params = psycopg2.extensions.parse_dsn(self.layer.dsn)
-        pool = self._makeCompat(zpgpool.ThreadedConnectionPool, 0, 2,
-                                connect_timeout=7, name=self.name, **params)
+        pool = self._makeCompat(
+            zpgpool.ThreadedConnectionPool, 0, 2, connect_timeout="7",
+            connect_kwargs={"options": "-c work_mem=3MB"}, name=self.name,
+            **params)
         conn = pool.getconn()
         dsn_params = conn.get_dsn_parameters()
         self.assertEqual(dsn_params["connect_timeout"], "7")
+        with conn.cursor() as cur:
+            cur.execute("SHOW work_mem")
+            self.assertEqual(cur.fetchone(), ("3MB",))
         self.assertEqual(dsn_params["application_name"], self.app_name)
         self.assertWorks(conn)
         pool.putconn(conn)
@@ -271,6 +279,22 @@ class Psycopg2ContractTests(PoolTestBase):
         other = start(self, pool.getconn, "shared").finish(self)
         self.assertIs(other, mine)
         pool.putconn(mine, "shared")
+
+    def test_two_threads_taking_a_free_key_at_once(self):
+        # Both find the key free and open a connection (the barrier holds
+        # each connect until the other's has begun); the second to finish
+        # keeps the first one's and gives its own back.
+        both_connecting = threading.Barrier(2)
+        pool = self._makeOne(maxconn=3,
+                             configure=lambda conn: both_connecting.wait(WAIT))
+        takers = [start(self, pool.getconn, "k") for _ in range(2)]
+        first, second = [taker.finish(self) for taker in takers]
+        self.assertIs(first, second)
+        stats = pool.stats()
+        self.assertEqual((stats["size"], stats["in_use"], stats["idle"]),
+                         (2, 1, 1))
+        pool.putconn(first, key="k")
+        self.assertEqual(pool.stats()["in_use"], 0)
 
     def test_putconn_with_the_wrong_key(self):
         pool = self._makeOne(maxconn=3)
@@ -1553,6 +1577,35 @@ class ForkTests(PoolTestBase):
         pool.putconn(held)
         pool.putconn(again)
 
+
+    def test_child_does_not_take_back_the_forking_threads_connection(self):
+        # The forking thread holds a connection of its own, in the middle of
+        # a transaction. The child's fresh books must not receive it when
+        # the thread's old claim on it ends in the child.
+        pool = self._makeCompat(zpgpool.PersistentConnectionPool, 0, 2,
+                                self.layer.dsn, name=self.name)
+        conn = pool.getconn()
+        pid = server_pid(conn)
+        with conn.cursor() as cur:
+            cur.execute("CREATE TEMP TABLE forked (x int);"
+                        " INSERT INTO forked VALUES (1)")
+
+        def child():
+            stats = pool.stats()
+            assert (stats["size"], stats["in_use"], stats["idle"]) \
+                == (0, 0, 0), stats
+            mine = pool.getconn()
+            assert mine is not conn, "the parent's connection"
+            assert server_pid(mine) != pid, "the parent's backend"
+            pool.putconn(mine)
+        self.assertEqual(run_in_child(child), (0, "ok"))
+        # The parent's transaction went on undisturbed.
+        self.assertIs(pool.getconn(), conn)
+        with conn.cursor() as cur:
+            cur.execute("SELECT x FROM forked")
+            self.assertEqual(cur.fetchall(), [(1,)])
+        self.assertEqual(server_pid(conn), pid)
+        pool.putconn(conn)
 
     def test_child_is_not_stuck_on_a_lock_held_at_the_fork(self):
         # Another thread of the parent is recording a connect failure (it
