@@ -15,10 +15,12 @@ import unittest
 import uuid
 
 import psycopg2
+import psycopg2.extensions
 import transaction
 from zope.interface.verify import verifyObject
 
 from tests.poolhelpers import backend_pids
+from tests.poolhelpers import closed_port
 from tests.poolhelpers import query
 from tests.poolhelpers import wait_for
 from tests.zsqlhelpers import DSN_ENV
@@ -536,6 +538,8 @@ class SettingsTests(InProcessTestCase):
                            connection_string=self.dsn, maxconn=0)
         self.assertRefused(['timeout', 'soon'], connection_string=self.dsn,
                            timeout='soon')
+        self.assertRefused(['timeout', '0 or more', 'nan'],
+                           connection_string=self.dsn, timeout='nan')
         name = 'ZSQL_UNSET_%s' % uuid.uuid4().hex[:6].upper()
         self.assertRefused([name, 'not set'],
                            connection_string='ENV:%s' % name)
@@ -551,10 +555,12 @@ class SettingsTests(InProcessTestCase):
         from zpgpool.zope.pools import masked
         connection = self.make(connection_string=self.dsn,
                                isolation_level='repeatable_read',
-                               encoding='LATIN1', zdatetime='', maxconn='3')
+                               encoding='LATIN1', zdatetime='',
+                               autoopen='Off', maxconn='3')
         self.assertEqual((connection.isolation_level, connection.encoding,
-                          connection.zdatetime, connection.maxconn),
-                         ('REPEATABLE READ', 'LATIN1', False, 3))
+                          connection.zdatetime, connection.autoopen,
+                          connection.maxconn),
+                         ('REPEATABLE READ', 'LATIN1', False, False, 3))
         secret = psycopg2.extensions.parse_dsn(self.dsn)['password']
         shown = connection.shown_connection_string()
         self.assertNotIn(secret, shown)
@@ -606,6 +612,19 @@ class OwnedPoolTests(InProcessTestCase):
         self.assertIsNone(pools.peek_owned(key))
         self.assertFalse(pools.drop_owned(key, 'test'))
 
+    def test_a_closed_pool_is_made_anew(self):
+        from zpgpool.zope import pools
+        key = pools.new_key()
+        self.addCleanup(pools.drop_owned, key, 'the test is over')
+        settings = (('dsn', self.dsn), ('encoding', ''),
+                    ('isolation_level', ''), ('maxconn', 2),
+                    ('timeout', 5.0), ('twophase', False))
+        first = pools.owned_pool(key, 'label', 'zsqlowned', settings)
+        first.close()
+        again = pools.owned_pool(key, 'label', 'zsqlowned', settings)
+        self.assertIsNot(again, first)
+        self.assertFalse(again.closed)
+
     def test_a_copy_gets_a_key_of_its_own(self):
         from zpgpool.zope.connection import ZpgpoolConnection
         from zpgpool.zope.subscribers import adapter_copied
@@ -614,6 +633,106 @@ class OwnedPoolTests(InProcessTestCase):
         adapter_copied(connection, None)
         self.assertNotEqual(connection._pool_key, key)
         self.assertTrue(connection._pool_key)
+
+
+class AdapterPoolTests(InProcessTestCase):
+    """The pool behind an adapter follows its settings, its loading from
+    the ZODB and the Status tab."""
+
+    def make(self, **kw):
+        from zpgpool.zope.connection import ZpgpoolConnection
+        from zpgpool.zope.pools import drop_owned
+        kw.setdefault('connection_string', self.dsn)
+        connection = ZpgpoolConnection('db', 'a title', **kw)
+        self.addCleanup(drop_owned, connection._pool_key, 'the test is over')
+        return connection
+
+    def loaded(self, connection):
+        """``connection`` as another ZODB connection loads it."""
+        from zpgpool.zope.connection import ZpgpoolConnection
+        copy = ZpgpoolConnection.__new__(ZpgpoolConnection)
+        copy.__setstate__(connection.__getstate__())
+        return copy
+
+    def test_changed_settings_replace_the_pool_at_once(self):
+        connection = self.make(maxconn=2)
+        old = connection._pool()
+        connection.edit('a title', connection_string=self.dsn, maxconn=3)
+        self.assertTrue(old.closed)
+        new = connection._current_pool()
+        self.assertIsNotNone(new)
+        self.assertEqual(new.maxconn, 3)
+
+    def test_switching_to_a_declared_pool(self):
+        import zope.component
+        import zope.component.testing
+        from zpgpool.interfaces import IConnectionPool
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        declared = ConnectionPool(self.dsn, name='zsqldeclared', minconn=0)
+        self.addCleanup(declared.closeall)
+        zope.component.provideUtility(declared, IConnectionPool,
+                                      name='declared')
+        connection = self.make()
+        own = connection._pool()
+        connection.edit('a title', pool_name='declared')
+        # The own pool is closed, and the connection string (with its
+        # password) is no longer kept in the ZODB.
+        self.assertTrue(own.closed)
+        self.assertEqual(connection.connection_string, '')
+        self.assertFalse(connection.owns_pool())
+        self.assertIs(connection._pool(), declared)
+        self.assertTrue(connection.connected())
+        declared.close()
+        self.assertFalse(connection.connected())
+        self.assertIn('not connected', connection.title_and_id())
+
+    def test_loaded_with_autoopen_opens_its_pool(self):
+        connection = self.make()
+        pool = self.loaded(connection)._current_pool()
+        self.assertIsNotNone(pool)
+        # One connection kept open from the start, as ZPsycopgDA had.
+        self.assertEqual(pool.minconn, 1)
+        wait_for(lambda: pool.stats()['idle'] == 1, 'the opened connection')
+
+    def test_loaded_without_autoopen_makes_no_pool(self):
+        connection = self.make(autoopen=False)
+        loaded = self.loaded(connection)
+        self.assertIsNone(loaded._current_pool())
+        self.assertFalse(loaded.connected())
+        self.assertEqual(loaded._pool().minconn, 0)
+
+    def test_closed_from_the_status_tab(self):
+        connection = self.make()
+        connection.connect()
+        pool = connection._current_pool()
+        self.assertEqual(connection.title_and_id(), 'a title (db), connected')
+        connection.manage_close_connection()
+        self.assertTrue(pool.closed)
+        self.assertFalse(connection.connected())
+        self.assertEqual(connection.title_and_id(),
+                         'a title (db), not connected')
+        # The next use makes a new pool.
+        connection.connect()
+        self.assertIsNot(connection._current_pool(), pool)
+        self.assertTrue(connection.connected())
+
+    def test_adding_with_check_tries_the_pool(self):
+        from OFS.Folder import Folder
+        from zpgpool import ConnectError
+        from zpgpool.zope.connection import manage_addZpgpoolConnection
+        from zpgpool.zope.pools import drop_owned
+        folder = Folder('f')
+        bad = psycopg2.extensions.make_dsn(self.dsn, port=closed_port())
+        self.assertEqual(manage_addZpgpoolConnection(
+            folder, 'unchecked', connection_string=bad, autoopen=False),
+            'unchecked')
+        self.addCleanup(drop_owned, folder.unchecked._pool_key, 'test over')
+        with self.assertRaises(ConnectError):
+            manage_addZpgpoolConnection(folder, 'checked',
+                                        connection_string=bad, timeout=0.5,
+                                        autoopen=False, check=True)
+        self.addCleanup(drop_owned, folder.checked._pool_key, 'test over')
 
 
 class MigrationFunctionTests(InProcessTestCase):
