@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import importlib.metadata
 import io
+import logging
 import os
 import secrets
 import shutil
@@ -47,6 +48,7 @@ from tests.poolhelpers import NO_TWOPHASE_LAYER
 from zpgpool.pool import hide_passwords
 
 
+from tests.poolhelpers import LogCapture
 from tests.poolhelpers import closed_port
 from tests.poolhelpers import run_cli as run
 from tests.poolhelpers import with_params
@@ -556,6 +558,21 @@ class CheckTests(CommandTestCase):
         self.assertIn('zpgpool check: 1 of 2 pools cannot serve', err)
         self.assertNotIn(password_of(self.layer.dsn) or 'no password',
                          out + err)
+
+    def test_the_pools_own_warnings_are_held_back(self):
+        # check reports a pool that cannot connect itself, once: the pool's
+        # own warnings of the same failure are held back meanwhile, and
+        # the log is left as it was.
+        log = LogCapture().install(self)     # the zpgpool logger at DEBUG
+        path = self.write_site(
+            ('down', with_params(self.layer.dsn, port=closed_port()),
+             'timeout="1"'))
+        status, out, err = run('check', path)
+        self.assertEqual(status, 1)
+        self.assertIn('zpgpool check: pool down cannot serve', err)
+        self.assertEqual([record.getMessage() for record in log.records
+                          if record.levelno >= logging.WARNING], [])
+        self.assertEqual(logging.getLogger('zpgpool').level, logging.DEBUG)
 
     def test_wrong_password(self):
         dsn = with_params(self.layer.dsn, password='wrong-' +

@@ -50,11 +50,11 @@ from zpgpool.cli.recover import _age  # noqa: F401
 from zpgpool.cli.recover import cmd_recover  # noqa: F401
 from zpgpool.cli.recover import resolve  # noqa: F401
 from zpgpool.cli.site import load_zcml  # noqa: F401
-from zpgpool.cli.site import registered_pools  # noqa: F401
 from zpgpool.cli.site import resolve_dsn  # noqa: F401
 from zpgpool.cli.site import short_dsn  # noqa: F401
 from zpgpool.cli.zopeconf import ZopeConfError  # noqa: F401
 from zpgpool.cli.zopeconf import read_zope_environment  # noqa: F401
+from zpgpool.stats import registered_pools  # noqa: F401
 
 
 COMMANDS = (demo, check, recover)

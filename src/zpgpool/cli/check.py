@@ -7,6 +7,7 @@ import psycopg2
 import psycopg2.pool
 
 from zpgpool.conninfo import hide_passwords
+from zpgpool.stats import registered_pools
 from zpgpool.cli.common import PROG
 from zpgpool.cli.common import CommandError
 from zpgpool.cli.common import _say
@@ -17,7 +18,6 @@ from zpgpool.cli.site import _close_pools
 from zpgpool.cli.site import _label
 from zpgpool.cli.site import _quiet_pool_log
 from zpgpool.cli.site import load_zcml
-from zpgpool.cli.site import registered_pools
 from zpgpool.cli.site import short_dsn
 
 

@@ -75,13 +75,6 @@ def load_zcml(path, args=None):
             path, hide_passwords(text))) from None
 
 
-def registered_pools():
-    """Return (name, pool) of every IConnectionPool utility, by name."""
-    from zope.component import getUtilitiesFor
-    from zpgpool.interfaces import IConnectionPool
-    return sorted(getUtilitiesFor(IConnectionPool), key=lambda item: item[0])
-
-
 def _close_pools(pools):
     for _name, pool in pools:
         try:
