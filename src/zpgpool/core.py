@@ -398,7 +398,7 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
             conn = self._connector.open()
         except ConnectError:
             with self._lock:
-                pass
+                self._counters["connections_failed"] += 1
                 self._backoff.failed()
             raise
         now = _monotonic()
@@ -637,5 +637,3 @@ class CorePool(KeyedContract, Lifecycle, Reporting, SessionReset,
         # What configure did to the session is the pool's, not a borrower's.
         conn._zp_session_dirty = False
         return True
-
-# zpgpool-mutation: planted by scripts/mutation, not the original
