@@ -324,10 +324,12 @@ class ParkingTests(BindingTestBase):
         pool.park(conn, holder)
         # Another thread needs a connection and there is no room: it gets
         # the parked one at once instead of waiting.
+        checkouts = pool.stats()["checkouts"]
         lent = start(self, pool.getconn).finish(self)
         self.assertIs(lent, conn)
         stats = pool.stats()
         self.assertEqual((stats["waits"], stats["bound_idle"]), (0, 0))
+        self.assertEqual(stats["checkouts"], checkouts + 1)
         # The owner notices at its next take and waits for a connection.
         owner = start(self, binding.take, pool, holder)
         wait_for(lambda: pool.stats()["waiting"] == 1, "the owner waiting")
@@ -463,6 +465,22 @@ class ParkedConnectionBookTests(BindingTestBase):
         with self.assertRaises(psycopg2.OperationalError):
             conn.cursor().execute("SELECT 1")
         pool.putconn(conn)
+
+    def test_a_lent_connection_is_checked_first(self):
+        # Its session died while it was parked: the thread it is lent to
+        # gets a connection that works instead.
+        pool = self._makePool(minconn=0, maxconn=1, timeout=WAIT,
+                              health_check_after=0.1)
+        holder = binding.holder_for(pool)
+        mine = binding.take(pool, holder)
+        self.assertTrue(pool.park(mine, holder))
+        self.terminate(mine)
+        time.sleep(0.2)
+        lent = start(self, pool.getconn).finish(self)
+        self.assertIsNot(lent, mine)
+        self.assertWorks(lent)
+        self.assertEqual(pool.stats()["connections_lost"], 1)
+        pool.putconn(lent)
 
     def test_parked_longer_than_health_check_after(self):
         # Its session died while it was parked (a server restart in the

@@ -1442,6 +1442,32 @@ class MisuseGuardTests(_Base):
         transaction.commit()
         self.assertEqual(self.values(), ["fresh"])
 
+    def test_a_connection_its_thread_gave_back_is_the_next_callers(self):
+        # A thread's connection goes back to the pool when the thread ends;
+        # whoever takes it next with getconn() commits it themselves. (With
+        # a configure that leaves connections in autocommit mode, as the
+        # transaction integration runs them, it goes back unreset.)
+        from tests.poolhelpers import start
+        from tests.poolhelpers import wait_for
+
+        def autocommit(conn):
+            conn.autocommit = True
+        pool = self._makeOne(maxconn=1, configure=autocommit)
+
+        def request():
+            self.insert(pool, "theirs")
+            transaction.commit()
+        start(self, request).finish(self)
+        wait_for(lambda: pool.stats()["idle"] == 1,
+                 "the ended thread's connection back")
+        conn = pool.getconn()
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO dm_items (value) VALUES ('mine')")
+        conn.commit()
+        pool.putconn(conn)
+        self.assertEqual(self.values(), ["theirs", "mine"])
+
     def test_cursor_of_a_returned_connection_is_refused(self):
         from zpgpool import ConnectionMisuse
         pool = self._makeOne(maxconn=1)

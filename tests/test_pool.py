@@ -816,6 +816,61 @@ class WaitingTests(PoolTestBase):
         pool.putconn(held)
         self.assertEqual(pool.stats()["in_use"], 0)
 
+    def _interrupt_waiting_caller(self, action):
+        """Arrange for ``action`` to run in this thread in 0.2 s, while it
+        waits, followed by an exception, as Ctrl-C would raise there;
+        return the exception's class."""
+        class Interrupted(Exception):
+            pass
+
+        def interrupt(signum, frame):
+            action()
+            raise Interrupted()
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        self.addCleanup(signal.signal, signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        return Interrupted
+
+    def test_a_wait_interrupted_after_the_hand_over(self):
+        # The connection reaches the waiter, and the interrupt comes before
+        # the waiter took it: it goes on to the idle stack, and nothing
+        # counts it as in use.
+        pool = self._makeOne(maxconn=1, timeout=WAIT)
+        held = pool.getconn()
+        with self.assertRaises(self._interrupt_waiting_caller(
+                lambda: pool.putconn(held))):
+            pool.getconn()
+        stats = pool.stats()
+        self.assertEqual((stats["in_use"], stats["idle"], stats["waiting"]),
+                         (0, 1, 0))
+        self.assertIs(pool.getconn(timeout=0), held)
+        pool.putconn(held)
+
+    def test_a_wait_interrupted_after_a_place_came_free(self):
+        # A discarded connection frees a place for the first waiter, which
+        # is interrupted before it could connect: the place goes on to the
+        # next waiter, who would otherwise wait out its time-out (no
+        # minconn: the maintainer does not fill the place instead).
+        pool = self._makeOne(minconn=0, maxconn=1, timeout=WAIT)
+        held = pool.getconn()
+
+        def second_waiter():
+            wait_for(lambda: pool.stats()["waiting"] == 1, "the first")
+            return pool.getconn()
+        second = start(self, second_waiter)
+
+        def discard_held():
+            wait_for(lambda: pool.stats()["waiting"] == 2, "two waiters")
+            pool.putconn(held, close=True)
+        with self.assertRaises(self._interrupt_waiting_caller(discard_held)):
+            pool.getconn()
+        conn = second.finish(self)
+        self.assertWorks(conn)
+        pool.putconn(conn)
+        stats = pool.stats()
+        self.assertEqual((stats["size"], stats["in_use"], stats["waiting"]),
+                         (1, 0, 0))
+
     def test_timeout_zero_fails_at_once(self):
         pool = self._makeOne(maxconn=1, timeout=0)
         conn = pool.getconn()
@@ -1419,6 +1474,18 @@ class LeakTests(PoolTestBase):
         pool.putconn(conn)
         self.assertEqual(pool.stats()["in_use"], 0)
 
+    def test_each_checkout_is_warned_about_once(self):
+        log = self.log
+        pool = self._makeOne(maxconn=1, leak_threshold=0.1)
+        for checkouts in (1, 2):
+            conn = pool.getconn()
+            time.sleep(0.2)             # held past the threshold
+            pool._maintainer.run_once(pool)
+            pool._maintainer.run_once(pool)
+            self.assertEqual(sum("leak" in r.getMessage()
+                                 for r in log.records), checkouts)
+            pool.putconn(conn)
+
     def test_no_warning_without_threshold(self):
         log = self.log
         pool = self._makeOne(maxconn=2)
@@ -1493,6 +1560,21 @@ class CloseTests(PoolTestBase):
         pool.open(wait=True, timeout=WAIT)
         thread = pool._maintainer.thread
         pool.close()
+        self.assertFalse(thread.is_alive())
+
+    def test_close_waits_for_a_busy_maintainer(self):
+        # The maintainer is in the middle of a warm-up connect (its
+        # configure callable takes a while) when the pool closes.
+        configuring = threading.Event()
+
+        def slow_configure(conn):
+            configuring.set()
+            time.sleep(0.3)
+        pool = self._makeOne(minconn=1, configure=slow_configure)
+        pool.open()
+        self.assertTrue(configuring.wait(WAIT))
+        thread = pool._maintainer.thread
+        pool.close(timeout=0)
         self.assertFalse(thread.is_alive())
 
     def test_use_after_close(self):

@@ -26,6 +26,8 @@ from zpgpool.testing import PostgresLayer
 from tests.poolhelpers import READ_ONLY_VOTE
 from tests.poolhelpers import WAIT
 from tests.poolhelpers import prepared_after_the_check
+from tests.poolhelpers import start
+from tests.poolhelpers import wait_for
 
 
 STATEMENT_LOG_LAYER = PostgresLayer(
@@ -608,11 +610,11 @@ class KindRecheckTests(_Base):
 
     ping = KIND_QUERIES["read-write"]
 
-    def _makeKindPool(self):
+    def _makeKindPool(self, **kw):
         from zpgpool import ConnectionPool
         pool = ConnectionPool(
             ext.make_dsn(self.dsn, target_session_attrs="read-write"),
-            name="rt-kind", maxconn=1, health_check_after=0.3)
+            name="rt-kind", maxconn=1, health_check_after=0.3, **kw)
         self.addCleanup(pool.closeall)
         return pool
 
@@ -656,6 +658,23 @@ class KindRecheckTests(_Base):
             transaction.commit()
             time.sleep(0.05)
         self.assertIn(self.ping, self.sent())
+
+    def test_a_connection_handed_from_caller_to_waiter_is_rechecked(self):
+        # The same for a connection that never rests: each return hands it
+        # straight to a caller waiting for it.
+        pool = self._makeKindPool(timeout=WAIT)
+        conn = pool.getconn()
+        self.count_from_here(conn)
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            taker = start(self, pool.getconn)
+            wait_for(lambda: pool.stats()["waiting"] == 1, "a waiter")
+            time.sleep(0.05)
+            pool.putconn(conn)
+            conn = taker.finish(self)
+        pool.putconn(conn)
+        self.assertIn(self.ping, self.sent())
+
 
 def _set_work_mem(conn):
     """A pool's configure callable that changes the session."""
