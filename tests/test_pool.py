@@ -1554,17 +1554,12 @@ class CloseTests(PoolTestBase):
         self.assertIn(repr(self.name), str(cm.exception))
         wait_for(lambda: not self.backends(), "no backends left")
 
-    def test_close_ends_the_maintainer_before_it_returns(self):
-        # Nothing of the pool's is left running behind the caller.
-        pool = self._makeOne(minconn=1)
-        pool.open(wait=True, timeout=WAIT)
-        thread = pool._maintainer.thread
-        pool.close()
-        self.assertFalse(thread.is_alive())
-
     def test_close_waits_for_a_busy_maintainer(self):
-        # The maintainer is in the middle of a warm-up connect (its
-        # configure callable takes a while) when the pool closes.
+        # Nothing of the pool's is left running behind the caller, even
+        # when the maintainer is in the middle of a warm-up connect (its
+        # configure callable takes a while) as the pool closes. (An idle
+        # maintainer may end in time without being waited for, so only
+        # a busy one shows that close() waits.)
         configuring = threading.Event()
 
         def slow_configure(conn):

@@ -593,16 +593,21 @@ class SettingsTests(InProcessTestCase):
 
 class OwnedPoolTests(InProcessTestCase):
 
+    def settings(self, **changes):
+        """An adapter's pool settings as owned_pool() takes them."""
+        settings = dict(dsn=self.dsn, encoding='', isolation_level='',
+                        maxconn=2, timeout=5.0, twophase=False)
+        settings.update(changes)
+        return tuple(sorted(settings.items()))
+
     def test_one_pool_per_key_replaced_when_the_settings_change(self):
         from zpgpool.zope import pools
         key = pools.new_key()
-        settings = (('dsn', self.dsn), ('encoding', ''),
-                    ('isolation_level', ''), ('maxconn', 2),
-                    ('timeout', 5.0), ('twophase', False))
+        settings = self.settings()
         first = pools.owned_pool(key, 'label', 'zsqlowned', settings)
         self.assertIs(pools.owned_pool(key, 'label', 'zsqlowned', settings),
                       first)
-        changed = settings[:3] + (('maxconn', 3),) + settings[4:]
+        changed = self.settings(maxconn=3)
         second = pools.owned_pool(key, 'label', 'zsqlowned', changed)
         self.assertIsNot(second, first)
         self.assertTrue(first.closed)
@@ -616,9 +621,7 @@ class OwnedPoolTests(InProcessTestCase):
         from zpgpool.zope import pools
         key = pools.new_key()
         self.addCleanup(pools.drop_owned, key, 'the test is over')
-        settings = (('dsn', self.dsn), ('encoding', ''),
-                    ('isolation_level', ''), ('maxconn', 2),
-                    ('timeout', 5.0), ('twophase', False))
+        settings = self.settings()
         first = pools.owned_pool(key, 'label', 'zsqlowned', settings)
         first.close()
         again = pools.owned_pool(key, 'label', 'zsqlowned', settings)
