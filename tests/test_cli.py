@@ -210,6 +210,13 @@ class CommandLineTests(CommandTestCase):
                       '<environment> section sets CHAMELEON_CACHE, OTHER_DSN)'
                       % (conf, variable), err)
         self.assertNotIn('OTHER_DSN', os.environ)
+        # One with no <environment> section at all.
+        bare = self.write_file('instancehome /x\n', 'bare.conf')
+        status, out, err = run('check', '--zope-conf', bare, path)
+        self.assertEqual(status, 1)
+        self.assertIn('--zope-conf %s does not set %s either (its '
+                      '<environment> section sets nothing)' % (bare, variable),
+                      err)
 
     def test_zope_conf_missing(self):
         path = self.write_site(('main', ''))
@@ -437,6 +444,19 @@ class ZopeConfTests(CommandTestCase):
             'debug-mode on\n'), {
                 'A_DSN': 'host=db.example port=6432', 'PRICE': 'costs $5',
                 'EMPTY': ''})
+
+    def test_directives_inside_the_section(self):
+        # ZConfig reads a %define wherever it is, <environment> included.
+        self.assertEqual(self.read(
+            '<environment>\n  %define host db.example\n'
+            '  A_DSN host=$host\n</environment>\n'),
+            {'A_DSN': 'host=db.example'})
+        self.write_file('  INNER 1\n', 'inner.conf')
+        self.assertRefused('<environment>\n  A 1\n  %include inner.conf\n'
+                           '</environment>\n',
+                           'line 3: %include inside <environment> (line 1) '
+                           'is not read by --zope-conf; move the variables '
+                           'into this file')
 
     def test_include(self):
         self.write_file('<environment>\n  INNER 1\n</environment>\n',

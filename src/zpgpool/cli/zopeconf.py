@@ -73,12 +73,21 @@ def read_zope_environment(path, _defines=None, _seen=()):
         if not line or line.startswith("#"):
             continue
         lowered = line.lower()
-        if section_line is None and line.startswith("%"):
+        if line.startswith("%"):
+            # ZConfig reads its directives in any section, <environment>
+            # too.
             directive, argument = (line[1:].split(None, 1) + [""])[:2]
             if directive.lower() == "define":
                 name, value = (argument.split(None, 1) + [""])[:2]
                 defines[name.lower()] = substitute(number, value.strip())
             elif directive.lower() == "include":
+                if section_line is not None:
+                    # Its lines would be the section's: rare enough to
+                    # refuse rather than read differently from Zope.
+                    fail(number, "%%include inside <environment> (line %d)"
+                                 " is not read by --zope-conf; move the"
+                                 " variables into this file"
+                         % section_line)
                 included = os.path.join(os.path.dirname(path),
                                         substitute(number, argument))
                 environment.update(read_zope_environment(
