@@ -475,13 +475,15 @@ class DemoProcessTests(unittest.TestCase):
 
     layer = POSTGRES_LAYER
 
-    def start(self, *args):
-        """Start ``zpgpool demo *args``; return the process and what it
-        printed until it was ready."""
+    def start(self, *args, under=()):
+        """Start ``zpgpool demo *args`` (run by the command ``under``, if
+        given); return the process and what it printed until it was
+        ready."""
         # With faulthandler, SIGABRT makes it print every thread's stack:
         # what stop() asks for when it hangs.
         proc = subprocess.Popen(
-            [sys.executable, '-X', 'faulthandler', '-m', 'zpgpool', 'demo']
+            list(under)
+            + [sys.executable, '-X', 'faulthandler', '-m', 'zpgpool', 'demo']
             + list(args),
             env=python_env(), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
@@ -599,6 +601,28 @@ class DemoProcessTests(unittest.TestCase):
                       rest)
         self.assertFalse(os.path.exists(base_dir))
         self.assertFalse(running(postmaster))
+
+    def test_nohup_outlives_its_terminal(self):
+        # Started under nohup, which ignores SIGHUP, the demo leaves SIGHUP
+        # ignored: closing its terminal does not stop it. SIGTERM does.
+        dsn = self.layer.new_database('zpgpool_demo')
+        proc, lines = self.start('--dsn', dsn, under=['nohup'])
+        with open('/proc/%d/status' % proc.pid) as f:
+            masks = dict(line.split(':\t') for line in f)
+
+        def has(mask, signum):
+            return bool(int(masks[mask], 16) >> (signum - 1) & 1)
+        self.assertTrue(has('SigIgn', signal.SIGHUP))
+        self.assertFalse(has('SigCgt', signal.SIGHUP))
+        self.assertTrue(has('SigCgt', signal.SIGTERM))
+        proc.send_signal(signal.SIGHUP)
+        with urllib.request.urlopen(self.url(lines) + 'stats',
+                                    timeout=30) as response:
+            self.assertEqual(json.load(response)['name'], 'demo')
+        status, rest = self.stop(proc, signal.SIGTERM)
+        self.assertEqual(status, 0, rest)
+        self.assertEqual(rest.count('zpgpool demo: interrupted; stopping'),
+                         1, rest)
 
     def test_check_with_a_throwaway_server(self):
         proc = subprocess.run(

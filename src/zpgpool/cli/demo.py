@@ -46,8 +46,11 @@ def _stop_on_signals():
     def handler(signum, frame):
         raise _Stop()
 
+    # A signal the demo was started with ignored stays ignored: under
+    # nohup (SIGHUP ignored) it outlives its terminal, as asked.
     previous = {signum: signal.signal(signum, handler)
-                for signum in STOP_SIGNALS}
+                for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
     try:
         yield
     finally:
