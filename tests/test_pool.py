@@ -126,6 +126,34 @@ def psycopg2_style_snippet(module, dsn):
     return seen
 
 
+def connect_override_snippet(module, dsn, name):
+    """A subclass that sets its connections up in psycopg2's ``_connect``,
+    as code written for psycopg2.pool does (to register a type, SET a
+    session default, ...): what its connections show."""
+    calls = []
+
+    class SetUpPool(module.ThreadedConnectionPool):
+        def _connect(self, key=None):
+            conn = super()._connect(key)
+            with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = '4321ms'")
+            conn.commit()
+            calls.append(conn)
+            return conn
+    kw = {} if module is psycopg2.pool else {"name": name}
+    pool = SetUpPool(0, 2, dsn, **kw)
+    seen = []
+    conn = pool.getconn()
+    with conn.cursor() as cur:
+        cur.execute("SHOW statement_timeout")
+        seen.append(cur.fetchone()[0])
+    conn.commit()
+    seen.append(calls[-1] is conn)
+    pool.putconn(conn)
+    pool.closeall()
+    return seen
+
+
 class Psycopg2ContractTests(PoolTestBase):
 
     def test_errors_are_psycopg2_pool_errors(self):
@@ -141,6 +169,113 @@ class Psycopg2ContractTests(PoolTestBase):
         ours = psycopg2_style_snippet(zpgpool, self.layer.dsn)
         self.assertEqual(ours, expected)
         self.assertEqual(ours[:3], [(1, 2, False), 2, True])
+
+    def test_a_connect_override_sets_up_each_connection(self):
+        expected = connect_override_snippet(psycopg2.pool, self.layer.dsn,
+                                            self.name)
+        self.assertEqual(expected, ["4321ms", True])
+        self.assertEqual(connect_override_snippet(zpgpool, self.layer.dsn,
+                                                  self.name), expected)
+
+    def test_a_connect_override_runs_again_after_a_session_reset(self):
+        # A borrower's SET makes the pool reset the session when the
+        # connection comes back (DISCARD ALL), which undoes the override's
+        # SET too: the override runs again, and so does the pool's own
+        # configure, after it.
+        calls = []
+
+        class SetUpPool(zpgpool.ThreadedConnectionPool):
+            def _connect(self, key=None):
+                conn = super()._connect(key)
+                with conn.cursor() as cur:
+                    cur.execute("SET statement_timeout = '4321ms'")
+                calls.append(conn)
+                return conn
+        pool = self._makeCompat(SetUpPool, 0, 1, self.layer.dsn,
+                                name=self.name,
+                                configure=lambda conn: calls.append("own"))
+        conn = pool.getconn()
+        with conn.cursor() as cur:
+            cur.execute("SET statement_timeout = 0")
+        conn.commit()
+        pool.putconn(conn)
+        self.assertIs(pool.getconn(), conn)
+        with conn.cursor() as cur:
+            cur.execute("SHOW statement_timeout")
+            self.assertEqual(cur.fetchone(), ("4321ms",))
+        conn.commit()
+        self.assertEqual(calls, [conn, "own", conn, "own"])
+        pool.putconn(conn)
+
+    def test_a_connect_override_must_set_up_the_pool_s_connection(self):
+        # An override that opens a connection of its own (psycopg2's
+        # _connect did the opening) is refused by name, and what it opened
+        # is closed.
+        own = []
+
+        class OwnConnections(zpgpool.ThreadedConnectionPool):
+            def _connect(self, key=None):
+                own.append(psycopg2.connect(self.dsn_for_test))
+                return own[-1]
+        OwnConnections.dsn_for_test = self.layer.dsn
+        pool = self._makeCompat(OwnConnections, 0, 1, self.layer.dsn,
+                                name=self.name)
+        with self.assertRaises(ConnectError) as cm:
+            pool.getconn()
+        message = str(cm.exception)
+        self.assertIn(repr(self.name), message)
+        self.assertIn("its configure callable %s.%s._connect failed: "
+                      "TypeError: it returned " % (
+                          __name__, OwnConnections.__qualname__), message)
+        self.assertIn("the pool opens its connections itself", message)
+        self.assertTrue(own[0].closed)
+        wait_for(lambda: not self.backends(), "the pool's connection closed")
+        self.assertEqual(pool.stats()["size"], 0)
+
+    def test_calling_connect_directly_is_refused(self):
+        # Also by an override, after it has set up a connection in this
+        # thread: it is not handed that one again.
+        class SetUpPool(zpgpool.ThreadedConnectionPool):
+            def _connect(self, key=None):
+                return super()._connect(key)
+        pool = self._makeCompat(SetUpPool, 0, 1, self.layer.dsn,
+                                name=self.name)
+        pool.putconn(pool.getconn())
+        with self.assertRaises(ConnectionMisuse) as cm:
+            pool._connect()
+        self.assertEqual(str(cm.exception), (
+            "zpgpool pool %r: _connect() sets up a connection the pool has "
+            "just opened, and only the pool calls it; to open connections "
+            "ahead of use, give minconn or call open(wait=True)"
+            % self.name))
+        self.assertEqual(pool.stats()["connections_opened"], 1)
+
+    def test_psycopg2_bookkeeping_can_be_read(self):
+        # Code that counts psycopg2's _used and _pool (for a health page)
+        # reads copies of them, even while it holds the pool's lock.
+        pool = self._makeCompat(zpgpool.ThreadedConnectionPool, 0, 3,
+                                self.layer.dsn, name=self.name)
+        keyed = pool.getconn("a")
+        plain = pool.getconn()
+        idle = pool.getconn()
+        pool.putconn(idle)
+
+        def counts():
+            with pool._lock:
+                return pool._used, pool._pool, pool._rused
+        used, free, rused = start(self, counts).finish(self)
+        self.assertEqual(used, {"a": keyed, id(plain): plain})
+        self.assertEqual(free, [idle])
+        self.assertEqual(rused, {id(keyed): "a", id(plain): id(plain)})
+        stats = pool.stats()
+        self.assertEqual((len(used), len(free)),
+                         (stats["in_use"], stats["idle"]))
+        # Copies: changing them changes nothing in the pool.
+        pool._pool.clear()
+        self.assertEqual(pool._pool, [idle])
+        pool.putconn(keyed, "a")
+        pool.putconn(plain)
+        self.assertEqual(pool._used, {})
 
     def test_pooled_connection_class_works_on_its_own(self):
         # zpgpool.pool.PooledConnection has been importable since the first

@@ -5,11 +5,21 @@
 written for ``psycopg2.pool`` runs unchanged; each is a full
 ``ConnectionPool``, ``connection()`` included.
 """
+import threading
+
+import psycopg2.extensions as _ext
+
 from zpgpool.binding import release_thread_connection
 from zpgpool.binding import thread_connection
+from zpgpool.connection import USED
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.options import DEFAULTS
 from zpgpool.pool import ConnectionPool
+
+
+# The connection the pool has just opened, while a subclass's _connect
+# override sets it up (in the thread that opened it).
+_opening = threading.local()
 
 
 def _split_compat_kwargs(args, kwargs):
@@ -40,9 +50,81 @@ class AbstractConnectionPool(ConnectionPool):
 
     def __init__(self, minconn, maxconn, *args, **kwargs):
         dsn, options = _split_compat_kwargs(args, dict(kwargs))
+        if type(self)._connect is not AbstractConnectionPool._connect:
+            options["configure"] = _set_up_by_connect(
+                self, options.get("configure"))
         super().__init__(dsn, minconn=minconn, maxconn=maxconn, **options)
         if self.minconn:
             self.open()
+
+    def _connect(self, key=None):
+        """The connection the pool has just opened, for a subclass that
+        overrides psycopg2's ``_connect`` to set its connections up::
+
+            def _connect(self, key=None):
+                conn = super()._connect(key)
+                register_vector(conn)
+                return conn
+
+        The pool opens its connections itself and calls such an override
+        on each, as it calls ``configure``: when it opens it, and again
+        after a session reset undid what it set.
+        """
+        conn = getattr(_opening, "conn", None)
+        if conn is None:
+            raise ConnectionMisuse(
+                "%s: _connect() sets up a connection the pool has just "
+                "opened, and only the pool calls it; to open connections "
+                "ahead of use, give minconn or call open(wait=True)"
+                % self.label)
+        return conn
+
+    # psycopg2's bookkeeping, for code that counts it: read-only copies
+    # (stats() says more). Taken without the pool's lock, which such code
+    # may hold, with C-level copies that no other thread can interleave.
+
+    @property
+    def _pool(self):
+        """The idle connections, as a new list."""
+        return list(self._idle)
+
+    @property
+    def _used(self):
+        """The connections checked out, by key (by id when unkeyed), as a
+        new dict."""
+        return {conn._zp_key if conn._zp_key is not None else id(conn): conn
+                for conn in list(self._conns) if conn._zp_state is USED}
+
+    @property
+    def _rused(self):
+        """The keys of ``_used`` by the connections' ids, as a new dict."""
+        return {id(conn): key for key, conn in self._used.items()}
+
+
+def _set_up_by_connect(pool, configure):
+    """The pool's ``configure`` for a subclass that overrides ``_connect``:
+    run the override on the connection the pool opened (its
+    ``super()._connect(key)`` returns it), then ``configure`` if given."""
+    def set_up(conn):
+        _opening.conn = conn
+        try:
+            got = pool._connect(None)
+        finally:
+            _opening.conn = None
+        if got is not conn:
+            if isinstance(got, _ext.connection):
+                got.close()
+            raise TypeError(
+                "it returned %r, not the connection super()._connect(key) "
+                "gave it: the pool opens its connections itself, and an "
+                "override sets up the one it is given and returns it"
+                % (got,))
+        if configure is not None:
+            configure(conn)
+    # Errors and logs name the override.
+    set_up.__module__ = type(pool).__module__
+    set_up.__qualname__ = type(pool).__qualname__ + "._connect"
+    return set_up
 
 
 class SimpleConnectionPool(AbstractConnectionPool):
