@@ -119,6 +119,15 @@ class DemoAppTests(unittest.TestCase):
         self.assertIn('hello &lt;b&gt;world&lt;/b&gt;', page.text)
         self.assertIn('<td>%s</td>' % thread, page.text)
 
+    def test_home_lists_the_notes_newest_first(self):
+        for text in ('first', 'second', 'third'):
+            self.app.post('/notes', {'text': text})
+        page = self.app.get('/').text
+        positions = [page.find('<td>%s</td>' % text)
+                     for text in ('third', 'second', 'first')]
+        self.assertNotIn(-1, positions, page)
+        self.assertEqual(positions, sorted(positions))
+
     def test_add_as_json(self):
         response = self.app.post('/notes', {'text': ' a note '},
                                  headers={'Accept': 'application/json'},
@@ -154,6 +163,36 @@ class DemoAppTests(unittest.TestCase):
         self.assertRegex(response.text, r'inserted note \d+, then failed on'
                                         r' purpose')
         self.assertEqual([t for t, _ in self.committed()], ['kept'])
+
+    def test_fail_inserts_before_it_fails(self):
+        # The failing request did insert its note (it took an id), and
+        # the abort rolled it back.
+        kept = self.app.post('/notes', {'text': 'kept'},
+                             headers={'Accept': 'application/json'}).json
+        response = self.app.post('/fail', {'text': 'lost'}, status=500)
+        self.assertIn('inserted note %d, then failed on purpose'
+                      % (kept['id'] + 1), response.text)
+        after = self.app.post('/notes', {'text': 'after'},
+                              headers={'Accept': 'application/json'}).json
+        self.assertEqual(after['id'], kept['id'] + 2)
+        self.assertEqual([t for t, _ in self.committed()], ['kept', 'after'])
+
+    def test_a_note_records_the_thread_that_served_it(self):
+        def post():
+            self.app.post('/notes', {'text': 'from a worker'})
+        worker = threading.Thread(target=post, name='demo-test-worker')
+        worker.start()
+        worker.join(30)
+        self.assertFalse(worker.is_alive())
+        self.assertEqual(self.committed(),
+                         [('from a worker', 'demo-test-worker')])
+
+    def test_metrics(self):
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+        response = self.app.get('/metrics')
+        self.assertEqual(response.headers['Content-Type'],
+                         CONTENT_TYPE_LATEST)
+        self.assertIn('zpgpool_maxconn{pool="demo"} 3.0', response.text)
 
     def test_fail_without_text(self):
         self.app.get('/fail', status=500)
