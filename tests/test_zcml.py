@@ -42,6 +42,12 @@ LINE = 'File "<string>", line 5.'
 #: A transaction manager of its own, for the transaction_manager attribute.
 tm = transaction.TransactionManager()
 
+
+def configure_connection(conn):
+    """What the configure attribute names in the tests: the pool's own
+    tests check that it is run; here only that it reaches the pool."""
+
+
 #: For the <utility component="..."> test; set by the test.
 component_pool = None
 
@@ -123,8 +129,10 @@ class _Base(unittest.TestCase):
         self.addCleanup(pool.close, 0)
 
     def _write(self, text):
+        """Write ``text`` (a str, or bytes written as they are) to a new
+        file; return its path."""
         fd, path = tempfile.mkstemp(prefix="zpgpool-dsn-")
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
         self.addCleanup(os.remove, path)
         return path
@@ -273,6 +281,7 @@ class DirectiveTests(_Base):
             reconnect_max_delay="4.5", twophase="yes",
             isolation_level="repeatable read", readonly="true",
             deferrable="1", transaction_manager=__name__ + ".tm",
+            configure=__name__ + ".configure_connection",
             application_name="zcml-test"))
         pool = pools["main"]
         self.assertIs(getUtility(IConnectionPool, name="main"), pool)
@@ -292,6 +301,7 @@ class DirectiveTests(_Base):
         self.assertIs(pool.readonly, True)
         self.assertIs(pool.deferrable, True)
         self.assertIs(pool.transaction_manager, tm)
+        self.assertIs(pool.configure, configure_connection)
         self.assertIn("application_name=zcml-test", pool.dsn)
         self.assertIn("connect_timeout=3", pool.dsn)
         self.assertIn("host=127.0.0.1", pool.dsn)
@@ -305,6 +315,11 @@ class DirectiveTests(_Base):
         self.assertEqual(
             (pool.max_lifetime, pool.max_idle, pool.health_check_after,
              pool.leak_threshold), (None, None, None, None))
+
+    def test_off_with_white_space_around_it(self):
+        pool = self._load(_pool(max_lifetime=" off ",
+                                max_idle="None "))["main"]
+        self.assertEqual((pool.max_lifetime, pool.max_idle), (None, None))
 
     def test_zero_where_zero_means_something(self):
         pool = self._load(_pool(minconn="0", timeout="0",
@@ -345,6 +360,15 @@ class DirectiveTests(_Base):
         self.assertIn("dbname=from_file", pool.dsn)
         self.assertIn("port=9", pool.dsn)
         self.assertNotIn(PASSWORD, pool.dsn)
+
+    def test_white_space_around_the_variable_or_file_name(self):
+        self._setenv("ZPGPOOL_TEST_APP_DSN",
+                     "host=127.0.0.1 port=9 dbname=from_env")
+        path = self._write("host=127.0.0.1 port=9 dbname=from_file")
+        pools = self._load(_pool(" env: ZPGPOOL_TEST_APP_DSN ", name="a")
+                           + _pool("file:  %s" % path, name="b"))
+        self.assertIn("dbname=from_env", pools["a"].dsn)
+        self.assertIn("dbname=from_file", pools["b"].dsn)
 
     def test_empty_dsn_means_libpq_defaults(self):
         pool = self._load(_pool(""))["main"]
@@ -499,6 +523,18 @@ class BadValueTests(_Base):
             _pool(transaction_manager="os.path"),
             "'os.path' is not an ITransactionManager but 'module'")
 
+    def test_bad_configure(self):
+        self.assertBad(
+            _pool(configure="zpgpool.no_such_setup"),
+            "Invalid value for 'configure'",
+            "configure must be the dotted name of a callable that takes the"
+            " new connection, such as 'myapp.db.setup';"
+            " 'zpgpool.no_such_setup' cannot be imported")
+        self.assertBad(
+            _pool(configure="os.sep"), "Invalid value for 'configure'",
+            "configure must be the dotted name of a callable; 'os.sep' is a"
+            " str")
+
     def test_broken_dsn_syntax(self):
         self.assertBad(
             _pool("host=db password=%s dbname" % PASSWORD),
@@ -563,6 +599,16 @@ class BadValueTests(_Base):
         path = self._write("\n\n")
         self.assertBad(_pool("file:" + path),
                        "dsn: the file %r is empty" % path)
+
+    def test_file_that_is_not_utf8(self):
+        # Latin-1, as an editor may save it: the error names the file and
+        # the cause, never what the file holds.
+        path = self._write(("host=db password=%s dbname=caf\xe9"
+                            % PASSWORD).encode("latin-1"))
+        self.assertBad(
+            _pool("file:" + path), "Invalid value for 'dsn'",
+            "dsn: cannot read the file %r: UnicodeDecodeError"
+            " (dsn='file:%s')" % (path, path))
 
     def test_file_without_a_name(self):
         self.assertBad(_pool("file:"),
@@ -680,15 +726,26 @@ class ExitHookTests(_Base):
         self.assertNotIn("closed %s" % name, lines)
 
     def test_install_exit_hook_is_idempotent(self):
-        saved = zcml._exit_hook_installed
-        self.addCleanup(setattr, zcml, "_exit_hook_installed", saved)
-        zcml._exit_hook_installed = True
-        # A second call while installed registers nothing more: checked
-        # through atexit's own count of registered functions.
         import atexit
+        saved = zcml._exit_hook_installed
+
+        def restore():
+            # atexit as before the test: the hook registered once if it
+            # was installed, not at all otherwise.
+            atexit.unregister(zcml.close_registered_pools)
+            if saved:
+                atexit.register(zcml.close_registered_pools)
+            zcml._exit_hook_installed = saved
+        self.addCleanup(restore)
+        atexit.unregister(zcml.close_registered_pools)
+        zcml._exit_hook_installed = False
+        # The first call registers the hook, a second one nothing more:
+        # checked through atexit's own count of registered functions.
         before = atexit._ncallbacks()
         zcml.install_exit_hook()
-        self.assertEqual(atexit._ncallbacks(), before)
+        self.assertEqual(atexit._ncallbacks(), before + 1)
+        zcml.install_exit_hook()
+        self.assertEqual(atexit._ncallbacks(), before + 1)
 
 
 class CloseRegisteredPoolsTests(_Base):
