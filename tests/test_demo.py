@@ -514,10 +514,10 @@ class DemoProcessTests(unittest.TestCase):
 
     layer = POSTGRES_LAYER
 
-    def start(self, *args, under=()):
+    def start(self, *args, under=(), ready='press Ctrl-C to stop'):
         """Start ``zpgpool demo *args`` (run by the command ``under``, if
-        given); return the process and what it printed until it was
-        ready."""
+        given); return the process and what it printed until a line with
+        ``ready``."""
         # With faulthandler, SIGABRT makes it print every thread's stack:
         # what stop() asks for when it hangs.
         proc = subprocess.Popen(
@@ -542,7 +542,7 @@ class DemoProcessTests(unittest.TestCase):
             if line is None:
                 self.fail('the demo did not start:\n%s' % ''.join(lines))
             lines.append(line)
-            if 'press Ctrl-C to stop' in line:
+            if ready in line:
                 return proc, lines
 
     def read(self, proc):
@@ -640,6 +640,17 @@ class DemoProcessTests(unittest.TestCase):
                       rest)
         self.assertFalse(os.path.exists(base_dir))
         self.assertFalse(running(postmaster))
+
+    def test_check_interrupted_fails(self):
+        # Ctrl-C during --check: the check did not pass, so the exit
+        # status says so, and everything is stopped as on any Ctrl-C.
+        dsn = self.layer.new_database('zpgpool_demo')
+        proc, lines = self.start('--dsn', dsn, '--check',
+                                 ready='zpgpool demo: checking ')
+        status, rest = self.stop(proc, signal.SIGINT)
+        self.assertIn('zpgpool demo: interrupted; stopping', rest)
+        self.assertNotIn('check passed', rest)
+        self.assertEqual(status, 1, rest)
 
     def test_nohup_outlives_its_terminal(self):
         # Started under nohup, which ignores SIGHUP, the demo leaves SIGHUP
