@@ -268,6 +268,9 @@ class DemoCheckTests(unittest.TestCase):
         self.assertEqual(len([line for line in out.splitlines()
                               if line.startswith('ok    ')]), 6)
         self.assertTrue(getUtility(IConnectionPool, name='demo').closed)
+        # The DSN, password and all, went through the environment for the
+        # ZCML only.
+        self.assertNotIn(cli.DEMO_DSN_ENV, os.environ)
         # A second run against the same database, which holds the notes of
         # the first, passes too; the environment is left as it was.
         os.environ[cli.DEMO_DSN_ENV] = 'as it was'
