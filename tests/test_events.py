@@ -1,5 +1,6 @@
 """The pool's events: their classes, ``notify``, and what a real pool
 publishes while it works."""
+import copy
 import threading
 import unittest
 
@@ -52,6 +53,11 @@ class EventClassTests(unittest.TestCase):
             "<%s pool='main'" % type(event).__name__), repr(event))
         self.assertNotIn(PASSWORD, repr(event))
         self.assertNotIn("host=", repr(event))
+        # Compared and hashed by identity: a subscriber may keep events in
+        # a set, and two alike are still two.
+        twin = copy.copy(event)
+        self.assertNotEqual(event, twin)
+        self.assertEqual(len({event, twin}), 2)
 
     def test_ConnectionCreated(self):
         event = events.ConnectionCreated(self.pool, self.connection, 0.25)
@@ -131,6 +137,8 @@ class NotifyTests(_SubscribersSaved, unittest.TestCase):
 
         pool = _makePool()
         self.addCleanup(pool.close, 0)
+        # Asked again, the kept answer is still no.
+        events.notify(Probe, pool, 1)
         events.notify(Probe, pool, 1)
         self.assertEqual(built, [])
         received = []
@@ -143,7 +151,27 @@ class NotifyTests(_SubscribersSaved, unittest.TestCase):
         zope.component.getGlobalSiteManager().unregisterHandler(
             received.append, (interfaces.IPoolExhausted,))
         events.notify(Probe, pool, 3)
+        events.notify(Probe, pool, 3)
         self.assertEqual(built, [(pool, 2)])
+
+    def test_a_plain_subscriber_beside_the_component_dispatch(self):
+        # A plain zope.event subscriber added in a Zope site, after the
+        # pool has asked who listens, gets every event, whether or not a
+        # handler is registered; once it is gone, nobody listens again.
+        import zope.component.event
+        import zope.component.testing
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        zope.event.subscribers.append(zope.component.event.dispatch)
+        pool = _makePool()
+        self.addCleanup(pool.close, 0)
+        self.assertFalse(events.listening(events.PoolExhausted))
+        received = []
+        zope.event.subscribers.append(received.append)
+        events.notify(events.PoolExhausted, pool, 1)
+        self.assertEqual([e.waiting for e in received], [1])
+        zope.event.subscribers.remove(received.append)
+        self.assertFalse(events.listening(events.PoolExhausted))
 
     def test_a_local_site_sees_its_own_and_its_bases_handlers(self):
         # A Zope or Plone site has a registry of its own, derived from the

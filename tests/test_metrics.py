@@ -7,6 +7,7 @@ import threading
 import time
 import unittest
 
+import psycopg2.extensions
 import transaction
 import zope.component
 import zope.component.testing
@@ -105,7 +106,6 @@ class GaugeTests(MetricsTestCase):
                                state="idle"), 3)
 
     def test_a_place_being_connected_is_not_free(self):
-        import psycopg2.extensions
         from tests.faulthelpers import TcpProxy
         from tests.poolhelpers import with_params
         params = psycopg2.extensions.parse_dsn(self.layer.dsn)
@@ -171,6 +171,8 @@ class CounterTests(MetricsTestCase):
             self.assertEqual(value(samples, name, "p"), figures[key], name)
         self.assertEqual(value(samples, "zpgpool_connections_opened_total",
                                "p"), 1)
+        # Two callers waited, nobody waits now: the gauge is the present.
+        self.assertEqual(value(samples, "zpgpool_waiting", "p"), 0)
 
         # The wait histogram: one observation per wait, buckets that add
         # up, the time-out's wait among them.
@@ -183,6 +185,31 @@ class CounterTests(MetricsTestCase):
         counts = [count for _bound, count in pairs]
         self.assertEqual(counts, sorted(counts))
         self.assertEqual(counts[-1], 2)
+        # The format wants the last bucket spelled "+Inf", exactly.
+        last_labels, _count = samples["zpgpool_wait_seconds_bucket"]["p"][-1]
+        self.assertEqual(last_labels["le"], "+Inf")
+
+    def test_returned_bad_and_discarded_are_counted_apart(self):
+        pool = self._makeOne(maxconn=2)
+        # Returned with its transaction still open: rolled back and kept.
+        conn = pool.getconn()
+        conn.cursor().execute("SELECT 1")
+        self.assertEqual(conn.get_transaction_status(),
+                         psycopg2.extensions.TRANSACTION_STATUS_INTRANS)
+        pool.putconn(conn)
+        samples = parse(self.only(pool))
+        self.assertEqual(value(samples, "zpgpool_returned_bad_total", "p"), 1)
+        self.assertEqual(
+            value(samples, "zpgpool_connections_discarded_total", "p"), 0)
+        self.assertEqual(value(samples, "zpgpool_connections", "p",
+                               state="idle"), 1)
+        # Closed by its caller: discarded, and nothing wrong with it.
+        pool.putconn(pool.getconn(), close=True)
+        pool.putconn(pool.getconn(), close=True)
+        samples = parse(self.only(pool))
+        self.assertEqual(value(samples, "zpgpool_returned_bad_total", "p"), 1)
+        self.assertEqual(
+            value(samples, "zpgpool_connections_discarded_total", "p"), 2)
 
     def test_a_connection_that_cannot_open(self):
         pool = ConnectionPool("host=127.0.0.1 port=1 connect_timeout=2",
@@ -198,6 +225,35 @@ class CounterTests(MetricsTestCase):
             value(samples, "zpgpool_connections_opened_total", "p"), 0)
         self.assertEqual(value(samples, "zpgpool_connections", "p",
                                state="free"), pool.maxconn)
+
+
+class ExpositionTests(MetricsTestCase):
+
+    def test_every_family_has_its_type_and_a_help_text(self):
+        # Prometheus reads the type from the TYPE line (a counter's
+        # samples end in _total); the HELP line is what a dashboard shows
+        # next to the graph.
+        pool = self._makeOne()
+        body, _content_type = metrics.exposition(self.only(pool))
+        families = {family.name: family for family in
+                    text_string_to_metric_families(body.decode("utf-8"))}
+        expected = {"zpgpool_connections": "gauge",
+                    "zpgpool_waiting": "gauge",
+                    "zpgpool_maxconn": "gauge",
+                    "zpgpool_checkouts": "counter",
+                    "zpgpool_waits": "counter",
+                    "zpgpool_timeouts": "counter",
+                    "zpgpool_connections_opened": "counter",
+                    "zpgpool_connections_failed": "counter",
+                    "zpgpool_connections_lost": "counter",
+                    "zpgpool_connections_discarded": "counter",
+                    "zpgpool_returned_bad": "counter",
+                    "zpgpool_wait_seconds": "histogram",
+                    "zpgpool_connection_held_seconds": "histogram"}
+        self.assertEqual({name: family.type
+                          for name, family in families.items()}, expected)
+        for name, family in families.items():
+            self.assertTrue(family.documentation.strip(), name)
 
 
 class HeldTimeTests(MetricsTestCase):

@@ -744,11 +744,17 @@ class MigrationFunctionTests(InProcessTestCase):
         from OFS.Folder import Folder
         return Folder('f')
 
-    def legacy(self, folder, tilevel=2):
+    def legacy(self, folder, tilevel=2, zdatetime='yes', encoding='UTF-8'):
         from Products.ZPsycopgDA.DA import Connection
         folder._setObject('db', Connection(
-            'db', 'old title', self.dsn, 'yes', tilevel=tilevel,
-            encoding='UTF-8'))
+            'db', 'old title', self.dsn, zdatetime, tilevel=tilevel,
+            encoding=encoding))
+        return folder.db
+
+    def current(self, folder, **kw):
+        from zpgpool.zope.connection import ZpgpoolConnection
+        kw.setdefault('connection_string', self.dsn)
+        folder._setObject('db', ZpgpoolConnection('db', 'new title', **kw))
         return folder.db
 
     def test_replace_carries_settings_and_local_roles_and_back(self):
@@ -789,7 +795,7 @@ class MigrationFunctionTests(InProcessTestCase):
                       str(caught.exception))
         with self.assertRaises(SettingsError) as caught:
             replace_zpsycopgda(folder, 'nosuch')
-        self.assertIn("no object 'nosuch'", str(caught.exception))
+        self.assertIn("'f' holds no object 'nosuch'", str(caught.exception))
         folder._setObject('filed', ZpgpoolConnection(
             'filed', connection_string=self.dsn))
         # (Set directly: edit() would read the file.)
@@ -799,6 +805,93 @@ class MigrationFunctionTests(InProcessTestCase):
         self.assertIn('connection_string=', str(caught.exception))
         self.assertEqual(folder.filed.meta_type,
                          'Z zpgpool Database Connection')
+
+    def test_isolation_levels_both_ways(self):
+        from zpgpool.zope.migrate import replace_zpsycopgda
+        from zpgpool.zope.migrate import restore_zpsycopgda
+        # tilevel is psycopg2's number; PostgreSQL runs read uncommitted
+        # (4) as read committed.
+        for tilevel, level in ((1, 'READ COMMITTED'), (2, 'REPEATABLE READ'),
+                               (3, 'SERIALIZABLE'), (4, 'READ COMMITTED')):
+            folder = self.folder()
+            self.legacy(folder, tilevel=tilevel)
+            new = replace_zpsycopgda(folder, 'db')
+            self.assertEqual(new.isolation_level, level, tilevel)
+        # The server's default ('') has no tilevel: ZPsycopgDA's own
+        # default, repeatable read, is what its add form would have made.
+        for level, tilevel in (('', 2), ('READ COMMITTED', 1),
+                               ('REPEATABLE READ', 2), ('SERIALIZABLE', 3)):
+            folder = self.folder()
+            self.current(folder, isolation_level=level)
+            back = restore_zpsycopgda(folder, 'db')
+            self.assertEqual(back.tilevel, tilevel, level)
+
+    def test_zdatetime_off_and_no_encoding_are_carried(self):
+        from zpgpool.zope.migrate import replace_zpsycopgda
+        from zpgpool.zope.migrate import restore_zpsycopgda
+        folder = self.folder()
+        self.legacy(folder, zdatetime='', encoding='')
+        new = replace_zpsycopgda(folder, 'db')
+        self.assertEqual((new.zdatetime, new.encoding), (False, ''))
+        # zpgpool's '' is the server's encoding; ZPsycopgDA has no such
+        # setting, and is given the UTF-8 its add form fills in.
+        back = restore_zpsycopgda(folder, 'db')
+        self.assertEqual((back.zdatetime, back.encoding), (None, 'UTF-8'))
+
+    def test_onto_a_declared_pool_and_back(self):
+        # As the docstring suggests: the settings given win over the old
+        # ones, here to use a pool declared in ZCML.
+        import zope.component
+        import zope.component.testing
+        from zpgpool.interfaces import IConnectionPool
+        from zpgpool.zope.migrate import replace_zpsycopgda
+        from zpgpool.zope.migrate import restore_zpsycopgda
+        from zpgpool.zope.pools import SettingsError
+        zope.component.testing.setUp()
+        self.addCleanup(zope.component.testing.tearDown)
+        declared = ConnectionPool(self.dsn, name='zsqlmigrated', minconn=0)
+        self.addCleanup(declared.closeall)
+        zope.component.provideUtility(declared, IConnectionPool, name='main')
+        folder = self.folder()
+        self.legacy(folder, tilevel=1)
+        new = replace_zpsycopgda(folder, 'db', pool_name='main',
+                                 connection_string='',
+                                 isolation_level='SERIALIZABLE')
+        self.assertEqual(
+            (new.pool_name, new.connection_string, new.isolation_level),
+            ('main', '', 'SERIALIZABLE'))
+        self.assertIs(new._pool(), declared)
+        # Back, ZPsycopgDA needs the connection string zpgpool keeps in
+        # ZCML and never shows.
+        with self.assertRaises(SettingsError) as caught:
+            restore_zpsycopgda(folder, 'db')
+        self.assertIn("uses the pool 'main' declared in ZCML",
+                      str(caught.exception))
+        self.assertIn('pass connection_string=', str(caught.exception))
+        self.assertIs(folder.db.aq_base, new.aq_base)
+        back = restore_zpsycopgda(folder, 'db', connection_string=self.dsn,
+                                  tilevel=1)
+        self.assertEqual((back.meta_type, back.connection_string,
+                          back.tilevel),
+                         ('Z Psycopg 2 Database Connection', self.dsn, 1))
+
+    def test_owner_and_permission_settings_are_carried(self):
+        from zpgpool.zope.migrate import replace_zpsycopgda
+        from zpgpool.zope.migrate import restore_zpsycopgda
+        folder = self.folder()
+        old = self.legacy(folder)
+        old.manage_permission('View', ['Manager'], acquire=0)
+        old._owner = (['acl_users'], 'bob')     # what changeOwnership keeps
+        new = replace_zpsycopgda(folder, 'db')
+        back = restore_zpsycopgda(folder, 'db')
+        for connection in (new, back):
+            self.assertEqual(connection.getOwnerTuple(), (['acl_users'], 'bob'))
+            self.assertEqual(
+                [role['name'] for role in
+                 connection.rolesOfPermission('View') if role['selected']],
+                ['Manager'])
+            # Not acquired from the folder either.
+            self.assertEqual(connection.acquiredRolesAreUsedBy('View'), '')
 
     def test_the_adapter_provides_its_interface(self):
         from zpgpool.zope.connection import IZpgpoolConnection
