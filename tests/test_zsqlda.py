@@ -10,6 +10,7 @@ adapter's pieces in the test process against the same server.
 """
 import concurrent.futures
 import html
+import os
 import re
 import unittest
 import uuid
@@ -874,6 +875,23 @@ class MigrationFunctionTests(InProcessTestCase):
         self.assertEqual((back.meta_type, back.connection_string,
                           back.tilevel),
                          ('Z Psycopg 2 Database Connection', self.dsn, 1))
+
+    def test_an_environment_variable_is_named_as_zpsycopgda_reads_it(self):
+        # zpgpool reads env:NAME and ENV:NAME, blanks after the colon
+        # allowed; ZPsycopgDA only ENV:NAME, the name exactly as written.
+        from zpgpool.zope.migrate import restore_zpsycopgda
+        name = 'ZSQL_MIGRATED_%s' % uuid.uuid4().hex[:6].upper()
+        os.environ[name] = self.dsn
+        self.addCleanup(os.environ.pop, name)
+        for text in ('env:%s', 'env: %s', 'ENV:%s', 'ENV: %s'):
+            folder = self.folder()
+            self.current(folder, connection_string=text % name)
+            back = restore_zpsycopgda(folder, 'db')
+            self.assertEqual(back.connection_string, 'ENV:' + name, text)
+        # What ZPsycopgDA makes of it: a connection to the server.
+        back.connect(back.connection_string)
+        self.addCleanup(back._v_database_connection.close)
+        self.assertTrue(back.connected())
 
     def test_owner_and_permission_settings_are_carried(self):
         from zpgpool.zope.migrate import replace_zpsycopgda

@@ -103,7 +103,9 @@ def restore_zpsycopgda(container, id, connection_string=None, **overrides):
                 "%s reads its connection string from a file (%r), which"
                 " ZPsycopgDA cannot; pass connection_string= (ENV:NAME"
                 " works)" % (label, connection_string))
-        if connection_string.startswith("env:"):
+        if connection_string[:4] in ("env:", "ENV:"):
+            # ZPsycopgDA reads only ENV:NAME, taking the name as written;
+            # zpgpool also allows blanks after the colon.
             connection_string = "ENV:" + connection_string[4:].strip()
     settings = dict(
         tilevel=_TO_TILEVEL.get(old.isolation_level,
