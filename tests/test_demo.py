@@ -286,6 +286,26 @@ class DemoCheckTests(unittest.TestCase):
             del os.environ[cli.DEMO_DSN_ENV]
         self.assertEqual(status, 0, out + err)
 
+    def test_a_failed_check_exits_1(self):
+        # A database whose notes table refuses the inserts (a trigger): the
+        # demo's views fail for real, and so does the check.
+        dsn = self.layer.new_database('zpgpool_demo')
+        with contextlib.closing(psycopg2.connect(dsn)) as conn:
+            with conn, conn.cursor() as cur:
+                cur.execute(demo_app._SCHEMA)
+                cur.execute(
+                    "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE"
+                    " plpgsql AS $$ BEGIN RAISE EXCEPTION 'refused by the"
+                    " test'; END $$;"
+                    " CREATE TRIGGER refuse BEFORE INSERT ON"
+                    " zpgpool_demo_note FOR EACH ROW EXECUTE FUNCTION"
+                    " refuse()")
+        status, out, err = run('demo', '--check', '--dsn', dsn,
+                               '--threads', '1')
+        self.assertIn('FAIL  ', out)
+        self.assertTrue(out.endswith('zpgpool demo: check FAILED\n'), out)
+        self.assertEqual(status, 1, out + err)
+
     def test_no_server_binaries(self):
         saved = os.environ.get(testing.BINDIR_ENV)
         os.environ[testing.BINDIR_ENV] = '/nonexistent'
