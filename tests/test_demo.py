@@ -404,6 +404,45 @@ class DemoCheckTests(unittest.TestCase):
         self.assertFalse(web.thread.is_alive())
         self.assertEqual([r.getMessage() for r in logged], [])
 
+    def test_stop_sends_the_rest_of_an_answer(self):
+        # The client has not read its answer yet, so most of it is still
+        # in waitress's buffer when stop() begins: it is sent whole before
+        # the connection is closed.
+        size = 12 * 1024 * 1024      # more than the socket buffers hold
+        buffered = threading.Event()
+
+        class Body(list):
+            def close(self):         # waitress calls it once all is buffered
+                buffered.set()
+
+        def big(environ, start_response):
+            start_response('200 OK', [('Content-Length', str(size))])
+            return Body([b'x' * size])
+
+        web = cli._WebServer(big, '127.0.0.1', 0, 2)
+        web.start()
+        host, port = web.url[len('http://'):-1].rsplit(':', 1)
+        client = socket.create_connection((host, int(port)), 30)
+        self.addCleanup(client.close)
+        client.sendall(b'GET / HTTP/1.1\r\nHost: test\r\n\r\n')
+        self.assertTrue(buffered.wait(30))
+        self.assertTrue([c for c in list(web.server._map.values())
+                         if getattr(c, 'total_outbufs_len', 0)],
+                        'nothing left in the buffer: the test shows nothing')
+        stopper = threading.Thread(target=web.stop)
+        stopper.start()
+        received = bytearray()
+        while True:
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+        stopper.join(30)
+        self.assertFalse(stopper.is_alive())
+        head, _, body = bytes(received).partition(b'\r\n\r\n')
+        self.assertTrue(head.startswith(b'HTTP/1.1 200 OK'), head)
+        self.assertEqual(len(body), size)
+
     def test_ipv6_url(self):
         try:
             web = cli._WebServer(lambda environ, start_response: [], '::1', 0,
