@@ -126,12 +126,11 @@ def psycopg2_style_snippet(module, dsn):
     return seen
 
 
-def connect_override_snippet(module, dsn, name):
-    """A subclass that sets its connections up in psycopg2's ``_connect``,
-    as code written for psycopg2.pool does (to register a type, SET a
-    session default, ...): what its connections show."""
-    calls = []
-
+def set_up_pool_class(module, calls):
+    """A subclass of ``module``'s ThreadedConnectionPool that sets its
+    connections up in psycopg2's ``_connect``, as code written for
+    psycopg2.pool does (to register a type, SET a session default, ...),
+    and appends each connection it set up to ``calls``."""
     class SetUpPool(module.ThreadedConnectionPool):
         def _connect(self, key=None):
             conn = super()._connect(key)
@@ -140,6 +139,13 @@ def connect_override_snippet(module, dsn, name):
             conn.commit()
             calls.append(conn)
             return conn
+    return SetUpPool
+
+
+def connect_override_snippet(module, dsn, name):
+    """What the connections of ``set_up_pool_class(module)`` show."""
+    calls = []
+    SetUpPool = set_up_pool_class(module, calls)
     kw = {} if module is psycopg2.pool else {"name": name}
     pool = SetUpPool(0, 2, dsn, **kw)
     seen = []
@@ -183,15 +189,8 @@ class Psycopg2ContractTests(PoolTestBase):
         # SET too: the override runs again, and so does the pool's own
         # configure, after it.
         calls = []
-
-        class SetUpPool(zpgpool.ThreadedConnectionPool):
-            def _connect(self, key=None):
-                conn = super()._connect(key)
-                with conn.cursor() as cur:
-                    cur.execute("SET statement_timeout = '4321ms'")
-                calls.append(conn)
-                return conn
-        pool = self._makeCompat(SetUpPool, 0, 1, self.layer.dsn,
+        pool = self._makeCompat(set_up_pool_class(zpgpool, calls), 0, 1,
+                                self.layer.dsn,
                                 name=self.name,
                                 configure=lambda conn: calls.append("own"))
         conn = pool.getconn()
