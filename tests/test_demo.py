@@ -426,11 +426,23 @@ class DemoCheckTests(unittest.TestCase):
         self.addCleanup(client.close)
         client.sendall(b'GET / HTTP/1.1\r\nHost: test\r\n\r\n')
         self.assertTrue(buffered.wait(30))
-        self.assertTrue([c for c in list(web.server._map.values())
-                         if getattr(c, 'total_outbufs_len', 0)],
-                        'nothing left in the buffer: the test shows nothing')
+        pending = [c for c in list(web.server._map.values())
+                   if getattr(c, 'total_outbufs_len', 0)]
+        self.assertEqual(len(pending), 1,
+                         'nothing left in the buffer: the test shows nothing')
+        [channel] = pending
         stopper = threading.Thread(target=web.stop)
         stopper.start()
+        # Read only once stop() has dealt with the connection (marked it
+        # to close when flushed, or closed it): reading earlier would
+        # empty the buffer first.
+        for _ in range(3000):
+            if getattr(channel, 'close_when_flushed', False) \
+                    or channel not in list(web.server._map.values()):
+                break
+            time.sleep(0.01)
+        else:  # pragma: no cover - only when it is broken
+            self.fail('stop() did not come to the connection')
         received = bytearray()
         while True:
             chunk = client.recv(1 << 20)
