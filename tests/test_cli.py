@@ -252,14 +252,6 @@ class CommandLineTests(CommandTestCase):
                                '--pool-name', 'x')
         self.assertIn("--dsn: the file '%s' is empty" % empty, err)
 
-    def test_demo_dsn_forms(self):
-        variable = self.unset_variable()
-        status, out, err = run('demo', '--check', '--dsn', 'env:' + variable)
-        self.assertEqual(status, 1)
-        self.assertIn("zpgpool demo: error: --dsn: the environment variable "
-                      "'%s' is not set" % variable, err)
-        self.assertNotIn('throwaway', out)
-
     def test_unknown_command(self):
         status, out, err = run('frobnicate')
         self.assertEqual(status, 2)
@@ -372,11 +364,6 @@ class CommandLineTests(CommandTestCase):
                                    '--pool-name', 'x', '--zodb', 'Data.fs')
         self.assertEqual(status, 1)
         self.assertIn('--zodb needs ZODB: pip install ZODB', err)
-
-    def test_demo_threads(self):
-        status, out, err = run('demo', '--threads', '0')
-        self.assertEqual(status, 1)
-        self.assertIn('--threads must be 1 or more, got 0', err)
 
     def test_age(self):
         now = datetime.datetime.now(datetime.timezone.utc)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import shutil
 import signal
 import socket
@@ -580,6 +581,26 @@ class DemoCheckTests(unittest.TestCase):
         self.assertEqual(lines[4], 'FAIL  GET /stats adds up after the '
                                    'requests: GET /stats answered 404 '
                                    'text/plain')
+
+
+class DemoArgumentTests(unittest.TestCase):
+    """``zpgpool demo`` refusing what it cannot run with, before it starts
+    any server."""
+
+    def test_threads(self):
+        status, out, err = run('demo', '--threads', '0')
+        self.assertEqual(status, 1)
+        self.assertIn('--threads must be 1 or more, got 0', err)
+        self.assertNotIn('throwaway', out)
+
+    def test_dsn_from_an_unset_variable(self):
+        variable = 'ZPGPOOL_TEST_DEMO_%s' % secrets.token_hex(4).upper()
+        self.assertNotIn(variable, os.environ)
+        status, out, err = run('demo', '--check', '--dsn', 'env:' + variable)
+        self.assertEqual(status, 1)
+        self.assertIn("zpgpool demo: error: --dsn: the environment variable "
+                      "'%s' is not set" % variable, err)
+        self.assertNotIn('throwaway', out)
 
 
 class DemoProcessTests(unittest.TestCase):
