@@ -81,7 +81,9 @@ class AbstractConnectionPool(ConnectionPool):
 
     # psycopg2's bookkeeping, for code that counts it: read-only copies
     # (stats() says more). Taken without the pool's lock, which such code
-    # may hold, with C-level copies that no other thread can interleave.
+    # may hold: each container is copied in one C-level step no other
+    # thread interleaves, but a connection's state is read after that, so
+    # one that changes hands meanwhile may be counted either way.
 
     @property
     def _pool(self):
