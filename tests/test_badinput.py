@@ -131,6 +131,11 @@ class BadInputTests(_Base):
             ("name", 7, "option 'name' must be a string"),
             ("application_name", 7, "option 'application_name' must be a"
              " string"),
+            # The dotted name, which only ZCML resolves.
+            ("transaction_manager", "transaction.manager", "option "
+             "'transaction_manager' must be a transaction manager (an "
+             "ITransactionManager, such as transaction.manager or "
+             "pyramid_tm's request.tm), or None for transaction.manager"),
         ]
         for option, value, expected in cases:
             with self.subTest(option=option, value=value):

@@ -1692,3 +1692,187 @@ class NeverCommittedTests(_Base):
         self.assertIn("zpgpool pool 'script': the process is exiting with "
                       "statements that were never committed", proc.stderr)
         self.assertEqual(self.values(), [])
+
+
+class GivenManagerTests(_Base):
+    """``connection(transaction_manager)``: a transaction of a manager
+    other than the pool's, such as pyramid_tm's request.tm."""
+
+    def request_manager(self):
+        """A manager of one request, as pyramid_tm's explicit_manager
+        makes them, begun."""
+        tm = transaction.TransactionManager(explicit=True)
+        tm.begin()
+        return tm
+
+    def test_each_request_commits_through_its_own_manager(self):
+        pool = self._makeOne(maxconn=1, timeout=5)
+        pids = set()
+        for value in ("a", "b", "c"):
+            tm = self.request_manager()
+            conn = pool.connection(tm)
+            self.assertIs(pool.connection(tm), conn)
+            conn.cursor().execute(
+                "INSERT INTO dm_items (value) VALUES (%s)", (value,))
+            pids.add(conn.get_backend_pid())
+            tm.commit()
+            self.assertEqual(pool.stats()["in_use"], 0)
+        self.assertEqual(self.values(), ["a", "b", "c"])
+        # One connection, kept for the thread across the managers.
+        self.assertEqual(len(pids), 1)
+        tm = self.request_manager()
+        pool.connection(tm).cursor().execute(
+            "INSERT INTO dm_items (value) VALUES ('aborted')")
+        tm.abort()
+        self.assertEqual(self.values(), ["a", "b", "c"])
+        # The pool's own manager still works after them.
+        self.insert(pool, "d")
+        transaction.commit()
+        self.assertEqual(self.values(), ["a", "b", "c", "d"])
+
+    def test_savepoints_and_two_phase_follow_the_given_manager(self):
+        pool = self._makeOne(twophase=True)
+        tm = self.request_manager()
+        cur = pool.connection(tm).cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('kept')")
+        savepoint = tm.savepoint()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('undone')")
+        savepoint.rollback()
+        gid = tm.get().extension[pool.thread_local.state.gid_key]
+        self.assertTrue(gid.startswith("zpgpool:"), gid)
+        tm.commit()
+        self.assertEqual(self.values(), ["kept"])
+        self.assertNothingPrepared()
+        # The thread-local manager's transaction was never involved.
+        self.assertNotIn(pool.thread_local.state.gid_key,
+                         transaction.get().extension)
+
+    def test_another_managers_open_transaction_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        pool = self._makeOne(maxconn=1, timeout=5)
+        tm = self.request_manager()
+        cur = pool.connection(tm).cursor()
+        cur.execute("INSERT INTO dm_items (value) VALUES ('first')")
+        other = self.request_manager()
+        for use in (pool.connection, lambda: pool.connection(other)):
+            with self.assertRaises(ConnectionMisuse) as caught:
+                use()
+            self.assertIn("pool 'dm': this thread's connection is in an open"
+                          " transaction of another transaction manager",
+                          str(caught.exception))
+            self.assertIn("pool.connection(request.tm)",
+                          str(caught.exception))
+        # Nothing of the open transaction was lost: it goes on and commits.
+        cur.execute("INSERT INTO dm_items (value) VALUES ('second')")
+        tm.commit()
+        self.assertEqual(self.values(), ["first", "second"])
+        other.abort()
+
+    def test_a_kept_cursor_after_its_managers_transaction(self):
+        from zpgpool import ConnectionMisuse
+        pool = self._makeOne()
+        tm = self.request_manager()
+        cur = pool.connection(tm).cursor()
+        tm.commit()
+        with self.assertRaises(ConnectionMisuse) as caught:
+            cur.execute("INSERT INTO dm_items (value) VALUES ('late')")
+        self.assertIn("no transaction is active", str(caught.exception))
+        self.assertIn("pool.connection(request.tm)", str(caught.exception))
+        self.assertEqual(self.values(), [])
+
+    def test_what_is_not_a_transaction_manager(self):
+        from zpgpool import InvalidOption
+        pool = self._makeOne()
+        for wrong in ("transaction.manager", {}, transaction.get()):
+            with self.assertRaises(InvalidOption) as caught:
+                pool.connection(wrong)
+            self.assertEqual(
+                str(caught.exception),
+                "zpgpool pool 'dm': connection() takes a transaction manager"
+                " (an ITransactionManager, such as transaction.manager or "
+                "pyramid_tm's request.tm), got %r" % (wrong,))
+        self.insert(pool, "served")
+        transaction.commit()
+        self.assertEqual(self.values(), ["served"])
+
+
+class PyramidTests(_Base):
+    """A Pyramid application under pyramid_tm, served through WSGI."""
+
+    def app(self, pool, manager_hook=None, argument=None):
+        """A WSGI test app whose POST /add inserts ``value`` through
+        ``pool``, passing connection() ``argument(request)`` when given,
+        and fails after the insert when asked to."""
+        import webtest
+        from pyramid.config import Configurator
+
+        def add(request):
+            if argument is None:
+                conn = pool.connection()
+            else:
+                conn = pool.connection(argument(request))
+            conn.cursor().execute(
+                "INSERT INTO dm_items (value) VALUES (%s)",
+                (request.params["value"],))
+            if "fail" in request.params:
+                raise ValueError("the view failed after its insert")
+            return request.response
+
+        settings = {}
+        if manager_hook is not None:
+            settings["tm.manager_hook"] = manager_hook
+        config = Configurator(settings=settings)
+        config.include("pyramid_tm")
+        config.add_route("add", "/add")
+        config.add_view(add, route_name="add", request_method="POST")
+        return webtest.TestApp(config.make_wsgi_app())
+
+    def assertNoTransactionLeftOpen(self, pool):
+        self.assertEqual(pool.stats()["in_use"], 0)
+        self.assertEqual(self.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+            "'zpgpool:dm' AND state <> 'idle'"), [(0,)])
+
+    def test_explicit_manager_given_the_requests(self):
+        pool = self._makeOne(maxconn=1, timeout=5)
+        app = self.app(pool, "pyramid_tm.explicit_manager",
+                       argument=lambda request: request.tm)
+        app.post("/add", {"value": "one"})
+        app.post("/add", {"value": "two"})
+        with self.assertRaises(ValueError):
+            app.post("/add", {"value": "failed", "fail": "1"})
+        self.assertEqual(self.values(), ["one", "two"])
+        self.assertNoTransactionLeftOpen(pool)
+
+    def test_explicit_manager_not_given_is_refused(self):
+        from zpgpool import ConnectionMisuse
+        pool = self._makeOne(maxconn=1, timeout=5)
+        app = self.app(pool, "pyramid_tm.explicit_manager")
+        for value in ("one", "two"):
+            with self.assertRaises(ConnectionMisuse) as caught:
+                app.post("/add", {"value": value})
+            self.assertIn("zpgpool pool 'dm': this request's transaction "
+                          "belongs to pyramid_tm's request.tm",
+                          str(caught.exception))
+            self.assertIn("pool.connection(request.tm)",
+                          str(caught.exception))
+        self.assertEqual(self.values(), [])
+        self.assertNoTransactionLeftOpen(pool)
+        # Asked for on purpose, the pool's own manager is used; its
+        # transaction is then the caller's to commit.
+        app = self.app(pool, "pyramid_tm.explicit_manager",
+                       argument=lambda request: pool.transaction_manager)
+        app.post("/add", {"value": "on purpose"})
+        self.assertEqual(self.values(), [])
+        transaction.commit()
+        self.assertEqual(self.values(), ["on purpose"])
+
+    def test_default_manager(self):
+        # pyramid_tm's default is transaction.manager, the pool's too.
+        pool = self._makeOne(maxconn=1, timeout=5)
+        app = self.app(pool)
+        app.post("/add", {"value": "one"})
+        with self.assertRaises(ValueError):
+            app.post("/add", {"value": "failed", "fail": "1"})
+        self.assertEqual(self.values(), ["one"])
+        self.assertNoTransactionLeftOpen(pool)

@@ -120,7 +120,7 @@ class ContractTests(unittest.TestCase):
             "close": "(timeout=5.0)",
             "open": "(wait=False, timeout=30.0)",
             "checkout": "(timeout=None)",
-            "connection": "()",
+            "connection": "(transaction_manager=None)",
             "stats": "()",
         })
 

@@ -22,6 +22,7 @@ The flow for a thread, as seen from ``ConnectionPool.connection()``:
 """
 import itertools
 import logging
+import sys
 import threading
 
 import psycopg2
@@ -40,6 +41,7 @@ from zpgpool.errors import ConflictError
 from zpgpool.errors import ConnectionMisuse
 from zpgpool.errors import PoolError
 from zpgpool.errors import SessionLost
+from zpgpool.options import check_transaction_manager
 from zpgpool.connection import is_disconnect
 from zpgpool.connection import run_statement
 from zpgpool.statements import CHANGES_SESSION
@@ -129,6 +131,29 @@ def _foreign_one_phase_votes(resources):
     return found
 
 
+def _pyramid_request_manager():
+    """The transaction manager pyramid_tm runs this thread's Pyramid
+    request in, or None (no Pyramid, no request, or no pyramid_tm)."""
+    threadlocal = sys.modules.get("pyramid.threadlocal")
+    if threadlocal is None:
+        return None
+    environ = getattr(threadlocal.get_current_request(), "environ", None)
+    # pyramid_tm's tween records the manager of the request it runs.
+    return environ.get("tm.manager") if environ is not None else None
+
+
+def _still_current(txn):
+    """Whether ``txn`` is still its manager's current transaction, rather
+    than dropped (``free()``) without a commit or abort.
+
+    The transaction package has no public way to ask; its managers keep
+    the current transaction in ``_txn``, and each transaction its manager
+    in ``_manager``.
+    """
+    manager = getattr(txn, "_manager", None)
+    return manager is not None and getattr(manager, "_txn", None) is txn
+
+
 class ThreadState:
     """One thread's use of one pool through ``connection()``.
 
@@ -138,13 +163,15 @@ class ThreadState:
     def __init__(self, pool, holder):
         self.pool = pool
         self.holder = holder
-        self.tm = tm = pool.transaction_manager
+        self.pool_tm = self.tm = tm = pool.transaction_manager
         self.ident = _get_ident()
         # This object lives in one thread only, so with the usual
         # thread-local manager it may ask that thread's own manager directly.
         if isinstance(tm, transaction.ThreadTransactionManager):
             tm = tm.manager
-        self._get_transaction = tm.get
+        # The pool's manager, and the one the connection last joined a
+        # transaction of (another when connection() was given one).
+        self._pool_get = self._get_transaction = tm.get
         self.txn = None     # the transaction joined, or None between them
         self.conn = None
         self.dm = None
@@ -164,14 +191,36 @@ class ThreadState:
         self.cursor_class = _managed_cursor_class(_ext.cursor)
         holder.manager = self
 
-    def connection(self):
+    def connection(self, tm=None):
+        if tm is None:
+            get = self._pool_get
+        else:
+            get = check_transaction_manager(self.pool.label, tm).get
         try:
-            txn = self._get_transaction()
+            txn = get()
         except transaction.interfaces.NoTransaction:
             raise self._no_transaction() from None
         if txn is self.txn:
             return self.conn
-        return self._join(txn)
+        if tm is None:
+            tm = self.pool_tm
+            self._refuse_other_request_manager(tm)
+        return self._join(txn, get, tm)
+
+    def _refuse_other_request_manager(self, tm):
+        """Refuse to join a transaction of the pool's manager ``tm`` while
+        pyramid_tm runs the thread's request in another one, as with its
+        ``explicit_manager``: nobody would commit that transaction."""
+        request_tm = _pyramid_request_manager()
+        if request_tm is not None and request_tm is not tm:
+            raise ConnectionMisuse(
+                "%s: this request's transaction belongs to pyramid_tm's "
+                "request.tm (%r), not to the pool's transaction manager "
+                "(%r), whose transaction nobody would commit: pass the "
+                "request's to connection(), pool.connection(request.tm); or,"
+                " to use the pool's own on purpose, "
+                "pool.connection(pool.transaction_manager)"
+                % (self.pool.label, request_tm, tm))
 
     def _no_transaction(self):
         """The error for a use outside a transaction of an explicit
@@ -179,14 +228,31 @@ class ThreadState:
         return ConnectionMisuse(
             "%s: no transaction is active: the transaction manager is in "
             "explicit mode, so call its begin() before using the "
-            "connection" % self.pool.label)
+            "connection (a framework that begins each request's transaction "
+            "in a manager of its own, as pyramid_tm's explicit_manager does, "
+            "must be given that manager: pool.connection(request.tm))"
+            % self.pool.label)
 
-    def _join(self, txn):
+    def _join(self, txn, get=None, tm=None):
         dm = self.dm
         if dm is not None and not dm.finished:
-            # The previous transaction ended without telling us (for
-            # example it was dropped); never carry its work over.
+            if _still_current(dm.txn):
+                # A transaction of another manager, still open: aborting
+                # it would lose its work, and it cannot share the thread's
+                # connection with this one.
+                raise ConnectionMisuse(
+                    "%s: this thread's connection is in an open transaction "
+                    "of another transaction manager (%r); it joins one "
+                    "transaction at a time: pass the manager of that "
+                    "transaction to connection() (pool.connection(request.tm)"
+                    " under pyramid_tm's explicit_manager), or end that "
+                    "transaction first" % (self.pool.label, dm.txn._manager))
+            # The previous transaction ended without telling us (it was
+            # dropped); never carry its work over.
             dm.abort(dm.txn)
+        if get is not None:
+            self._get_transaction = get
+            self.tm = tm
         pool = self.pool
         if self.writer:
             _refuse_second_one_phase_writer(pool, txn)

@@ -192,9 +192,10 @@ class IConnectionPool(Interface):
         back rather than report it committed).
         """
 
-    def connection():
+    def connection(transaction_manager=None):
         """Return the calling thread's connection, joined to the current
-        transaction of ``transaction_manager``.
+        transaction of ``transaction_manager``, or of the pool's
+        ``transaction_manager`` when none is given.
 
         This is the way in for application code running under a transaction
         manager: a Zope or Pyramid view, or any code inside
@@ -202,6 +203,15 @@ class IConnectionPool(Interface):
         committed when the transaction commits and rolled back when it
         aborts; the caller never calls ``commit()`` or ``rollback()`` on it
         (doing so raises ``zpgpool.errors.ConnectionMisuse``).
+
+        A framework that runs each request in a transaction manager of its
+        own (pyramid_tm with ``tm.manager_hook`` set to
+        ``pyramid_tm.explicit_manager``) must pass it:
+        ``pool.connection(request.tm)``.  Not passing it there raises
+        ``ConnectionMisuse`` rather than join a transaction nobody would
+        commit.  The connection is in one transaction at a time: asking for
+        it in a transaction of another manager while the first is still
+        open raises ``ConnectionMisuse`` too.
 
         Calling it again in the same transaction returns the same
         connection, so a request sees its own writes.  After the transaction

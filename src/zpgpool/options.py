@@ -6,6 +6,7 @@ so a default, a lower bound or an isolation level is written here once and
 the pool and the ZCML cannot disagree about it.
 """
 import psycopg2.extensions as _ext
+from transaction.interfaces import ITransactionManager
 
 from zpgpool.errors import InvalidOption
 
@@ -35,13 +36,25 @@ class _Bad(Exception):
 
 
 class Option:
-    """An option that takes any value (a mapping, a transaction manager)."""
+    """An option that takes any value (a mapping of libpq parameters)."""
 
     def __init__(self, default):
         self.default = default
 
     def check(self, value):
         """Return ``value`` as the pool keeps it, or raise _Bad."""
+        return value
+
+
+class TransactionManager(Option):
+    """A transaction manager, or None for ``transaction.manager``."""
+
+    ALLOWED = ("a transaction manager (an ITransactionManager, such as "
+               "transaction.manager or pyramid_tm's request.tm)")
+
+    def check(self, value):
+        if value is not None and not ITransactionManager.providedBy(value):
+            raise _Bad(self.ALLOWED + ", or None for transaction.manager")
         return value
 
 
@@ -149,7 +162,7 @@ OPTIONS = {
     "isolation_level": IsolationLevel(None),
     "readonly": Flag(False),
     "deferrable": Flag(False),
-    "transaction_manager": Option(None),
+    "transaction_manager": TransactionManager(None),
     "application_name": Text(None, none_ok=True),
     "connect_kwargs": Option(None),
     "configure": Callable(None),
@@ -183,6 +196,14 @@ def check_call_timeout(pool_label, value):
         raise InvalidOption("%s: timeout must be %s (None for the pool's "
                             "timeout), got %r" % (pool_label, exc, value)
                             ) from None
+
+
+def check_transaction_manager(pool_label, value):
+    """Check the transaction manager given to ``connection()``."""
+    if not ITransactionManager.providedBy(value):
+        raise InvalidOption("%s: connection() takes %s, got %r"
+                            % (pool_label, TransactionManager.ALLOWED, value))
+    return value
 
 
 def check_options(options):

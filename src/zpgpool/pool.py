@@ -86,8 +86,9 @@ class ConnectionPool(CorePool):
 
     # -- the Zope way in ------------------------------------------------------------
 
-    def connection(self):
-        """Return this thread's connection, joined to the current transaction.
+    def connection(self, transaction_manager=None):
+        """Return this thread's connection, joined to the current transaction
+        of ``transaction_manager`` (the pool's when None).
 
         The same connection object on every call in a thread, across
         transactions, unless another thread needed it while this one was
@@ -97,7 +98,7 @@ class ConnectionPool(CorePool):
         state = getattr(self.thread_local, "state", None)
         if state is None or self._closed:
             state = self._thread_state()
-        return state.connection()
+        return state.connection(transaction_manager)
 
     def _thread_state(self):
         if self._closed:
