@@ -1738,6 +1738,8 @@ class GivenManagerTests(_Base):
         savepoint = tm.savepoint()
         cur.execute("INSERT INTO dm_items (value) VALUES ('undone')")
         savepoint.rollback()
+        # IDataManager's transaction_manager: the manager it was joined by.
+        self.assertIs(pool.thread_local.state.dm.transaction_manager, tm)
         gid = tm.get().extension[pool.thread_local.state.gid_key]
         self.assertTrue(gid.startswith("zpgpool:"), gid)
         tm.commit()
