@@ -71,6 +71,8 @@ _INERROR = _ext.TRANSACTION_STATUS_INERROR
 _get_ident = threading.get_ident
 _get_autocommit = _ext.connection.autocommit.__get__
 _set_autocommit = _ext.connection.autocommit.__set__
+_modules = sys.modules
+_PYRAMID_THREADLOCAL = "pyramid.threadlocal"
 # -- several resources in one transaction ----------------------------------------
 #
 # A one-phase pool's COMMIT cannot be undone. It is safe only as the last
@@ -134,7 +136,7 @@ def _foreign_one_phase_votes(resources):
 def _pyramid_request_manager():
     """The transaction manager pyramid_tm runs this thread's Pyramid
     request in, or None (no Pyramid, no request, or no pyramid_tm)."""
-    threadlocal = sys.modules.get("pyramid.threadlocal")
+    threadlocal = _modules.get(_PYRAMID_THREADLOCAL)
     if threadlocal is None:
         return None
     environ = getattr(threadlocal.get_current_request(), "environ", None)
@@ -204,7 +206,8 @@ class ThreadState:
             return self.conn
         if tm is None:
             tm = self.pool_tm
-            self._refuse_other_request_manager(tm)
+            if _PYRAMID_THREADLOCAL in _modules:    # (no call for Zope)
+                self._refuse_other_request_manager(tm)
         return self._join(txn, get, tm)
 
     def _refuse_other_request_manager(self, tm):
