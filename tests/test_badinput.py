@@ -239,6 +239,17 @@ class BadInputTests(_Base):
         pool.putconn(held)
         self.assertServes(pool)
 
+    def test_connection_given_what_is_no_transaction_manager(self):
+        pool = self._makeOne()
+        for wrong in ("transaction.manager", {}, transaction.get()):
+            message = self.assertRaisesMessage(
+                InvalidOption, [], pool.connection, wrong)
+            self.assertEqual(
+                message, "zpgpool pool %r: connection() takes a transaction "
+                "manager (an ITransactionManager, such as transaction.manager"
+                " or pyramid_tm's request.tm), got %r" % (self.name, wrong))
+        self.assertServes(pool)
+
     def test_use_after_close(self):
         pool = self._makeOne()
         conn = pool.getconn()

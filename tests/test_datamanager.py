@@ -1782,21 +1782,6 @@ class GivenManagerTests(_Base):
         self.assertIn("pool.connection(request.tm)", str(caught.exception))
         self.assertEqual(self.values(), [])
 
-    def test_what_is_not_a_transaction_manager(self):
-        from zpgpool import InvalidOption
-        pool = self._makeOne()
-        for wrong in ("transaction.manager", {}, transaction.get()):
-            with self.assertRaises(InvalidOption) as caught:
-                pool.connection(wrong)
-            self.assertEqual(
-                str(caught.exception),
-                "zpgpool pool 'dm': connection() takes a transaction manager"
-                " (an ITransactionManager, such as transaction.manager or "
-                "pyramid_tm's request.tm), got %r" % (wrong,))
-        self.insert(pool, "served")
-        transaction.commit()
-        self.assertEqual(self.values(), ["served"])
-
 
 class PyramidTests(_Base):
     """A Pyramid application under pyramid_tm, served through WSGI."""
