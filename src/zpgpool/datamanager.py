@@ -144,16 +144,18 @@ def _pyramid_request_manager():
     return environ.get("tm.manager") if environ is not None else None
 
 
-def _still_current(txn):
-    """Whether ``txn`` is still its manager's current transaction, rather
-    than dropped (``free()``) without a commit or abort.
+def _manager_still_holding(txn):
+    """The transaction manager whose current transaction ``txn`` still is;
+    None when it was dropped (``free()``) without a commit or abort.
 
     The transaction package has no public way to ask; its managers keep
     the current transaction in ``_txn``, and each transaction its manager
     in ``_manager``.
     """
     manager = getattr(txn, "_manager", None)
-    return manager is not None and getattr(manager, "_txn", None) is txn
+    if manager is not None and getattr(manager, "_txn", None) is txn:
+        return manager
+    return None
 
 
 class ThreadState:
@@ -239,7 +241,8 @@ class ThreadState:
     def _join(self, txn, get=None, tm=None):
         dm = self.dm
         if dm is not None and not dm.finished:
-            if _still_current(dm.txn):
+            holder = _manager_still_holding(dm.txn)
+            if holder is not None:
                 # A transaction of another manager, still open: aborting
                 # it would lose its work, and it cannot share the thread's
                 # connection with this one.
@@ -249,7 +252,7 @@ class ThreadState:
                     "transaction at a time: pass the manager of that "
                     "transaction to connection() (pool.connection(request.tm)"
                     " under pyramid_tm's explicit_manager), or end that "
-                    "transaction first" % (self.pool.label, dm.txn._manager))
+                    "transaction first" % (self.pool.label, holder))
             # The previous transaction ended without telling us (it was
             # dropped); never carry its work over.
             dm.abort(dm.txn)
