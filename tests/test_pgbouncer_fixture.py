@@ -181,6 +181,8 @@ class BouncerTests(unittest.TestCase):
         with self.assertRaises(PgBouncerError) as cm:
             bouncer.start(timeout=20)
         self.assertIn('did not start', str(cm.exception))
+        # At once, and it says so: not as a time-out.
+        self.assertIn('it exited with status 1', str(cm.exception))
         self.assertIn('auth_type', str(cm.exception))
         self.assertFalse(bouncer.is_running())
 
@@ -199,7 +201,8 @@ class BouncerTests(unittest.TestCase):
             self.addCleanup(bouncer.cleanup)
             with self.assertRaises(PgBouncerError) as cm:
                 bouncer.start(timeout=20)
-        self.assertIn(':%d' % taken, str(cm.exception))
+        self.assertIn(':%d: it cannot listen there: another program holds '
+                      'the port' % taken, str(cm.exception))
 
 class PgBouncerLayerTests(unittest.TestCase):
 

@@ -319,15 +319,24 @@ class PgBouncer(_Program):
                     self._fixed_port = True
                     return self
                 time.sleep(0.02)
+            status = self._proc.poll()
             self._kill()
             if self._try_another_port(attempts):
                 continue
-            taken = _port_in_use(self.port, self.host)
+            # Say what happened: most failures show at once, not at the
+            # time-out.
+            if status is not None:
+                why = 'it exited with status %s' % status
+            elif cannot_listen in self._log_since(offset):
+                why = 'it cannot listen there'
+            else:
+                why = 'no answer within %s seconds' % timeout
+            if _port_in_use(self.port, self.host):
+                why += ': another program holds the port'
             raise PgBouncerError(
-                'PgBouncer (%s) did not start on %s:%s within %s seconds%s. '
+                'PgBouncer (%s) did not start on %s:%s: %s. '
                 'End of its log %s:\n%s' % (
-                    self.binary, self.host, self.port, timeout,
-                    ': another program holds the port' if taken else '',
+                    self.binary, self.host, self.port, why,
                     self.log_file, self.log_tail()))
 
     def _kill(self):
