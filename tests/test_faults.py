@@ -14,6 +14,7 @@ and the network element is a real TCP proxy.  The longer versions live in
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -605,3 +606,68 @@ class TwoPhaseKilledDuringCommitTests(FaultTestBase):
         self.assertTrue(in_zodb)
         self.assertEqual(in_pg, [("crash",)])
         check_no_leaks(self, pool, self.dsn)
+
+
+class ChecksTests(FaultTestBase):
+    """The checks every scenario ends with see what they are there for."""
+
+    def _load(self, pool_name, table, **kw):
+        return Load(pool_name, table, threads=2, per_thread=3, **kw) \
+            .start().join(self)
+
+    def test_check_invariants_sees_what_went_wrong(self):
+        pool = self.register(maxconn=2)
+        load = self._load(self.name, self.table)
+        check_invariants(self, pool, self.dsn, self.table, load)
+        token = load.committed[0]
+        insert = "INSERT INTO %s VALUES (%%s)" % self.table
+        delete = "DELETE FROM %s WHERE token = %%s" % self.table
+        for sql, value, undo, what in (
+                (insert, token, [delete, insert], "more than once"),
+                (delete, token, [insert], "committed but not in"),
+                (insert, "nobody", [delete], "rows from nowhere")):
+            query(self.dsn, sql, (value,))
+            with self.assertRaisesRegex(AssertionError, what):
+                check_invariants(self, pool, self.dsn, self.table, load)
+            for sql in undo:
+                query(self.dsn, sql, (value,))
+            check_invariants(self, pool, self.dsn, self.table, load)
+
+    def test_check_invariants_sees_an_error_that_says_nothing(self):
+        pool = self.register(maxconn=2)
+        # The table is missing: not an error an outage explains.
+        load = self._load(self.name, "faults_no_such_table")
+        with self.assertRaisesRegex(AssertionError, "say nothing useful"):
+            check_invariants(self, pool, self.dsn, self.table, load)
+
+    def test_check_invariants_sees_a_failed_request_committed(self):
+        # Nothing listens on the port: every request fails before COMMIT.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        pool = self.register(
+            psycopg2.extensions.make_dsn(self.dsn, port=port), timeout=0)
+        load = self._load(self.name, self.table)
+        self.assertEqual(load.committed, [])
+        check_invariants(self, pool, self.dsn, self.table, load)
+        query(self.dsn, "INSERT INTO %s VALUES (%%s)" % self.table,
+              (load.failed_before_commit[0],))
+        with self.assertRaisesRegex(AssertionError,
+                                    "failed before COMMIT but in"):
+            check_invariants(self, pool, self.dsn, self.table, load)
+
+    def test_wait_for_gives_up(self):
+        outcome = []
+
+        def waiting():
+            try:
+                wait_for(lambda: False, "Godot", timeout=0.1)
+            except AssertionError as exc:
+                outcome.append(str(exc))
+
+        # In a thread, so that a wait that never ends fails the test.
+        waiter = threading.Thread(target=waiting, daemon=True)
+        waiter.start()
+        waiter.join(WAIT)
+        self.assertEqual(len(outcome), 1)
+        self.assertIn("Godot", outcome[0])

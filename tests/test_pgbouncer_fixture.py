@@ -1,6 +1,8 @@
 """Tests for zpgpool.testing's PgBouncer fixture, against the real
 pgbouncer program and a real PostgreSQL server."""
 import os
+import shutil
+import tempfile
 import threading
 import time
 import unittest
@@ -13,8 +15,10 @@ from zpgpool.testing import PgBouncer
 from zpgpool.testing import PgBouncerError
 from zpgpool.testing import PgBouncerLayer
 from zpgpool.testing import PgBouncerUnavailable
+from zpgpool.testing import PostgresServer
 from zpgpool.testing import find_pgbouncer
 from zpgpool.testing import pgbouncer as pgbouncer_module
+from zpgpool.testing.support import _execute
 
 from tests.fixturehelpers import fetch
 from tests.fixturehelpers import offered_first
@@ -134,6 +138,11 @@ class BouncerTests(unittest.TestCase):
                                settings={'server_idle_timeout': 33})
         self.assertEqual(fetch(bouncer.socket_dsn(),
                                'SELECT current_user'), [('postgres',)])
+        conn = psycopg2.connect(bouncer.socket_dsn())
+        self.addCleanup(conn.close)
+        clients = _execute(bouncer.admin_dsn(), 'SHOW CLIENTS', named=True)
+        self.assertIn(('postgres', 'unix'),
+                      {(row['database'], row['addr']) for row in clients})
         config = dict((row[0], row[1]) for row in bouncer.admin('SHOW CONFIG'))
         self.assertEqual(config['max_client_conn'], '7')
         self.assertEqual(config['server_idle_timeout'], '33')
@@ -184,6 +193,7 @@ class BouncerTests(unittest.TestCase):
         # At once, and it says so: not as a time-out.
         self.assertIn('it exited with status 1', str(cm.exception))
         self.assertIn('auth_type', str(cm.exception))
+        self.assertIn(bouncer.binary, str(cm.exception))
         self.assertFalse(bouncer.is_running())
 
 
@@ -203,6 +213,25 @@ class BouncerTests(unittest.TestCase):
                 bouncer.start(timeout=20)
         self.assertIn(':%d: it cannot listen there: another program holds '
                       'the port' % taken, str(cm.exception))
+
+
+class ServerBackTests(unittest.TestCase):
+
+    def test_the_server_back_is_used_at_once(self):
+        # PgBouncer waits server_login_retry seconds (15 by default) after
+        # a failed login to the server before it tries again; a test that
+        # restarts the server must not wait that long.
+        with PostgresServer() as server:
+            bouncer = PgBouncer(server)
+            self.addCleanup(bouncer.cleanup)
+            bouncer.start()
+            server.stop()
+            with self.assertRaises(psycopg2.OperationalError):
+                psycopg2.connect(bouncer.dsn(connect_timeout=2))
+            server.start()
+            self.assertEqual(fetch(bouncer.dsn(connect_timeout=8),
+                                   'SELECT 1'), [(1,)])
+
 
 class PgBouncerLayerTests(unittest.TestCase):
 
@@ -226,8 +255,17 @@ class PgBouncerLayerTests(unittest.TestCase):
 
     def test_layer_setup_failure_leaves_nothing(self):
         layer = PgBouncerLayer('L', settings={'auth_type': 'no-such-method'})
-        self.assertRaises(PgBouncerError, layer.setUp)
+        # A temporary directory of its own, to see what is left in it.
+        tmp = tempfile.mkdtemp(prefix='zpgpool-test-')
+        os.chmod(tmp, 0o755)
+        self.addCleanup(shutil.rmtree, tmp, True)
+        saved, tempfile.tempdir = tempfile.tempdir, tmp
+        try:
+            self.assertRaises(PgBouncerError, layer.setUp)
+        finally:
+            tempfile.tempdir = saved
         self.assertIsNone(layer.bouncer)
+        self.assertEqual(os.listdir(tmp), [])
 
 
 class MissingProgramTests(unittest.TestCase):

@@ -1,5 +1,6 @@
 """Tests for zpgpool.testing's streaming standby fixture, against real
 PostgreSQL servers."""
+import os
 import threading
 import time
 import unittest
@@ -9,6 +10,7 @@ import psycopg2
 from zpgpool.testing import STANDBY_LAYER
 from zpgpool.testing import PostgresServer
 from zpgpool.testing import PostgresServerError
+from zpgpool.testing import StandbyLayer
 from zpgpool.testing import StandbyServer
 from zpgpool.testing import multihost_dsn
 
@@ -137,16 +139,38 @@ class StandbyTests(unittest.TestCase):
 
     def test_two_standbys_of_one_primary(self):
         extra = StandbyServer(self.primary, name='extra').start()
+        base = extra.base_dir
         try:
             self.assertEqual(
                 self.primary.execute('SHOW synchronous_standby_names'),
                 [('FIRST 1 (%s, extra)' % self.standby.name,)])
+            # Promoted, it must not wait for the standbys of its primary.
+            self.assertEqual(extra.execute('SHOW synchronous_standby_names'),
+                             [('',)])
         finally:
             extra.cleanup()
         self.assertEqual(self.primary.execute(
             'SHOW synchronous_standby_names'),
             [('FIRST 1 (%s)' % self.standby.name,)])
         self.assertIn("extra", repr(extra))
+        self.assertFalse(extra.is_running())
+        self.assertFalse(os.path.exists(base))
+
+    def test_the_callers_pg_variables_do_not_reach_the_copy(self):
+        # Meant for another server, PGSSLMODE=require would make
+        # pg_basebackup fail here: these servers speak no SSL.
+        saved = os.environ.get('PGSSLMODE')
+        os.environ['PGSSLMODE'] = 'require'
+        try:
+            copy = StandbyServer(self.primary, name='ssl', synchronous=False)
+            self.addCleanup(copy.cleanup)
+            copy.start()
+        finally:
+            if saved is None:
+                del os.environ['PGSSLMODE']
+            else:
+                os.environ['PGSSLMODE'] = saved
+        self.assertTrue(copy.is_in_recovery())
 
     def test_layer_replaces_a_broken_pair(self):
         old_ports = (self.primary.port, self.standby.port)
@@ -197,6 +221,15 @@ class StandbyErrorTests(unittest.TestCase):
                     'SELECT sync_state FROM pg_stat_replication'),
                     [('async',)])
                 self.assertTrue(standby.is_in_recovery())
+
+    def test_asynchronous_layer(self):
+        layer = StandbyLayer('L', synchronous=False)
+        layer.setUp()
+        try:
+            self.assertEqual(layer.primary.execute(
+                'SELECT sync_state FROM pg_stat_replication'), [('async',)])
+        finally:
+            layer.tearDown()
 
     def test_configure_checks_and_reloads(self):
         server = PostgresServer()

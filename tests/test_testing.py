@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import unittest
 
 import psycopg2
@@ -115,6 +116,14 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
             with self.assertRaises(PostgresUnavailable) as cm:
                 testing.find_bindir()
         self.assertIn('/nonexistent/zpgpool/bin', str(cm.exception))
+
+    def test_env_names_a_folder_whose_server_is_not_executable(self):
+        bindir = self.fake_bindir()
+        os.chmod(os.path.join(bindir, 'postgres'), 0o644)
+        with environ(ZPGPOOL_PG_BINDIR=bindir):
+            with self.assertRaises(PostgresUnavailable) as cm:
+                testing.find_bindir()
+        self.assertIn(bindir, str(cm.exception))
 
     def test_env_names_a_folder_with_binaries(self):
         bindir = self.fake_bindir()
@@ -234,6 +243,7 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
         with self.assertRaises(PostgresServerError) as cm:
             testing.server_version(junk)
         self.assertIn('hello', str(cm.exception))
+        self.assertIn(junk, str(cm.exception))
 
     def test_server_rejects_a_folder_without_binaries(self):
         with self.assertRaises(PostgresUnavailable) as cm:
@@ -244,11 +254,22 @@ class FindBindirTests(TempDirMixin, unittest.TestCase):
 class HelperTests(TempDirMixin, unittest.TestCase):
     """DSNs, settings and the server's system user."""
 
+    def test_all_names_what_the_package_offers(self):
+        # "from zpgpool.testing import *" gets every public name.
+        offered = {name for name, value in vars(testing).items()
+                   if not name.startswith('_')
+                   and not isinstance(value, types.ModuleType)}
+        self.assertEqual(set(testing.__all__), offered)
+
     def test_make_dsn_quotes_what_needs_it(self):
         self.assertEqual(
             testing.make_dsn(host='h', port=5, password="a b'c\\",
                              dbname='', user=None),
             "host=h port=5 password='a b\\'c\\\\' dbname=''")
+        # What libpq reads back is what was given.
+        for value in ('a\\b', "'x'", "it's", 'a b', ''):
+            self.assertEqual(psycopg2.extensions.parse_dsn(
+                testing.make_dsn(password=value))['password'], value)
 
     def test_conf_values(self):
         self.assertEqual(support._conf_value(True), 'on')
@@ -279,6 +300,11 @@ class HelperTests(TempDirMixin, unittest.TestCase):
         self.assertTrue(watchdog._process_alive(1))
         # Above the largest pid Linux hands out (2 ** 22).
         self.assertFalse(watchdog._process_alive(2 ** 22 + 1))
+        # A zombie, which nobody has reaped yet, holds nothing any more.
+        child = subprocess.Popen(['true'])
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+        self.assertFalse(watchdog._process_alive(child.pid))
+        child.wait()
 
     def test_port_in_use(self):
         with taken_port() as port:
@@ -371,6 +397,9 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
         site = self.mkdtemp(mode=0o700)
         root = os.path.join(site, 'pkg', 'pginstall')
         bindir = self.fake_bindir(root)
+        # Only its owner may run this one: the copy must let the server's
+        # user run it too.
+        os.chmod(os.path.join(bindir, 'pg_ctl'), 0o700)
         for folder in ('lib', 'share', 'include'):
             os.makedirs(os.path.join(root, folder))
         with open(os.path.join(root, 'lib', 'plpgsql.so'), 'w') as f:
@@ -397,6 +426,8 @@ class AsRootTests(TempDirMixin, unittest.TestCase):
                                     'plpgsql.so')).st_mode
         self.assertTrue(mode & stat.S_IROTH)
         self.assertFalse(mode & stat.S_IXOTH)
+        self.assertTrue(os.stat(os.path.join(copy, 'pg_ctl')).st_mode
+                        & stat.S_IXOTH)
         # The original is left as it was; what everybody may read already
         # is hard-linked rather than copied.
         self.assertEqual(stat.S_IMODE(os.stat(
@@ -598,6 +629,33 @@ class PrivateServerTests(unittest.TestCase):
             conn.close()
         self.server.stop('fast')
 
+    def test_restart_stops_with_the_mode_given(self):
+        conn = connect(self.server.dsn())
+        try:
+            # A smart stop waits for the client, and gives up.
+            with self.assertRaises(PostgresServerError):
+                self.server.restart('smart', timeout=1)
+        finally:
+            conn.close()
+        self.server.stop('fast')
+
+    def test_log_tail_is_the_end_of_the_server_log(self):
+        for n in range(20):
+            with self.assertRaises(psycopg2.Error):
+                self.server.execute('SELECT zpgpool_no_such_function_%d()'
+                                    % n)
+        # Each error logs a few lines: the error, a hint, the statement.
+        tail = self.server.log_tail(lines=4)
+        self.assertIn('zpgpool_no_such_function_19()', tail)
+        self.assertNotIn('zpgpool_no_such_function_17()', tail)
+
+    def test_backslashes_in_a_setting_are_kept(self):
+        value = r'C:\temp\new'
+        self.server.configure(**{'zpgpool.path': value})
+        self.addCleanup(self.server.configure, **{'zpgpool.path': None})
+        self.assertEqual(self.server.execute('SHOW zpgpool.path'),
+                         [(value,)])
+
     def test_start_is_idempotent(self):
         self.assertIs(self.server.start(), self.server)
         self.assertTrue(self.server.is_running())
@@ -682,6 +740,9 @@ class ServerLifeCycleTests(unittest.TestCase):
         self.assertTrue(base.startswith(tempfile.gettempdir()))
         self.assertTrue(os.path.exists(
             os.path.join(server.socket_dir, '.s.PGSQL.%d' % port)))
+        # The socket trusts whoever reaches it: only the server's user.
+        self.assertEqual(stat.S_IMODE(os.stat(server.socket_dir).st_mode),
+                         0o700)
         pid = server._postmaster_pid()
         server.cleanup()
         self.assertFalse(os.path.exists(base))
@@ -765,6 +826,8 @@ class ServerLifeCycleTests(unittest.TestCase):
             server.start()
         self.assertIn('disk on fire', str(cm.exception))
         self.assertIn('exited with status 1', str(cm.exception))
+        self.assertIn(os.path.join(server.exec_bindir, 'initdb'),
+                      str(cm.exception))
         base = server.base_dir
         server.cleanup()
         self.assertFalse(os.path.exists(base))
@@ -832,21 +895,40 @@ class LayerTests(unittest.TestCase):
 
     def test_setup_failure_leaves_nothing_running(self):
         layer = PostgresLayer('L', settings={'shared_buffers': 'lots'})
+        # A temporary directory of its own, to see what is left in it.
+        tmp = tempfile.mkdtemp(prefix='zpgpool-test-')
+        os.chmod(tmp, 0o755)
+        self.addCleanup(shutil.rmtree, tmp, True)
         with environ(ZPGPOOL_TEST_DSN=None):
-            self.assertRaises(PostgresServerError, layer.setUp)
+            with replaced(tempfile, 'tempdir', tmp):
+                self.assertRaises(PostgresServerError, layer.setUp)
         self.assertIsNone(layer.server)
+        self.assertEqual(os.listdir(tmp), [])
 
 
 # A process that starts a server and a PgBouncer, says where they are, and
 # waits to be killed.
 _STARTER = r'''
 import json, os, sys, time
-from zpgpool.testing import PgBouncer, PostgresServer
+from zpgpool.testing import PgBouncer, PostgresServer, watchdog
 server = PostgresServer().start()
 info = {'base': server.base_dir, 'pid': server._postmaster_pid(),
         'copy': server.exec_bindir if server.exec_bindir != server.bindir
         else None}
-if sys.argv[1] == 'bouncer':
+if sys.argv[1] == 'rewatch':
+    # Kill the watcher, the process that reads the pipe we write to, as
+    # someone might: the next order finds it gone and starts another.
+    pipe = 'pipe:[%d]' % os.fstat(watchdog._watchdog._fd).st_ino
+    for pid in os.listdir('/proc'):
+        try:
+            if os.readlink('/proc/%s/fd/0' % pid) == pipe:
+                os.kill(int(pid), 9)
+                while watchdog._process_alive(int(pid)):
+                    time.sleep(0.01)
+                info['killed_watcher'] = int(pid)
+        except (OSError, ValueError):
+            pass
+if sys.argv[1] in ('bouncer', 'rewatch'):
     bouncer = PgBouncer(server).start()
     info.update(bouncer_base=bouncer.base_dir, bouncer_pid=bouncer._proc.pid)
 if sys.argv[1] == 'fork':
@@ -859,16 +941,47 @@ print(json.dumps(info), flush=True)
 time.sleep(600)
 '''
 
+# A process that starts a server, forks a child that has its watcher watch
+# a folder of its own and exits normally, and reports.
+_FORKER = r'''
+import json, os, sys, tempfile, time
+from zpgpool.testing import PostgresServer, watchdog
+server = PostgresServer().start()
+mine = tempfile.mkdtemp(prefix='zpgpool-test-')
+child = os.fork()
+if child == 0:
+    watchdog.watch(remove=[mine])
+    sys.exit(0)     # runs the exit hooks the child inherited
+os.waitpid(child, 0)
+# The child's watcher removes the folder once the child is gone.
+deadline = time.monotonic() + 30
+while os.path.exists(mine) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(json.dumps({'removed': not os.path.exists(mine),
+                  'running': server.is_running()}), flush=True)
+server.cleanup()
+'''
+
+# A process that makes a copy of the binaries in the folder it is given,
+# says where, and waits to be killed.
+_COPIER = r'''
+import os, sys, time
+from zpgpool.testing import asuser
+print(os.path.dirname(asuser._staged.acquire(sys.argv[1])), flush=True)
+time.sleep(600)
+'''
+
 
 class WatchdogTests(unittest.TestCase):
     """Nothing a process started outlives it, however it ends."""
 
-    def start_and_kill(self, mode):
-        """Run _STARTER in *mode*, SIGKILL it once its servers run, and
-        return what it reported."""
+    def start_and_kill(self, mode, group=False):
+        """Run _STARTER in *mode*, SIGKILL it (with its whole process group
+        when *group*) once its servers run, and return what it
+        reported."""
         proc = subprocess.Popen([sys.executable, '-c', _STARTER, mode],
                                 env=python_env(), stdout=subprocess.PIPE,
-                                text=True)
+                                text=True, start_new_session=group)
         self.addCleanup(proc.wait)
         self.addCleanup(proc.kill)
         info = json.loads(proc.stdout.readline())
@@ -876,15 +989,25 @@ class WatchdogTests(unittest.TestCase):
         for pid in (info['pid'], info.get('bouncer_pid')):
             if pid is not None:
                 self.assertTrue(watchdog._process_alive(pid))
-        proc.kill()
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
         proc.wait()
         return info
 
     def assertGoneWithin(self, seconds, pids, paths):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if (not any(watchdog._process_alive(p) for p in pids)
-                    and not any(os.path.exists(p) for p in paths)):
+            # Looked at in this order, a folder gone while a process still
+            # runs means the watcher removed it before stopping them all;
+            # a server may also die by itself once its folder is gone.
+            removed = [p for p in paths if not os.path.exists(p)]
+            alive = [p for p in pids if watchdog._process_alive(p)]
+            if removed and alive:
+                self.fail('%s removed while processes %s still run'
+                          % (removed, alive))
+            if not alive and len(removed) == len(paths):
                 return
             time.sleep(0.1)
         self.fail('still there after %s seconds: processes %s, paths %s' % (
@@ -897,6 +1020,49 @@ class WatchdogTests(unittest.TestCase):
             30, [info['pid'], info['bouncer_pid']],
             [p for p in (info['base'], info['bouncer_base'], info['copy'])
              if p])
+
+    def test_killing_the_whole_process_group_leaves_nothing(self):
+        # As a test runner's time-out or a shell's job control may: the
+        # watcher must not be among the killed.
+        info = self.start_and_kill('bouncer', group=True)
+        self.assertGoneWithin(
+            30, [info['pid'], info['bouncer_pid']],
+            [p for p in (info['base'], info['bouncer_base'], info['copy'])
+             if p])
+
+    def test_a_watcher_killed_is_replaced_and_told_everything(self):
+        info = self.start_and_kill('rewatch')
+        self.assertIn('killed_watcher', info)
+        self.assertGoneWithin(
+            30, [info['pid'], info['bouncer_pid']],
+            [p for p in (info['base'], info['bouncer_base'], info['copy'])
+             if p])
+
+    def test_a_forked_child_leaves_the_parents_server_alone(self):
+        out = subprocess.run([sys.executable, '-c', _FORKER],
+                             env=python_env(), stdout=subprocess.PIPE,
+                             text=True, timeout=120, check=True).stdout
+        self.assertEqual(json.loads(out),
+                         {'removed': True, 'running': True})
+
+    def test_a_copy_of_the_binaries_goes_with_its_killed_maker(self):
+        folder = tempfile.mkdtemp(prefix='zpgpool-test-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        bindir = os.path.join(folder, 'bin')
+        os.mkdir(bindir)
+        for name in binaries._REQUIRED_BINARIES:
+            open(os.path.join(bindir, name), 'w').close()
+        proc = subprocess.Popen([sys.executable, '-c', _COPIER, bindir],
+                                env=python_env(), stdout=subprocess.PIPE,
+                                text=True)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.kill)
+        copy = proc.stdout.readline().strip()
+        proc.stdout.close()
+        self.assertTrue(os.path.isdir(copy))
+        proc.kill()
+        proc.wait()
+        self.assertGoneWithin(30, [], [copy])
 
     def test_a_forked_child_does_not_keep_the_server(self):
         info = self.start_and_kill('fork')
